@@ -1,0 +1,35 @@
+"""ODE solvers for continuous normalizing flows, compatible with `tfp.math.ode`.
+
+Fixed step: `Euler`, `Midpoint`, `RK4`. Adaptive: `DormandPrince`, `Tsit5`.
+All compile under XLA and offer `gradient='adjoint'` or `'backprop'`.
+"""
+
+from tfp_ffjord.ode.base import Diagnostics
+from tfp_ffjord.ode.base import Results
+from tfp_ffjord.ode.base import Status
+from tfp_ffjord.ode.base import status_message
+from tfp_ffjord.ode.solvers import AdaptiveSolver
+from tfp_ffjord.ode.solvers import DormandPrince
+from tfp_ffjord.ode.solvers import Euler
+from tfp_ffjord.ode.solvers import FixedStepSolver
+from tfp_ffjord.ode.solvers import Midpoint
+from tfp_ffjord.ode.solvers import RK4
+from tfp_ffjord.ode.solvers import Solver
+from tfp_ffjord.ode.solvers import Tsit5
+from tfp_ffjord.ode.tableaus import ButcherTableau
+
+__all__ = [
+    'AdaptiveSolver',
+    'ButcherTableau',
+    'Diagnostics',
+    'DormandPrince',
+    'Euler',
+    'FixedStepSolver',
+    'Midpoint',
+    'RK4',
+    'Results',
+    'Solver',
+    'Status',
+    'Tsit5',
+    'status_message',
+]

@@ -1,0 +1,95 @@
+"""Result types, status codes and the `solve` contract shared by all solvers.
+
+Every solver's `solve` follows the contract of `tfp.math.ode.Solver.solve`:
+
+```python
+results = solver.solve(
+    ode_fn,             # ode_fn(t, y, **constants) -> dy/dt, same structure as y
+    initial_time,       # scalar
+    initial_state,      # Tensor or nested structure of Tensors
+    solution_times,     # 1-D, sorted in the direction of integration
+    constants=None)     # dict of Tensors passed to ode_fn as keyword arguments
+results.times           # == solution_times, shape [T]
+results.states          # structure of initial_state, each leaf [T, *leaf.shape]
+results.diagnostics     # Diagnostics (below)
+```
+"""
+
+import collections
+
+import tensorflow as tf
+
+__all__ = [
+    'Diagnostics',
+    'Results',
+    'Status',
+    'status_message',
+]
+
+
+class Status:
+  """Integer codes of `Diagnostics.status`."""
+  SUCCEEDED = 0
+  MAX_NUM_STEPS_EXCEEDED = 1
+  STEP_SIZE_UNDERFLOW = 2
+  NON_FINITE_STATE = 3
+
+  MESSAGES = (
+      'succeeded',
+      'exceeded `max_num_steps` before reaching the last solution time',
+      'step size underflow: the step size became too small to make progress',
+      'non-finite state or time derivative (NaN or Inf)',
+  )
+
+
+def status_message(status: int) -> str:
+  """Human-readable text of a `Status` code."""
+  status = int(status)
+  if 0 <= status < len(Status.MESSAGES):
+    return Status.MESSAGES[status]
+  return f'unknown status {status}'
+
+
+Diagnostics = collections.namedtuple(
+    'Diagnostics', [
+        'num_ode_fn_evaluations',
+        'num_jacobian_evaluations',
+        'num_matrix_factorizations',
+        'num_accepted_steps',
+        'num_rejected_steps',
+        'status',
+        'final_time',
+    ])
+Diagnostics.__doc__ = """Solver diagnostics (scalar Tensors).
+
+Field names follow `tfp.math.ode.Diagnostics` where they overlap.
+
+Attributes:
+  num_ode_fn_evaluations: int32, calls of `ode_fn` in the forward solve.
+  num_jacobian_evaluations: int32, always 0 (explicit methods).
+  num_matrix_factorizations: int32, always 0 (explicit methods).
+  num_accepted_steps: int32.
+  num_rejected_steps: int32 (always 0 for fixed-step methods).
+  status: int32 `Status` code; 0 means success.
+  final_time: the time the solver reached (the last solution time on success).
+"""
+
+Results = collections.namedtuple(
+    'Results', ['times', 'states', 'diagnostics', 'solver_internal_state'])
+Results.__doc__ = """What `solve` returns; same fields as `tfp.math.ode.Results`.
+
+Attributes:
+  times: `[T]` Tensor, the solution times.
+  states: structure of `initial_state`; each leaf has shape `[T, *leaf.shape]`.
+  diagnostics: `Diagnostics`.
+  solver_internal_state: always `None` (no warm restarts).
+"""
+
+
+def in_xla_context() -> bool:
+  """True while tracing a function that XLA will compile (`jit_compile`)."""
+  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.ops import control_flow_util
+  graph = tf.compat.v1.get_default_graph()
+  return (not tf.executing_eagerly()
+          and control_flow_util.GraphOrParentsInXlaContext(graph))

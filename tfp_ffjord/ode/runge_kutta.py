@@ -1,0 +1,347 @@
+"""The one explicit Runge-Kutta stepping loop, driven by a `ButcherTableau`.
+
+Everything here works on a *flat list* of Tensors `y` and on a time axis that
+increases (callers flip the sign of time to integrate backwards), inside a
+single `tf.while_loop` with a static iteration bound, so that it compiles with
+XLA (`jit_compile=True`).
+
+Solution times are hit exactly by shortening the step that would cross them,
+so no interpolation error enters the outputs.
+"""
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+import tensorflow as tf
+
+from tfp_ffjord.ode import base
+from tfp_ffjord.ode import tableaus
+
+Status = base.Status
+
+
+@dataclasses.dataclass(frozen=True)
+class StepControl:
+  """Step-size settings of one integration (all Python scalars).
+
+  For fixed-step methods only `step_size`/`num_steps` matter. For adaptive
+  ones the accepted step is rescaled by
+  `safety * e_n ** (-pi_alpha / k) * e_{n-1} ** (pi_beta / k)`, clipped to
+  `[min_step_factor, max_step_factor]`, where `e_n` is the scaled RMS error
+  norm of step `n` and `k = embedded_order + 1`.
+  """
+  adaptive: bool
+  rtol: float = 1e-3
+  atol: float = 1e-6
+  first_step_size: Optional[float] = None
+  safety_factor: float = 0.9
+  min_step_factor: float = 0.2
+  max_step_factor: float = 10.0
+  pi_alpha: float = 0.7
+  pi_beta: float = 0.4
+  step_size: Optional[float] = None
+  num_steps: Optional[int] = None
+
+
+def _axpy(y, h, ks, weights):
+  """Returns `y + h * sum_j weights[j] * ks[j]` leaf by leaf."""
+  out = []
+  for i, y_i in enumerate(y):
+    acc = None
+    for w, k in zip(weights, ks):
+      if w == 0.0:
+        continue
+      term = tf.cast(w, y_i.dtype) * k[i]
+      acc = term if acc is None else acc + term
+    out.append(y_i if acc is None else y_i + tf.cast(h, y_i.dtype) * acc)
+  return out
+
+
+def rk_step(fn, tableau: tableaus.ButcherTableau, t, y, h, k1):
+  """One explicit Runge-Kutta step.
+
+  Args:
+    fn: `fn(t, y) -> dy` on flat lists.
+    tableau: the method.
+    t: scalar time.
+    y: flat list of Tensors.
+    h: scalar step size.
+    k1: `fn(t, y)`, already computed.
+
+  Returns:
+    `(y_new, ks)` where `ks` are the stage derivatives (the last of which is
+    `fn(t + h, y_new)` for FSAL methods).
+  """
+  ks = [k1]
+  y_stage = y
+  for row, c in zip(tableau.a, tableau.c):
+    y_stage = _axpy(y, h, ks, row)
+    ks.append(fn(t + tf.cast(c, t.dtype) * h, y_stage))
+  if tableau.fsal:
+    return y_stage, ks
+  return _axpy(y, h, ks, tableau.b), ks
+
+
+def _all_finite(tensors):
+  return tf.reduce_all(
+      tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in tensors]))
+
+
+def error_norm(y, y_new, err, rtol, atol, mask):
+  """Scaled RMS norm (Hairer et al.) over the components selected by `mask`."""
+  total = None
+  count = 0
+  for y_i, n_i, e_i, use in zip(y, y_new, err, mask):
+    if not use:
+      continue
+    scale = atol + rtol * tf.maximum(tf.abs(y_i), tf.abs(n_i))
+    sq = tf.reduce_sum(tf.square(e_i / scale))
+    total = sq if total is None else total + sq
+    count += tf.size(e_i)
+  if total is None:  # Nothing to control: accept every step.
+    return tf.zeros([], y[0].dtype)
+  return tf.sqrt(total / tf.maximum(tf.cast(count, total.dtype), 1.))
+
+
+def rms(tensors, mask):
+  parts = [tf.reduce_sum(tf.square(x)) for x, m in zip(tensors, mask) if m]
+  count = sum(tf.size(x) for x, m in zip(tensors, mask) if m)
+  if not parts:
+    return tf.zeros([], tensors[0].dtype)
+  return tf.sqrt(tf.add_n(parts) / tf.cast(tf.maximum(count, 1), parts[0].dtype))
+
+
+def initial_step_size(fn, t0, y0, f0, order, rtol, atol, mask, span):
+  """Hairer, Norsett & Wanner (1993), II.4: a starting step size (1 NFE)."""
+  dtype = t0.dtype
+  scale = [atol + rtol * tf.abs(y) for y in y0]
+  d0 = rms([y / s for y, s in zip(y0, scale)], mask)
+  d1 = rms([f / s for f, s in zip(f0, scale)], mask)
+  small = tf.constant(1e-5, dtype)
+  h0 = tf.where((d0 < small) | (d1 < small), tf.constant(1e-6, dtype),
+                0.01 * d0 / tf.maximum(d1, small))
+  h0 = tf.minimum(h0, span)
+  y1 = [y + h0 * f for y, f in zip(y0, f0)]
+  f1 = fn(t0 + h0, y1)
+  d2 = rms([(b - a) / s for a, b, s in zip(f0, f1, scale)], mask) / h0
+  dmax = tf.maximum(d1, d2)
+  h1 = tf.where(dmax <= 1e-15, tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
+                tf.pow(0.01 / tf.maximum(dmax, 1e-15), 1. / (order + 1.)))
+  h = tf.minimum(100. * h0, h1)
+  h = tf.minimum(h, span)
+  # A non-finite estimate (dynamics returning NaN) is caught by the loop.
+  return tf.where(tf.math.is_finite(h) & (h > 0), h, span)
+
+
+@dataclasses.dataclass
+class LoopResult:
+  outputs: List[tf.Tensor]          # each [T, *leaf.shape]
+  t: tf.Tensor                      # time reached
+  num_fn_evals: tf.Tensor
+  num_accepted: tf.Tensor
+  num_rejected: tf.Tensor
+  status: tf.Tensor
+  steps: Optional[dict] = None      # recorded accepted steps, if asked
+
+
+def integrate(fn: Callable,
+              tableau: tableaus.ButcherTableau,
+              control: StepControl,
+              t0: tf.Tensor,
+              y0: Sequence[tf.Tensor],
+              ts: tf.Tensor,
+              max_num_steps: int,
+              error_mask: Sequence[bool],
+              on_output: Optional[Callable] = None,
+              record_steps: bool = False) -> LoopResult:
+  """Integrates `dy/dt = fn(t, y)` from `t0` through the increasing times `ts`.
+
+  Args:
+    fn: `fn(t, y) -> dy` on flat lists of Tensors.
+    tableau: the Runge-Kutta method.
+    control: step-size settings.
+    t0: scalar start time.
+    y0: flat list of Tensors.
+    ts: `[T]` non-decreasing times, each `>= t0`.
+    max_num_steps: static bound on the number of step attempts.
+    error_mask: one bool per leaf of `y0`: does it enter the error norm.
+    on_output: optional `on_output(hit_mask, y) -> y` called whenever one or
+      more solution times are reached (`hit_mask` is a `[T]` bool Tensor).
+      The adjoint uses it to add cotangents. Forces `fn` to be re-evaluated
+      after it, so FSAL stays valid.
+    record_steps: also return the accepted steps (start time, size, start
+      state, number of outputs written after the step), for the backward pass
+      of `gradient='backprop'`.
+
+  Returns:
+    A `LoopResult`.
+  """
+  dtype = t0.dtype
+  num_outputs = ts.shape[0]
+  if num_outputs is None:
+    num_outputs = tf.shape(ts)[0]
+  out_range = tf.range(tf.shape(ts)[0])
+  adaptive = control.adaptive
+  stages_per_step = tableau.num_stages - (1 if tableau.fsal else 0)
+
+  if tableau.fsal or adaptive:
+    k1 = fn(t0, y0)
+    nfe = tf.constant(1, tf.int32)
+  else:  # Recomputed at the start of every step.
+    k1 = [tf.zeros_like(y_i) for y_i in y0]
+    nfe = tf.constant(0, tf.int32)
+  span = ts[-1] - t0
+  if adaptive:
+    if control.first_step_size is not None:
+      h = tf.constant(control.first_step_size, dtype)
+    else:
+      h = initial_step_size(fn, t0, y0, k1, tableau.order, control.rtol,
+                            control.atol, error_mask,
+                            tf.maximum(span, tf.constant(1e-12, dtype)))
+      nfe += 1
+  elif control.num_steps is not None:
+    h = span / tf.cast(control.num_steps, dtype)
+  else:
+    h = tf.constant(control.step_size, dtype)
+  # A zero-length span would give h == 0; any positive step ends at once.
+  h = tf.where(h > 0, h, tf.ones([], dtype))
+
+  # Solution times equal to t0 are written before the first step.
+  hit0 = ts <= t0
+  y_init = on_output(hit0, y0) if on_output is not None else y0
+  if on_output is not None and (tableau.fsal or adaptive):
+    k1 = tf.cond(tf.reduce_any(hit0), lambda: fn(t0, y_init), lambda: k1)
+    nfe += tf.cast(tf.reduce_any(hit0), tf.int32)
+  outputs = []
+  for y_i in y_init:
+    buf = tf.zeros(tf.concat([[tf.shape(ts)[0]], tf.shape(y_i)], 0), y_i.dtype)
+    mask = tf.reshape(hit0, [-1] + [1] * y_i.shape.rank)
+    outputs.append(tf.where(mask, y_i[tf.newaxis], buf))
+  out_index = tf.reduce_sum(tf.cast(hit0, tf.int32))
+  out_index_initial = out_index
+
+  if record_steps:
+    steps_t = tf.TensorArray(dtype, size=max_num_steps, element_shape=[])
+    steps_h = tf.TensorArray(dtype, size=max_num_steps, element_shape=[])
+    steps_out = tf.TensorArray(tf.int32, size=max_num_steps, element_shape=[])
+    steps_y = [tf.TensorArray(y_i.dtype, size=max_num_steps,
+                              element_shape=y_i.shape) for y_i in y0]
+  else:
+    steps_t = steps_h = steps_out = tf.zeros([], dtype)
+    steps_y = [tf.zeros([], y_i.dtype) for y_i in y0]
+
+  k_order = float((tableau.embedded_order or tableau.order) + 1)
+  eps = tf.constant(tf.experimental.numpy.finfo(dtype.as_numpy_dtype).eps,
+                    dtype)
+
+  def cond(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
+           n_rej, status, steps_t, steps_h, steps_out, steps_y):
+    del step, t, h, y, k1, prev_err, outputs, nfe, n_acc, n_rej
+    del steps_t, steps_h, steps_out, steps_y
+    return (out_index < num_outputs) & (status == Status.SUCCEEDED)
+
+  def body(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
+           n_rej, status, steps_t, steps_h, steps_out, steps_y):
+    target = tf.gather(ts, out_index)
+    remaining = target - t
+    # Snap to the solution time when the remainder is within rounding of a
+    # step, instead of leaving a sliver step of ~1e-16.
+    clipped = h >= remaining - 64. * eps * tf.maximum(
+        tf.abs(target), tf.ones([], dtype))
+    h_step = tf.where(clipped, remaining, h)
+    if not tableau.fsal:
+      k1 = fn(t, y)
+    y_new, ks = rk_step(fn, tableau, t, y, h_step, k1)
+    nfe = nfe + stages_per_step
+    k1_finite = _all_finite(k1)
+    new_finite = _all_finite(y_new)
+
+    if adaptive:
+      err = _axpy([tf.zeros_like(x) for x in y], h_step, ks, tableau.b_error)
+      e = error_norm(y, y_new, err, control.rtol, control.atol, error_mask)
+      ok = new_finite & tf.math.is_finite(e)
+      accept = ok & (e <= 1.)
+      e_safe = tf.where(ok, tf.maximum(e, tf.constant(1e-10, dtype)),
+                        tf.constant(1e10, dtype))
+      factor_accept = (control.safety_factor
+                       * tf.pow(e_safe, -control.pi_alpha / k_order)
+                       * tf.pow(prev_err, control.pi_beta / k_order))
+      factor_reject = tf.minimum(
+          control.safety_factor * tf.pow(e_safe, -1. / k_order), 1.)
+      factor = tf.where(accept, factor_accept, factor_reject)
+      factor = tf.clip_by_value(factor, control.min_step_factor,
+                                control.max_step_factor)
+      h_next = h_step * factor
+      # A step shortened to hit a solution time says little about the size
+      # of the next one: keep the longer proposal when the error allows.
+      h_next = tf.where(clipped & accept & (factor >= 1.),
+                        tf.maximum(h, h_next), h_next)
+      prev_err = tf.where(accept, e_safe, prev_err)
+      underflow = (~accept) & (h_next <= 8. * eps * tf.maximum(
+          tf.abs(t), tf.ones([], dtype)))
+    else:
+      accept = new_finite
+      h_next = h
+      underflow = tf.constant(False)
+
+    status = tf.where(
+        ~k1_finite | ((~accept) & (not adaptive)),
+        Status.NON_FINITE_STATE,
+        tf.where(underflow, Status.STEP_SIZE_UNDERFLOW, Status.SUCCEEDED))
+    accept = accept & k1_finite
+
+    t_new = tf.where(accept, tf.where(clipped, target, t + h_step), t)
+    y_next = [tf.where(accept, a, b) for a, b in zip(y_new, y)]
+    if tableau.fsal:
+      k1 = [tf.where(accept, a, b) for a, b in zip(ks[-1], k1)]
+
+    hit = (accept & clipped) & (ts <= t_new) & (out_range >= out_index)
+    any_hit = tf.reduce_any(hit)
+    if on_output is not None:
+      y_next = tf.cond(any_hit, lambda: on_output(hit, y_next),
+                       lambda: list(y_next))
+      if tableau.fsal:
+        k1 = tf.cond(any_hit, lambda: fn(t_new, y_next), lambda: list(k1))
+        nfe = nfe + tf.cast(any_hit, tf.int32)
+    new_outputs = []
+    for buf, y_i in zip(outputs, y_next):
+      mask = tf.reshape(hit, [-1] + [1] * y_i.shape.rank)
+      new_outputs.append(tf.where(mask, y_i[tf.newaxis], buf))
+    new_out_index = out_index + tf.reduce_sum(tf.cast(hit, tf.int32))
+
+    if record_steps:
+      # Written at the index of the next accepted step: a rejected attempt is
+      # overwritten by the following one.
+      steps_t = steps_t.write(n_acc, t)
+      steps_h = steps_h.write(n_acc, h_step)
+      steps_out = steps_out.write(n_acc, new_out_index)
+      steps_y = [ta.write(n_acc, y_i) for ta, y_i in zip(steps_y, y)]
+
+    n_acc = n_acc + tf.cast(accept, tf.int32)
+    n_rej = n_rej + tf.cast(~accept, tf.int32)
+    step = step + 1
+    status = tf.where(
+        (status == Status.SUCCEEDED) & (step >= max_num_steps)
+        & (new_out_index < num_outputs),
+        Status.MAX_NUM_STEPS_EXCEEDED, status)
+    return (step, t_new, h_next, y_next, k1, prev_err, new_outputs,
+            new_out_index, nfe, n_acc, n_rej, status, steps_t, steps_h,
+            steps_out, steps_y)
+
+  loop_vars = (tf.constant(0), t0, h, list(y_init), list(k1),
+               tf.ones([], dtype), outputs, out_index, nfe,
+               tf.constant(0), tf.constant(0), tf.constant(Status.SUCCEEDED),
+               steps_t, steps_h, steps_out, steps_y)
+  (_, t, _, _, _, _, outputs, _, nfe, n_acc, n_rej, status, steps_t, steps_h,
+   steps_out, steps_y) = tf.while_loop(
+       cond, body, loop_vars, maximum_iterations=max_num_steps)
+
+  steps = None
+  if record_steps:
+    steps = dict(
+        t=steps_t.stack(), h=steps_h.stack(), out=steps_out.stack(),
+        y=[ta.stack() for ta in steps_y], count=n_acc,
+        out_initial=out_index_initial)
+  return LoopResult(outputs=outputs, t=t, num_fn_evals=nfe,
+                    num_accepted=n_acc, num_rejected=n_rej, status=status,
+                    steps=steps)

@@ -1,0 +1,562 @@
+"""Explicit Runge-Kutta solvers with TFP's `solve` contract.
+
+Fixed step: `Euler`, `Midpoint`, `RK4`. Adaptive: `DormandPrince`, `Tsit5`.
+Each `solve` returns `tfp_ffjord.ode.Results` and can be passed wherever
+`tfp.math.ode.DormandPrince().solve` is accepted (including `tfb.FFJORD`).
+
+Gradients (`gradient=`):
+  * `'adjoint'`: the continuous adjoint method (Chen et al., 2018). The
+    backward pass solves the adjoint ODE from the last solution time back to
+    the initial time with the same method and tolerances; memory does not
+    grow with the number of steps. The adjoint states of parameters and
+    `constants` are left out of the error norm (a seminorm).
+  * `'backprop'`: the exact derivative of the discrete solution
+    (discretise-then-optimise). The forward pass records the start state,
+    time and size of every accepted step (memory `max_num_steps` x state);
+    the backward pass recomputes one step at a time and applies its
+    vector-Jacobian product. Step sizes are treated as constants.
+
+Both return gradients with respect to `initial_state`, the floating
+`constants`, and the trainable variables that `ode_fn` reads. Gradients with
+respect to the times are not computed (they are `None`).
+"""
+
+import math
+from typing import Optional
+
+import tensorflow as tf
+
+from tfp_ffjord.ode import base
+from tfp_ffjord.ode import runge_kutta
+from tfp_ffjord.ode import tableaus
+
+__all__ = [
+    'Solver',
+    'FixedStepSolver',
+    'AdaptiveSolver',
+    'Euler',
+    'Midpoint',
+    'RK4',
+    'DormandPrince',
+    'Tsit5',
+]
+
+GRADIENT_MODES = ('adjoint', 'backprop')
+
+
+def _check_positive(name, value, allow_none=False):
+  if value is None and allow_none:
+    return
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value) or value <= 0):
+    raise ValueError(f'`{name}` must be a positive finite number; got {value!r}.')
+
+
+def _is_float(x):
+  return x.dtype.is_floating or x.dtype.is_complex
+
+
+class Solver:
+  """Base class: an explicit Runge-Kutta method given by a `ButcherTableau`.
+
+  Subclasses set `tableau`. Use `FixedStepSolver` or `AdaptiveSolver`.
+  """
+  tableau: tableaus.ButcherTableau = None
+
+  def __init__(self, gradient='adjoint', max_num_steps=1000,
+               error_components=None, raise_on_failure=True, name=None):
+    if gradient not in GRADIENT_MODES:
+      raise ValueError(
+          f'`gradient` must be one of {GRADIENT_MODES}; got {gradient!r}.')
+    if (isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int)
+        or max_num_steps < 1):
+      raise ValueError(
+          f'`max_num_steps` must be a positive int; got {max_num_steps!r}.')
+    if error_components is not None and (
+        isinstance(error_components, bool)
+        or not isinstance(error_components, int) or error_components < 1):
+      raise ValueError('`error_components` must be None or a positive int; '
+                       f'got {error_components!r}.')
+    self.gradient = gradient
+    self.max_num_steps = max_num_steps
+    self.error_components = error_components
+    self.raise_on_failure = bool(raise_on_failure)
+    self.name = name or type(self).__name__
+
+  # Subclasses provide the step-size settings.
+  def _control(self) -> runge_kutta.StepControl:
+    raise NotImplementedError
+
+  def _max_iterations(self, t0, ts) -> int:
+    del t0, ts
+    return self.max_num_steps
+
+  def __repr__(self):
+    return f'{self.name}(gradient={self.gradient!r})'
+
+  def solve(self, ode_fn, initial_time, initial_state, solution_times,
+            jacobian_fn=None, jacobian_sparsity=None, batch_ndims=None,
+            previous_solver_internal_state=None, constants=None):
+    """Solves `dy/dt = ode_fn(t, y, **constants)`, `y(initial_time) = initial_state`.
+
+    Args:
+      ode_fn: `ode_fn(t, y, **constants)` returning a structure like `y`.
+      initial_time: scalar float.
+      initial_state: Tensor or nested structure of floating Tensors.
+      solution_times: 1-D floating Tensor (or list), sorted in the direction
+        of integration; may be below `initial_time` to integrate backwards.
+      jacobian_fn: ignored (explicit methods need no Jacobian); accepted for
+        compatibility with `tfp.math.ode.Solver.solve`.
+      jacobian_sparsity: ignored, as above.
+      batch_ndims: ignored, as above.
+      previous_solver_internal_state: ignored, as above.
+      constants: optional dict of Tensors passed to `ode_fn` as keyword
+        arguments; gradients flow to its floating entries.
+
+    Returns:
+      `tfp_ffjord.ode.Results`.
+
+    Raises:
+      ValueError: for malformed `solution_times`.
+      tf.errors.InvalidArgumentError: (at run time, eager or `tf.function`)
+        when the solver fails and `raise_on_failure=True`. Under XLA the
+        check cannot run inside the compiled function: failed solves return
+        NaN states and `diagnostics.status != 0`; see `checked_function`.
+    """
+    del jacobian_fn, jacobian_sparsity, batch_ndims
+    del previous_solver_internal_state
+    if not callable(ode_fn):
+      raise TypeError(f'`ode_fn` must be callable; got {ode_fn!r}.')
+    if type(solution_times).__name__ == 'ChosenBySolver':
+      raise ValueError(
+          f'{self.name}: `solution_times` must be explicit times; '
+          '`tfp.math.ode.ChosenBySolver` is not supported.')
+    constants = dict(constants or {})
+    with tf.name_scope(self.name):
+      y0_struct = initial_state
+      y0 = [tf.convert_to_tensor(x) for x in tf.nest.flatten(initial_state)]
+      if not y0:
+        raise ValueError('`initial_state` must contain at least one Tensor.')
+      dtype = y0[0].dtype
+      for x in y0:
+        if not x.dtype.is_floating:
+          raise TypeError('`initial_state` must hold floating Tensors; got '
+                          f'dtype {x.dtype.name}.')
+      t_dtype = dtype.real_dtype
+      t0 = tf.cast(tf.convert_to_tensor(initial_time), t_dtype)
+      ts = tf.cast(tf.convert_to_tensor(solution_times), t_dtype)
+      if t0.shape.rank not in (0, None):
+        raise ValueError('`initial_time` must be a scalar; got shape '
+                         f'{t0.shape}.')
+      if ts.shape.rank != 1:
+        raise ValueError('`solution_times` must be a 1-D Tensor; got shape '
+                         f'{ts.shape}.')
+      if ts.shape[0] == 0:
+        raise ValueError('`solution_times` must not be empty.')
+      t0 = tf.reshape(t0, [])
+
+      const_keys = sorted(constants)
+      const_vals = [tf.convert_to_tensor(constants[k]) for k in const_keys]
+
+      def user_fn(t, y_flat, c_flat):
+        y = tf.nest.pack_sequence_as(y0_struct, y_flat)
+        kwargs = dict(zip(const_keys, c_flat))
+        dy = ode_fn(t, y, **kwargs)
+        try:
+          tf.nest.assert_same_structure(y, dy)
+        except (ValueError, TypeError) as e:
+          raise ValueError(
+              f'{self.name}: `ode_fn` must return the structure of the state; '
+              f'state {tf.nest.map_structure(lambda _: "*", y)}, got '
+              f'{tf.nest.map_structure(lambda _: "*", dy)}.') from e
+        dy = [tf.convert_to_tensor(d) for d in tf.nest.flatten(dy)]
+        for d, yi in zip(dy, y_flat):
+          if (d.shape.is_fully_defined() and yi.shape.is_fully_defined()
+              and d.shape != yi.shape):
+            raise ValueError(
+                f'{self.name}: `ode_fn` returned shape {d.shape} for a state '
+                f'of shape {yi.shape}; they must match.')
+        return [tf.cast(d, yi.dtype) for d, yi in zip(dy, y_flat)]
+
+      # Integrate in s = direction * t, so that s always increases.
+      direction = tf.where(ts[-1] >= t0, tf.ones([], t_dtype),
+                           -tf.ones([], t_dtype))
+      s0, ss = direction * t0, direction * ts
+      self._check_sorted(ss, s0)
+
+      def g(s, y_flat, c_flat):
+        dy = user_fn(direction * s, y_flat, c_flat)
+        return [direction * d for d in dy]
+
+      error_mask = [True] * len(y0)
+      if self.error_components is not None:
+        error_mask = [i < self.error_components for i in range(len(y0))]
+
+      n_y = len(y0)
+      control = self._control()
+      max_iter = self._max_iterations(t0, ts)
+      record = self.gradient == 'backprop'
+      solver = self
+
+      @tf.custom_gradient
+      def solve_flat(*args):
+        y_init = list(args[:n_y])
+        c_flat = list(args[n_y:])
+        res = runge_kutta.integrate(
+            lambda s, y: g(s, y, c_flat), solver.tableau, control, s0, y_init,
+            ss, max_iter, error_mask, record_steps=record)
+        outputs = list(res.outputs)
+
+        def grad_fn(*dys, variables=None):
+          dys = [tf.zeros_like(o) if d is None else d
+                 for d, o in zip(dys[:n_y], outputs)]
+          variables = list(variables or [])
+          if record:
+            grads = _backprop_gradients(
+                g, solver.tableau, res.steps, y_init, c_flat, variables, dys,
+                ss, max_iter)
+          else:
+            grads = _adjoint_gradients(
+                g, solver.tableau, control, s0, ss, outputs, c_flat,
+                variables, dys, max_iter, error_mask)
+          dy0, dc, dv = grads
+          input_grads = list(dy0) + list(dc)
+          if variables:
+            return input_grads, list(dv)
+          return input_grads
+
+        diag = [res.t, res.num_fn_evals, res.num_accepted, res.num_rejected,
+                res.status]
+        return tuple(outputs + diag), grad_fn
+
+      flat = solve_flat(*(y0 + const_vals))
+      outputs = list(flat[:n_y])
+      t_reached, nfe, n_acc, n_rej, status = flat[n_y:]
+      t_reached = direction * t_reached
+      outputs = self._check_status(outputs, status, t_reached, n_acc + n_rej)
+      zero = tf.constant(0, tf.int32)
+      diagnostics = base.Diagnostics(
+          num_ode_fn_evaluations=nfe, num_jacobian_evaluations=zero,
+          num_matrix_factorizations=zero, num_accepted_steps=n_acc,
+          num_rejected_steps=n_rej, status=status, final_time=t_reached)
+      states = tf.nest.pack_sequence_as(y0_struct, outputs)
+      return base.Results(times=ts, states=states, diagnostics=diagnostics,
+                          solver_internal_state=None)
+
+  def _check_sorted(self, ss, s0):
+    static = tf.get_static_value(ss)
+    static0 = tf.get_static_value(s0)
+    if static is not None and static0 is not None:
+      if (static[1:] < static[:-1]).any() or (static < static0).any():
+        raise ValueError(
+            f'{self.name}: `solution_times` must be sorted in the direction '
+            'of integration, starting at or after `initial_time`.')
+
+  def _check_status(self, outputs, status, t_reached, num_steps):
+    """Raises on failure where it can; poisons the states where it cannot."""
+    failed = status != base.Status.SUCCEEDED
+    nan_outputs = [
+        tf.where(failed, tf.constant(float('nan'), o.dtype), o)
+        for o in outputs]
+    if not self.raise_on_failure or base.in_xla_context():
+      # Under XLA an assertion would silently disappear: make the failure
+      # impossible to miss in the result instead.
+      return nan_outputs if self.raise_on_failure else outputs
+    reason = tf.gather(tf.constant(base.Status.MESSAGES),
+                       tf.clip_by_value(status, 0,
+                                        len(base.Status.MESSAGES) - 1))
+    check = tf.debugging.Assert(
+        ~failed,
+        [f'{self.name} failed:', reason, 'at time', t_reached, 'after',
+         num_steps, 'steps (max_num_steps =', self.max_num_steps, ')'])
+    with tf.control_dependencies([check]):
+      return [tf.identity(o) for o in outputs]
+
+
+def _vjp(fn, s, y, c_flat, variables, cotangent):
+  """`fn(s, y, c)` and the VJP of `cotangent` w.r.t. `(y, c, variables)`."""
+  float_c = [c for c in c_flat if _is_float(c)]
+  with tf.GradientTape(watch_accessed_variables=False) as tape:
+    tape.watch(y)
+    tape.watch(float_c)
+    tape.watch(variables)
+    out = fn(s, y, c_flat)
+  grads = tape.gradient(out, list(y) + float_c + list(variables),
+                        output_gradients=cotangent,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  n = len(y)
+  gy, gc_float, gv = grads[:n], grads[n:n + len(float_c)], grads[n + len(float_c):]
+  it = iter(gc_float)
+  gc = [next(it) if _is_float(c) else None for c in c_flat]
+  return out, gy, gc, gv
+
+
+def _zeros_for(tensors):
+  return [tf.zeros_like(t) if _is_float(t) else None for t in tensors]
+
+
+def _add(acc, new):
+  return [a if n is None else (n if a is None else a + n)
+          for a, n in zip(acc, new)]
+
+
+def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
+                        max_iter):
+  """Reverse sweep over the recorded accepted steps (exact discrete VJP)."""
+  out_range = tf.range(tf.shape(ss)[0])
+
+  def inject(a, lo, hi):
+    mask = (out_range >= lo) & (out_range < hi)
+    return [a_i + tf.reduce_sum(
+        tf.where(tf.reshape(mask, [-1] + [1] * a_i.shape.rank), d,
+                 tf.zeros_like(d)), axis=0) for a_i, d in zip(a, dys)]
+
+  count = steps['count']
+  float_c = [c for c in c_flat if _is_float(c)]
+  float_idx = [i for i, c in enumerate(c_flat) if _is_float(c)]
+
+  def cond(j, a, ac, av):
+    del a, ac, av
+    return j >= 0
+
+  def body(j, a, ac, av):
+    t_j = steps['t'][j]
+    h_j = steps['h'][j]
+    y_j = [y[j] for y in steps['y']]
+    hi = steps['out'][j]
+    lo = tf.where(j > 0, steps['out'][tf.maximum(j - 1, 0)],
+                  steps['out_initial'])
+    a = inject(a, lo, hi)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch(y_j)
+      tape.watch(float_c)
+      tape.watch(variables)
+      fn = lambda s, y: g(s, y, c_flat)
+      y_next, _ = runge_kutta.rk_step(fn, tableau, t_j, y_j, h_j,
+                                      fn(t_j, y_j))
+    grads = tape.gradient(y_next, y_j + float_c + list(variables),
+                          output_gradients=a,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    n = len(y_j)
+    a = grads[:n]
+    ac = [x + d for x, d in zip(ac, grads[n:n + len(float_c)])]
+    av = [x + d for x, d in zip(av, grads[n + len(float_c):])]
+    return j - 1, a, ac, av
+
+  a0 = [tf.zeros_like(y) for y in y0]
+  ac0 = [tf.zeros_like(c) for c in float_c]
+  av0 = [tf.zeros_like(v) for v in variables]
+  _, a, ac, av = tf.while_loop(cond, body, (count - 1, a0, ac0, av0),
+                               maximum_iterations=max_iter)
+  a = inject(a, 0, steps['out_initial'])
+  dc = [None] * len(c_flat)
+  for i, grad in zip(float_idx, ac):
+    dc[i] = grad
+  return a, dc, av
+
+
+def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
+                       variables, dys, max_iter, error_mask):
+  """Solves the adjoint ODE backwards through the solution times.
+
+  With `u = -s`, the augmented state `(y, a, a_c, a_v)` obeys
+  `dy/du = -g`, `da/du = a^T dg/dy`, `da_c/du = a^T dg/dc`,
+  `da_v/du = a^T dg/dv`, starting from `y(s_T)` and `a = dL/dy(s_T)`; every
+  earlier solution time adds its cotangent to `a` and resets `y` to the
+  forward value there.
+  """
+  n = len(outputs)
+  float_c = [c for c in c_flat if _is_float(c)]
+  float_idx = [i for i, c in enumerate(c_flat) if _is_float(c)]
+  nc, nv = len(float_c), len(variables)
+  num_t = tf.shape(ss)[0]
+  # Reversed solution times, then the initial time: increasing in u.
+  us = tf.concat([-tf.reverse(ss, [0]), [-s0]], 0)
+  dys_rev = [tf.concat([tf.reverse(d, [0]), tf.zeros_like(d[:1])], 0)
+             for d in dys]
+  ys_rev = [tf.concat([tf.reverse(o, [0]), o[:1]], 0) for o in outputs]
+
+  def aug_fn(u, state):
+    y, a = state[:n], state[n:2 * n]
+    out, gy, gc, gv = _vjp(g, -u, y, c_flat, variables, a)
+    gc = [gc[i] for i in float_idx]
+    return [-o for o in out] + list(gy) + gc + list(gv)
+
+  def on_output(hit, state):
+    y, a, rest = state[:n], state[n:2 * n], state[2 * n:]
+    first = tf.argmax(tf.cast(hit, tf.int32), output_type=tf.int32)
+    new_a = [a_i + tf.reduce_sum(tf.where(
+        tf.reshape(hit, [-1] + [1] * a_i.shape.rank), d,
+        tf.zeros_like(d)), axis=0) for a_i, d in zip(a, dys_rev)]
+    new_y = [tf.where(first < num_t, yr[first], y_i)
+             for y_i, yr in zip(y, ys_rev)]
+    return new_y + new_a + list(rest)
+
+  u0 = -ss[-1]
+  state0 = ([o[-1] for o in outputs] + [tf.zeros_like(o[-1]) for o in outputs]
+            + [tf.zeros_like(c) for c in float_c]
+            + [tf.zeros_like(v) for v in variables])
+  mask = list(error_mask) * 2 + [False] * (nc + nv)
+  res = runge_kutta.integrate(aug_fn, tableau, control, u0, state0, us,
+                              max_iter, mask, on_output=on_output)
+  final = [o[-1] for o in res.outputs]
+  dy0 = final[n:2 * n]
+  dc = [None] * len(c_flat)
+  for i, grad in zip(float_idx, final[2 * n:2 * n + nc]):
+    dc[i] = grad
+  dv = final[2 * n + nc:]
+  return dy0, dc, dv
+
+
+class FixedStepSolver(Solver):
+  """A fixed-step method: give exactly one of `step_size` or `num_steps`.
+
+  With `num_steps`, the span from `initial_time` to the last solution time is
+  cut into `num_steps` equal steps; with `step_size`, steps have that length.
+  Either way a step that would cross a solution time is shortened to end on
+  it. The number of steps is known when the solve is traced, which makes the
+  solver fully static (and cheap) under XLA.
+  """
+
+  def __init__(self, step_size=None, num_steps=None, gradient='backprop',
+               max_num_steps=None, raise_on_failure=True, name=None):
+    if (step_size is None) == (num_steps is None):
+      raise ValueError(
+          f'{name or type(self).__name__}: give exactly one of `step_size` '
+          f'and `num_steps`; got step_size={step_size!r}, '
+          f'num_steps={num_steps!r}.')
+    if num_steps is not None and (isinstance(num_steps, bool) or
+                                  not isinstance(num_steps, int)
+                                  or num_steps < 1):
+      raise ValueError(f'`num_steps` must be a positive int; got {num_steps!r}.')
+    _check_positive('step_size', step_size, allow_none=True)
+    self.step_size = step_size
+    self.num_steps = num_steps
+    super().__init__(gradient=gradient,
+                     max_num_steps=max_num_steps or 100_000,
+                     raise_on_failure=raise_on_failure, name=name)
+    self._max_num_steps_given = max_num_steps
+
+  def _control(self):
+    return runge_kutta.StepControl(adaptive=False, step_size=self.step_size,
+                                   num_steps=self.num_steps)
+
+  def _max_iterations(self, t0, ts):
+    """Static step count: steps plus one per solution time (shortened steps)."""
+    num_times = ts.shape[0] or 1
+    if self.num_steps is not None:
+      bound = self.num_steps + num_times
+    else:
+      t0_v, ts_v = tf.get_static_value(t0), tf.get_static_value(ts)
+      if t0_v is None or ts_v is None:
+        bound = self.max_num_steps
+      else:
+        span = abs(float(ts_v[-1]) - float(t0_v))
+        bound = int(math.ceil(span / self.step_size)) + num_times + 1
+    if self._max_num_steps_given is not None:
+      bound = min(bound, self._max_num_steps_given)
+    return max(bound, 1)
+
+
+class AdaptiveSolver(Solver):
+  """An embedded Runge-Kutta pair with PI step-size control.
+
+  The error of each step is measured as the RMS over the controlled state
+  components of `err / (atol + rtol * max(|y|, |y_new|))`; a step is
+  accepted when it is <= 1. The next step is the current one times
+  `safety_factor * e_n^(-pi_alpha/k) * e_{n-1}^(pi_beta/k)` (k is the
+  embedded order plus one), clipped to `[min_step_factor, max_step_factor]`.
+  `pi_beta=0` gives the classical integral controller.
+
+  Args:
+    rtol: relative tolerance. Default 1e-3.
+    atol: absolute tolerance. Default 1e-6.
+    first_step_size: initial step; `None` (default) estimates it from the
+      dynamics (Hairer et al., 1993), which costs one evaluation.
+    safety_factor: default 0.9.
+    min_step_factor: default 0.2.
+    max_step_factor: default 10.
+    pi_alpha: default 0.7.
+    pi_beta: default 0.4.
+    max_num_steps: bound on step attempts (accepted + rejected); exceeding
+      it is a failure. Default 1000. With `gradient='backprop'` the forward
+      pass reserves this many state copies.
+    error_components: `None` (default) puts every leaf of the (flattened)
+      state in the error norm. An int `k` uses only the first `k` leaves;
+      `FFJORD`'s state is `(z, log_det)`, so `error_components=1` controls
+      the error of `z` only, as in RNODE (Finlay et al., 2020). The default
+      keeps the log-det accurate, which `log_prob` needs.
+    gradient: `'adjoint'` (default) or `'backprop'`; see the module docs.
+    raise_on_failure: raise (or, under XLA, return NaN states) when the
+      solve fails; `False` only reports `diagnostics.status`. Default True.
+    name: defaults to the class name.
+  """
+
+  def __init__(self, rtol=1e-3, atol=1e-6, first_step_size=None,
+               safety_factor=0.9, min_step_factor=0.2, max_step_factor=10.,
+               pi_alpha=0.7, pi_beta=0.4, max_num_steps=1000,
+               error_components=None, gradient='adjoint',
+               raise_on_failure=True, name=None):
+    _check_positive('rtol', rtol)
+    _check_positive('atol', atol)
+    _check_positive('first_step_size', first_step_size, allow_none=True)
+    _check_positive('safety_factor', safety_factor)
+    _check_positive('min_step_factor', min_step_factor)
+    _check_positive('max_step_factor', max_step_factor)
+    if not min_step_factor < 1. < max_step_factor:
+      raise ValueError(
+          '`min_step_factor` must be < 1 < `max_step_factor`; got '
+          f'{min_step_factor!r} and {max_step_factor!r}.')
+    if not 0. < safety_factor <= 1.:
+      raise ValueError(
+          f'`safety_factor` must be in (0, 1]; got {safety_factor!r}.')
+    for label, v in (('pi_alpha', pi_alpha), ('pi_beta', pi_beta)):
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise ValueError(f'`{label}` must be a non-negative number; got {v!r}.')
+    self.rtol, self.atol = float(rtol), float(atol)
+    self.first_step_size = first_step_size
+    self.safety_factor = float(safety_factor)
+    self.min_step_factor = float(min_step_factor)
+    self.max_step_factor = float(max_step_factor)
+    self.pi_alpha, self.pi_beta = float(pi_alpha), float(pi_beta)
+    super().__init__(gradient=gradient, max_num_steps=max_num_steps,
+                     error_components=error_components,
+                     raise_on_failure=raise_on_failure, name=name)
+
+  def _control(self):
+    return runge_kutta.StepControl(
+        adaptive=True, rtol=self.rtol, atol=self.atol,
+        first_step_size=self.first_step_size,
+        safety_factor=self.safety_factor,
+        min_step_factor=self.min_step_factor,
+        max_step_factor=self.max_step_factor, pi_alpha=self.pi_alpha,
+        pi_beta=self.pi_beta)
+
+  def __repr__(self):
+    return (f'{self.name}(rtol={self.rtol}, atol={self.atol}, '
+            f'gradient={self.gradient!r})')
+
+
+class Euler(FixedStepSolver):
+  """Forward Euler, order 1."""
+  tableau = tableaus.EULER
+
+
+class Midpoint(FixedStepSolver):
+  """Explicit midpoint rule, order 2."""
+  tableau = tableaus.MIDPOINT
+
+
+class RK4(FixedStepSolver):
+  """The classical fourth-order Runge-Kutta method."""
+  tableau = tableaus.RK4
+
+
+class DormandPrince(AdaptiveSolver):
+  """Dormand-Prince 5(4) (Dormand & Prince, 1980), FSAL, 6 evaluations a step."""
+  tableau = tableaus.DORMAND_PRINCE
+
+
+class Tsit5(AdaptiveSolver):
+  """Tsitouras 5(4) (Tsitouras, 2011), FSAL, 6 evaluations a step."""
+  tableau = tableaus.TSITOURAS5

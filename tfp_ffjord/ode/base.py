@@ -86,6 +86,16 @@ Attributes:
 """
 
 
+def as_float(value, dtype):
+  """`value` as a Tensor of `dtype`, without rounding Python floats to float32.
+
+  (`tf.cast(0.1, tf.float64)` first makes a float32 Tensor, then widens it.)
+  """
+  if tf.is_tensor(value):
+    return tf.cast(value, dtype)
+  return tf.convert_to_tensor(value, dtype=dtype)
+
+
 def in_xla_context() -> bool:
   """True while tracing a function that XLA will compile (`jit_compile`)."""
   # pylint: disable=g-import-not-at-top

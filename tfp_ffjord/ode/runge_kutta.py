@@ -51,7 +51,7 @@ def _axpy(y, h, ks, weights):
     for w, k in zip(weights, ks):
       if w == 0.0:
         continue
-      term = tf.cast(w, y_i.dtype) * k[i]
+      term = tf.constant(w, y_i.dtype) * k[i]
       acc = term if acc is None else acc + term
     out.append(y_i if acc is None else y_i + tf.cast(h, y_i.dtype) * acc)
   return out
@@ -76,7 +76,7 @@ def rk_step(fn, tableau: tableaus.ButcherTableau, t, y, h, k1):
   y_stage = y
   for row, c in zip(tableau.a, tableau.c):
     y_stage = _axpy(y, h, ks, row)
-    ks.append(fn(t + tf.cast(c, t.dtype) * h, y_stage))
+    ks.append(fn(t + tf.constant(c, t.dtype) * h, y_stage))
   if tableau.fsal:
     return y_stage, ks
   return _axpy(y, h, ks, tableau.b), ks

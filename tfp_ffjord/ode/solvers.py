@@ -143,8 +143,8 @@ class Solver:
           raise TypeError('`initial_state` must hold floating Tensors; got '
                           f'dtype {x.dtype.name}.')
       t_dtype = dtype.real_dtype
-      t0 = tf.cast(tf.convert_to_tensor(initial_time), t_dtype)
-      ts = tf.cast(tf.convert_to_tensor(solution_times), t_dtype)
+      t0 = base.as_float(initial_time, t_dtype)
+      ts = base.as_float(solution_times, t_dtype)
       if t0.shape.rank not in (0, None):
         raise ValueError('`initial_time` must be a scalar; got shape '
                          f'{t0.shape}.')
@@ -253,24 +253,28 @@ class Solver:
             'of integration, starting at or after `initial_time`.')
 
   def _check_status(self, outputs, status, t_reached, num_steps):
-    """Raises on failure where it can; poisons the states where it cannot."""
+    """Raises on failure (eager, graph); poisons the states with NaN always.
+
+    XLA compiles but drops assertions, and a nested `tf.function` cannot
+    reliably tell whether XLA will compile it, so the assertions are built
+    from XLA-compatible ops only, and a failed solve always returns NaN
+    states: under XLA `diagnostics.status` says why.
+    """
+    if not self.raise_on_failure:
+      return outputs
     failed = status != base.Status.SUCCEEDED
-    nan_outputs = [
-        tf.where(failed, tf.constant(float('nan'), o.dtype), o)
-        for o in outputs]
-    if not self.raise_on_failure or base.in_xla_context():
-      # Under XLA an assertion would silently disappear: make the failure
-      # impossible to miss in the result instead.
-      return nan_outputs if self.raise_on_failure else outputs
-    reason = tf.gather(tf.constant(base.Status.MESSAGES),
-                       tf.clip_by_value(status, 0,
-                                        len(base.Status.MESSAGES) - 1))
-    check = tf.debugging.Assert(
-        ~failed,
-        [f'{self.name} failed:', reason, 'at time', t_reached, 'after',
-         num_steps, 'steps (max_num_steps =', self.max_num_steps, ')'])
-    with tf.control_dependencies([check]):
-      return [tf.identity(o) for o in outputs]
+    checks = []
+    for code in (base.Status.MAX_NUM_STEPS_EXCEEDED,
+                 base.Status.STEP_SIZE_UNDERFLOW,
+                 base.Status.NON_FINITE_STATE):
+      checks.append(tf.debugging.Assert(
+          tf.not_equal(status, code),
+          [f'{self.name} failed: {base.status_message(code)}; time reached',
+           t_reached, 'step attempts', num_steps,
+           f'(max_num_steps={self.max_num_steps})']))
+    with tf.control_dependencies(checks):
+      return [tf.where(failed, tf.constant(float('nan'), o.dtype), o)
+              for o in outputs]
 
 
 def _vjp(fn, s, y, c_flat, variables, cotangent):

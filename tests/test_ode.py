@@ -1,0 +1,451 @@
+"""Solvers: closed forms, convergence order, scipy, gradients, failures, XLA."""
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.linalg
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_ffjord import ode
+from tfp_ffjord.ode import tableaus
+from tests.conftest import RUN_MODES, run_in_mode
+
+tfb = tfp.bijectors
+
+# Tolerances. Adaptive solvers are run at rtol=atol=TIGHT and must land within
+# a small multiple of it; fixed-step ones at FIXED_STEPS steps, where the
+# global error bound of a method of order p is ~ C * (1/FIXED_STEPS)^p.
+TIGHT = {tf.float32: 1e-6, tf.float64: 1e-10}
+ADAPTIVE_ERROR = {tf.float32: 2e-5, tf.float64: 1e-8}
+FIXED_STEPS = 64
+FIXED_ERROR = {'Euler': 5e-2, 'Midpoint': 5e-4, 'RK4': 1e-7}
+FLOAT32_FLOOR = 2e-5  # float32 rounding over ~100 steps
+ORDER_SLACK = 0.5
+GRADIENT_RTOL = 1e-4  # adjoint vs backprop vs finite differences, float64
+FD_EPS = 1e-6
+
+
+def make_solvers(dtype, gradient=None):
+  kw = {} if gradient is None else {'gradient': gradient}
+  return {
+      'Euler': ode.Euler(num_steps=FIXED_STEPS, **kw),
+      'Midpoint': ode.Midpoint(num_steps=FIXED_STEPS, **kw),
+      'RK4': ode.RK4(num_steps=FIXED_STEPS, **kw),
+      'DormandPrince': ode.DormandPrince(rtol=TIGHT[dtype], atol=TIGHT[dtype],
+                                         **kw),
+      'Tsit5': ode.Tsit5(rtol=TIGHT[dtype], atol=TIGHT[dtype], **kw),
+  }
+
+
+SOLVER_NAMES = ['Euler', 'Midpoint', 'RK4', 'DormandPrince', 'Tsit5']
+
+
+def tolerance(name, dtype):
+  if name in FIXED_ERROR:
+    tol = FIXED_ERROR[name]
+    return max(tol, FLOAT32_FLOOR) if dtype == tf.float32 else tol
+  return ADAPTIVE_ERROR[dtype]
+
+
+# ----------------------------------------------------------------- tableaus
+
+
+def test_tableaus_are_consistent_and_fsal_is_detected():
+  for tab in (tableaus.EULER, tableaus.MIDPOINT, tableaus.RK4,
+              tableaus.DORMAND_PRINCE, tableaus.TSITOURAS5):
+    a, b, c = tab.as_numpy()
+    np.testing.assert_allclose(a.sum(1), c, atol=1e-12, err_msg=tab.name)
+    np.testing.assert_allclose(b.sum(), 1., atol=1e-12, err_msg=tab.name)
+  assert tableaus.DORMAND_PRINCE.fsal and tableaus.TSITOURAS5.fsal
+  assert not tableaus.RK4.fsal
+  assert tableaus.TSITOURAS5.is_adaptive and not tableaus.RK4.is_adaptive
+
+
+def test_tableau_rejects_inconsistent_rows():
+  with pytest.raises(ValueError, match='row 0 of `a` sums to'):
+    tableaus.ButcherTableau(name='bad', a=((0.4,),), b=(0.5, 0.5), c=(0.5,),
+                            order=2)
+  with pytest.raises(ValueError, match='`b` sums to'):
+    tableaus.ButcherTableau(name='bad', a=((0.5,),), b=(0.5, 0.6), c=(0.5,),
+                            order=2)
+
+
+# ------------------------------------------------------------ closed forms
+
+
+@pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_exponential_decay(name, dtype):
+  solver = make_solvers(dtype)[name]
+  y0 = tf.constant([1., -2., 0.5], dtype)
+  times = np.array([0.25, 0.5, 1.0])
+  res = solver.solve(lambda t, y: -1.5 * y, 0., y0, times)
+  expected = np.exp(-1.5 * times)[:, None] * y0.numpy()[None]
+  np.testing.assert_allclose(res.states.numpy(), expected,
+                             atol=tolerance(name, dtype))
+  np.testing.assert_allclose(res.times.numpy(), times, rtol=1e-6)
+  assert int(res.diagnostics.status) == ode.Status.SUCCEEDED
+  assert res.states.dtype == dtype
+
+
+@pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_linear_system_matches_expm(name, dtype):
+  a = np.array([[-0.5, 1.0, 0.0], [-1.0, -0.5, 0.3], [0.0, -0.3, -0.2]])
+  y0 = np.array([1.0, 0.0, -1.0])
+  solver = make_solvers(dtype)[name]
+  a_t = tf.constant(a, dtype)
+  res = solver.solve(lambda t, y: tf.linalg.matvec(a_t, y), 0.,
+                     tf.constant(y0, dtype), [2.0])
+  expected = scipy.linalg.expm(2.0 * a) @ y0
+  np.testing.assert_allclose(res.states.numpy()[-1], expected,
+                             atol=4 * tolerance(name, dtype))
+
+
+@pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_time_dependent_and_reverse_time(name, dtype):
+  # y' = cos(t) y  =>  y(t) = y(t0) exp(sin t - sin t0)
+  solver = make_solvers(dtype)[name]
+  fn = lambda t, y: tf.cos(t) * y
+  y1 = solver.solve(fn, 1.0, tf.constant([2.0], dtype), [3.0]).states[-1]
+  expected = 2.0 * np.exp(np.sin(3.0) - np.sin(1.0))
+  np.testing.assert_allclose(y1.numpy(), [expected],
+                             atol=4 * tolerance(name, dtype))
+  # Backwards from t=3 to t=1 recovers the start.
+  back = solver.solve(fn, 3.0, y1, [2.0, 1.0])
+  np.testing.assert_allclose(back.states.numpy()[-1], [2.0],
+                             atol=8 * tolerance(name, dtype))
+  assert float(back.diagnostics.final_time) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_nested_state_and_solution_time_at_start(name):
+  solver = make_solvers(tf.float64)[name]
+  state = {'a': tf.constant([1.0], tf.float64),
+           'b': (tf.constant([[2.0, 3.0]], tf.float64),)}
+  fn = lambda t, y: {'a': -y['a'], 'b': (tf.zeros_like(y['b'][0]),)}
+  res = solver.solve(fn, 0., state, [0., 0., 1.])
+  assert res.states['a'].shape == (3, 1)
+  assert res.states['b'][0].shape == (3, 1, 2)
+  np.testing.assert_allclose(res.states['a'][:2].numpy(), [[1.], [1.]])
+  np.testing.assert_allclose(res.states['a'][2].numpy(), [np.exp(-1.)],
+                             atol=tolerance(name, tf.float64))
+  np.testing.assert_allclose(res.states['b'][0].numpy(),
+                             np.tile([[[2., 3.]]], [3, 1, 1]))
+
+
+def _forced_decay_solution(t):
+  """Closed form of y' = -y + sin(3t), y(0) = 1."""
+  return 1.3 * np.exp(-t) + (np.sin(3 * t) - 3 * np.cos(3 * t)) / 10
+
+
+@pytest.mark.parametrize('name,order', [('Euler', 1), ('Midpoint', 2),
+                                        ('RK4', 4)])
+def test_fixed_step_order_of_convergence(name, order):
+  cls = getattr(ode, name)
+  fn = lambda t, y: -y + tf.sin(3. * t)
+  exact = _forced_decay_solution(1.0)
+  steps = np.array([8, 16, 32, 64])
+  errors = [abs(float(cls(num_steps=int(n)).solve(
+      fn, 0., tf.constant([1.0], tf.float64), [1.0]).states[-1, 0]) - exact)
+            for n in steps]
+  slope = np.polyfit(np.log(1.0 / steps), np.log(errors), 1)[0]
+  assert abs(slope - order) <= ORDER_SLACK, (name, slope, errors)
+
+
+@pytest.mark.parametrize('name', ['DormandPrince', 'Tsit5'])
+def test_adaptive_method_order_of_convergence(name):
+  # Error vs step size of the underlying 5th-order method, with fixed steps
+  # forced by a huge tolerance and a given first step.
+  cls = getattr(ode, name)
+  fn = lambda t, y: -y + tf.sin(3. * t)
+  exact = _forced_decay_solution(1.0)
+  hs = np.array([1 / 8, 1 / 16, 1 / 32, 1 / 64])
+  errors = []
+  for h in hs:
+    solver = cls(rtol=1e6, atol=1e6, first_step_size=float(h),
+                 max_step_factor=1.0 + 1e-9, min_step_factor=0.1,
+                 safety_factor=1.0)
+    res = solver.solve(fn, 0., tf.constant([1.0], tf.float64), [1.0])
+    errors.append(abs(float(res.states[-1, 0]) - exact))
+  slope = np.polyfit(np.log(hs), np.log(errors), 1)[0]
+  assert abs(slope - 5) <= ORDER_SLACK, (name, slope, errors)
+
+
+@pytest.mark.parametrize('name', ['DormandPrince', 'Tsit5'])
+def test_adaptive_agrees_with_scipy_on_van_der_pol(name):
+  mu = 1.5
+
+  def vdp(t, y):
+    return tf.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+  times = np.linspace(0.5, 6.0, 12)
+  res = getattr(ode, name)(rtol=1e-9, atol=1e-9).solve(
+      vdp, 0., tf.constant([2.0, 0.0], tf.float64), times)
+  ref = scipy.integrate.solve_ivp(
+      lambda t, y: [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]], (0, 6.0),
+      [2.0, 0.0], t_eval=times, rtol=1e-12, atol=1e-12, method='DOP853')
+  np.testing.assert_allclose(res.states.numpy(), ref.y.T, atol=1e-6)
+
+
+def test_adaptive_diagnostics_count_evaluations():
+  calls = []
+
+  def fn(t, y):
+    calls.append(1)
+    return -y
+
+  res = ode.Tsit5().solve(fn, 0., tf.constant([1.0]), [1.0])
+  d = res.diagnostics
+  # Eagerly every evaluation is a Python call (plus one trace-free check).
+  assert int(d.num_ode_fn_evaluations) == len(calls)
+  # FSAL: 6 evaluations per attempted step, plus the first and the
+  # initial-step estimate.
+  attempts = int(d.num_accepted_steps) + int(d.num_rejected_steps)
+  assert int(d.num_ode_fn_evaluations) == 6 * attempts + 2
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def _gradient_problem(solver):
+  w = tf.Variable([[0.3, -0.8], [0.6, 0.1]], dtype=tf.float64)
+  y0 = tf.constant([[1.0, -0.5], [0.2, 0.4]], tf.float64)
+  c = tf.constant([0.7, -0.2], tf.float64)
+
+  def fn(t, y, c):
+    return tf.tanh(tf.matmul(y, w)) + c * tf.sin(t)
+
+  @tf.function
+  def loss_fn(y0, c):
+    res = solver.solve(fn, 0.1, y0, [0.6, 1.2], constants={'c': c})
+    return tf.reduce_sum(res.states[0] ** 2) + tf.reduce_sum(
+        tf.sin(res.states[1]))
+
+  return w, y0, c, loss_fn
+
+
+def _grads(solver):
+  w, y0, c, loss_fn = _gradient_problem(solver)
+
+  @tf.function
+  def grads(y0, c):
+    with tf.GradientTape() as tape:
+      tape.watch([y0, c])
+      loss = loss_fn(y0, c)
+    return tape.gradient(loss, [y0, c, w])
+
+  return [g.numpy() for g in grads(y0, c)]
+
+
+def _finite_differences(solver):
+  w, y0, c, loss_fn = _gradient_problem(solver)
+  out = []
+  for target in ('y0', 'c', 'w'):
+    base = {'y0': y0, 'c': c, 'w': w}[target].numpy()
+    grad = np.zeros_like(base)
+    for idx in np.ndindex(base.shape):
+      vals = []
+      for sign in (1, -1):
+        pert = base.copy()
+        pert[idx] += sign * FD_EPS
+        if target == 'w':
+          w.assign(pert)
+          vals.append(float(loss_fn(y0, c)))
+          w.assign(base)
+        elif target == 'y0':
+          vals.append(float(loss_fn(tf.constant(pert), c)))
+        else:
+          vals.append(float(loss_fn(y0, tf.constant(pert))))
+      grad[idx] = (vals[0] - vals[1]) / (2 * FD_EPS)
+    out.append(grad)
+  return out
+
+
+# Fixed-step methods: steps such that the continuous adjoint's discretisation
+# error is below its tolerance (error ~ steps^-order).
+FIXED_GRADIENT_STEPS = {'Euler': 2000, 'Midpoint': 300, 'RK4': 40}
+# Euler's adjoint converges at first order: 2000 steps leave ~1e-3.
+ADJOINT_RTOL = {'Euler': 2e-3}
+
+
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_adjoint_backprop_and_finite_differences_agree(name):
+  tol = 1e-11
+  if name in ('DormandPrince', 'Tsit5'):
+    make = lambda g: getattr(ode, name)(rtol=tol, atol=tol, gradient=g)
+  else:
+    n = FIXED_GRADIENT_STEPS[name]
+    make = lambda g: getattr(ode, name)(num_steps=n, gradient=g)
+  adjoint = _grads(make('adjoint'))
+  backprop = _grads(make('backprop'))
+  # Finite differences of the same discrete solve: backprop is its exact
+  # derivative, so it must match to finite-difference accuracy.
+  fd = _finite_differences(make('backprop'))
+  for label, a, b, f in zip(('y0', 'c', 'w'), adjoint, backprop, fd):
+    scale = np.max(np.abs(f))
+    np.testing.assert_allclose(b, f, atol=GRADIENT_RTOL * scale,
+                               err_msg=f'backprop vs FD for {label}')
+    np.testing.assert_allclose(
+        a, f, atol=ADJOINT_RTOL.get(name, GRADIENT_RTOL) * scale,
+        err_msg=f'adjoint vs FD for {label}')
+
+
+@pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
+@pytest.mark.parametrize('mode', RUN_MODES)
+def test_gradients_in_every_run_mode(gradient, mode):
+  solver = ode.Tsit5(rtol=1e-8, atol=1e-8, gradient=gradient)
+  w, y0, c, loss_fn = _gradient_problem(solver)
+
+  def step(y0, c):
+    with tf.GradientTape() as tape:
+      tape.watch([y0, c])
+      loss = loss_fn(y0, c)
+    return tape.gradient(loss, [y0, c, w])
+
+  expected = step(y0, c)
+  got = run_in_mode(step, mode)(y0, c)
+  for e, g in zip(expected, got):
+    np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------- failures
+
+
+def _blow_up(t, y):
+  return y * y  # y(t) = 1 / (1 - t) from y(0) = 1: infinite at t = 1.
+
+
+@pytest.mark.parametrize('mode', ['eager', 'function'])
+def test_step_limit_raises_with_solver_and_time(mode):
+  solver = ode.DormandPrince(max_num_steps=5)
+  fn = run_in_mode(
+      lambda y0: solver.solve(lambda t, y: -50. * y, 0., y0, [10.]).states,
+      mode)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'DormandPrince failed:.*max_num_steps'):
+    fn(tf.constant([1.0]))
+
+
+@pytest.mark.parametrize('mode', ['eager', 'function'])
+def test_blow_up_raises_step_size_underflow(mode):
+  solver = ode.Tsit5(max_num_steps=10000)
+  fn = run_in_mode(
+      lambda y0: solver.solve(_blow_up, 0., y0, [2.0]).states, mode)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'Tsit5 failed:.*(step size underflow|non-finite)'):
+    fn(tf.constant([1.0], tf.float64))
+
+
+@pytest.mark.parametrize('mode', ['eager', 'function'])
+def test_non_finite_dynamics_raise(mode):
+  solver = ode.RK4(num_steps=10)
+  fn = run_in_mode(
+      lambda y0: solver.solve(lambda t, y: y * np.nan, 0., y0, [1.]).states,
+      mode)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'RK4 failed:.*non-finite'):
+    fn(tf.constant([1.0]))
+
+
+def test_failure_under_xla_poisons_states_and_reports_status():
+  solver = ode.DormandPrince(max_num_steps=5)
+
+  @tf.function(jit_compile=True)
+  def fn(y0):
+    res = solver.solve(lambda t, y: -50. * y, 0., y0, [10.])
+    return res.states, res.diagnostics.status
+
+  states, status = fn(tf.constant([1.0]))
+  assert int(status) == ode.Status.MAX_NUM_STEPS_EXCEEDED
+  assert np.all(np.isnan(states.numpy()))
+
+
+def test_status_only_mode_does_not_raise():
+  solver = ode.DormandPrince(max_num_steps=5, raise_on_failure=False)
+  res = solver.solve(lambda t, y: -50. * y, 0., tf.constant([1.0]), [10.])
+  assert int(res.diagnostics.status) == ode.Status.MAX_NUM_STEPS_EXCEEDED
+  assert float(res.diagnostics.final_time) < 10.
+  assert 'max_num_steps' in ode.status_message(res.diagnostics.status)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(rtol=-1.), '`rtol` must be a positive finite number'),
+    (dict(atol=0.), '`atol` must be a positive finite number'),
+    (dict(max_num_steps=0), '`max_num_steps` must be a positive int'),
+    (dict(gradient='magic'), '`gradient` must be one of'),
+    (dict(min_step_factor=2.), '`min_step_factor` must be < 1'),
+    (dict(safety_factor=1.5), '`safety_factor` must be in'),
+    (dict(error_components=0), '`error_components` must be None or'),
+])
+def test_adaptive_constructor_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ode.DormandPrince(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(), 'give exactly one of `step_size` and `num_steps`'),
+    (dict(step_size=0.1, num_steps=3), 'give exactly one'),
+    (dict(num_steps=0), '`num_steps` must be a positive int'),
+    (dict(step_size=-0.1), '`step_size` must be a positive'),
+])
+def test_fixed_constructor_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ode.RK4(**kwargs)
+
+
+def test_solve_argument_errors():
+  solver = ode.RK4(num_steps=4)
+  y0 = tf.constant([1.0])
+  with pytest.raises(ValueError, match='sorted in the direction'):
+    solver.solve(lambda t, y: y, 0., y0, [0.5, 0.2])
+  with pytest.raises(ValueError, match='must not be empty'):
+    solver.solve(lambda t, y: y, 0., y0, tf.zeros([0]))
+  with pytest.raises(TypeError, match='floating'):
+    solver.solve(lambda t, y: y, 0., tf.constant([1]), [1.])
+  with pytest.raises(ValueError, match='returned shape'):
+    solver.solve(lambda t, y: tf.concat([y, y], 0), 0., y0, [1.])
+  with pytest.raises(TypeError, match='`ode_fn` must be callable'):
+    solver.solve(None, 0., y0, [1.])
+
+
+# ------------------------------------------------------- XLA and TFP plug-in
+
+
+def test_fixed_step_runs_exactly_num_steps():
+  res = ode.RK4(num_steps=20).solve(lambda t, y: -y, 0.,
+                                    tf.constant([1.0], tf.float64), [0.5, 1.0])
+  assert int(res.diagnostics.num_accepted_steps) == 20
+  assert int(res.diagnostics.num_ode_fn_evaluations) == 80
+
+
+def test_error_components_excludes_trailing_leaves():
+  # The second leaf grows fast; excluding it from the error norm must let the
+  # solver take fewer steps while the first leaf stays accurate.
+  fn = lambda t, y: (-y[0], 40. * tf.cos(40. * t) * tf.ones_like(y[1]))
+  y0 = (tf.constant([1.0], tf.float64), tf.constant([0.0], tf.float64))
+  full = ode.Tsit5(rtol=1e-6, atol=1e-6).solve(fn, 0., y0, [1.])
+  first = ode.Tsit5(rtol=1e-6, atol=1e-6, error_components=1).solve(
+      fn, 0., y0, [1.])
+  assert (int(first.diagnostics.num_ode_fn_evaluations)
+          < int(full.diagnostics.num_ode_fn_evaluations))
+  np.testing.assert_allclose(first.states[0][-1].numpy(), [np.exp(-1.)],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['RK4', 'Tsit5'])
+def test_plugs_into_tfp_ffjord(name):
+  solver = (ode.RK4(num_steps=32) if name == 'RK4'
+            else ode.Tsit5(rtol=1e-8, atol=1e-8))
+  bij = tfb.FFJORD(state_time_derivative_fn=lambda t, z: 0.5 * z,
+                   ode_solve_fn=solver.solve,
+                   trace_augmentation_fn=tfb.ffjord.trace_jacobian_exact,
+                   dtype=tf.float64)
+  x = tf.constant([[1.0, 2.0]], tf.float64)
+  np.testing.assert_allclose(bij.forward(x).numpy(), x.numpy() * np.exp(0.5),
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      bij.forward_log_det_jacobian(x, event_ndims=1).numpy(), [1.0],
+      rtol=1e-6)

@@ -1,0 +1,147 @@
+"""Sonnet modules for `state_time_derivative_fn`: `f(t, z) -> dz/dt`."""
+
+from typing import Callable, Optional, Sequence
+
+import sonnet as snt
+import tensorflow as tf
+
+__all__ = ['MLPODE', 'ConcatSquashLinear', 'ConcatSquashMLPODE']
+
+
+def _check_sizes(hidden_sizes, output_size):
+  sizes = list(hidden_sizes)
+  for s in sizes + [output_size]:
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+      raise ValueError(
+          '`hidden_sizes` and `output_size` must be positive ints; got '
+          f'hidden_sizes={hidden_sizes!r}, output_size={output_size!r}.')
+  return sizes
+
+
+def _time_column(t, x):
+  """`t` (a scalar, or broadcastable to it) as a `[..., 1]` column like `x`."""
+  shape = tf.concat([tf.shape(x)[:-1], [1]], 0)
+  return tf.broadcast_to(tf.cast(t, x.dtype), shape)
+
+
+class MLPODE(snt.Module):
+  """Time-conditioned MLP dynamics: `f(t, z) = MLP(concat(t, z))`.
+
+  Generalises the `MLP_ODE` of TFP's FFJORD colab (which is
+  `MLPODE(hidden_sizes=[8, 8], output_size=2)`): any hidden sizes and
+  activation, and an optional zero-initialised last layer, which makes the
+  flow start as the identity.
+
+  Called as `module(t, z, **kwargs)`; `z` has shape `[..., D]` (any number
+  of batch axes, including none). Keyword arguments named in
+  `context_keys` are concatenated to the input (conditional flows); others
+  are ignored.
+
+  Args:
+    hidden_sizes: sizes of the hidden layers.
+    output_size: D, the state size.
+    activation: nonlinearity between layers. Default: `tf.math.tanh`.
+    zero_init_output: initialise the last layer's weights and bias to zero.
+      Default: False (as the colab).
+    context_keys: names of keyword arguments to use as context. Default: ().
+    name: module name.
+  """
+
+  def __init__(self, hidden_sizes: Sequence[int], output_size: int,
+               activation: Callable = tf.math.tanh,
+               zero_init_output: bool = False,
+               context_keys: Sequence[str] = (),
+               name: Optional[str] = 'mlp_ode'):
+    super().__init__(name=name)
+    sizes = _check_sizes(hidden_sizes, output_size)
+    if not callable(activation):
+      raise TypeError(f'`activation` must be callable; got {activation!r}.')
+    self._activation = activation
+    self._context_keys = tuple(context_keys)
+    self._hidden = [snt.Linear(s, name=f'linear_{i}')
+                    for i, s in enumerate(sizes)]
+    zeros = snt.initializers.Zeros()
+    self._output = snt.Linear(
+        output_size, name=f'linear_{len(sizes)}',
+        w_init=zeros if zero_init_output else None,
+        b_init=zeros if zero_init_output else None)
+    self.output_size = output_size
+
+  def _inputs(self, t, z, kwargs):
+    parts = [_time_column(t, z), z]
+    for key in self._context_keys:
+      if key not in kwargs:
+        raise ValueError(f'{self.name}: missing context keyword `{key}`.')
+      c = tf.cast(kwargs[key], z.dtype)
+      parts.append(tf.broadcast_to(
+          c, tf.concat([tf.shape(z)[:-1], tf.shape(c)[-1:]], 0)))
+    return tf.concat(parts, -1)
+
+  def __call__(self, t, z, **kwargs):
+    z = tf.convert_to_tensor(z)
+    h = self._inputs(t, z, kwargs)
+    for layer in self._hidden:
+      h = self._activation(_linear(layer, h))
+    return _linear(self._output, h)
+
+
+def _linear(layer, h):
+  """Applies a `snt.Linear` to a Tensor with any number of leading axes."""
+  if h.shape.rank == 2:
+    return layer(h)
+  lead = tf.shape(h)[:-1]
+  out = layer(tf.reshape(h, [-1, h.shape[-1]]))
+  return tf.reshape(out, tf.concat([lead, [layer.output_size]], 0))
+
+
+class ConcatSquashLinear(snt.Module):
+  """FFJORD's time-conditioned layer (Grathwohl et al., 2019).
+
+  `y = (W x + b) * sigmoid(a t + c) + d t`: the time gates and shifts the
+  output of a linear map.
+  """
+
+  def __init__(self, output_size: int, zero_init: bool = False,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    zeros = snt.initializers.Zeros()
+    self._linear = snt.Linear(output_size, name='linear',
+                              w_init=zeros if zero_init else None,
+                              b_init=zeros if zero_init else None)
+    self._gate = snt.Linear(output_size, name='gate')
+    self._shift = snt.Linear(output_size, with_bias=False, name='shift')
+    self.output_size = output_size
+
+  def __call__(self, t, x):
+    t_col = _time_column(t, x)
+    return (_linear(self._linear, x) * tf.sigmoid(_linear(self._gate, t_col))
+            + _linear(self._shift, t_col))
+
+
+class ConcatSquashMLPODE(snt.Module):
+  """Dynamics built from `ConcatSquashLinear` layers, as in the FFJORD paper.
+
+  Args are those of `MLPODE` (without context: use `MLPODE` for that).
+  """
+
+  def __init__(self, hidden_sizes: Sequence[int], output_size: int,
+               activation: Callable = tf.math.tanh,
+               zero_init_output: bool = False,
+               name: Optional[str] = 'concat_squash_ode'):
+    super().__init__(name=name)
+    sizes = _check_sizes(hidden_sizes, output_size)
+    if not callable(activation):
+      raise TypeError(f'`activation` must be callable; got {activation!r}.')
+    self._activation = activation
+    self._layers = [ConcatSquashLinear(s, name=f'layer_{i}')
+                    for i, s in enumerate(sizes)]
+    self._layers.append(ConcatSquashLinear(
+        output_size, zero_init=zero_init_output, name=f'layer_{len(sizes)}'))
+    self.output_size = output_size
+
+  def __call__(self, t, z, **kwargs):
+    del kwargs
+    h = tf.convert_to_tensor(z)
+    for layer in self._layers[:-1]:
+      h = self._activation(layer(t, h))
+    return self._layers[-1](t, h)

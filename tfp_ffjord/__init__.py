@@ -3,6 +3,7 @@
 Public names live here; import them as `tfp_ffjord.X`.
 """
 
+from tfp_ffjord import ffjord
 from tfp_ffjord import ode
 from tfp_ffjord.bijector import FFJORD
 from tfp_ffjord.bijector import FlowResult
@@ -22,6 +23,7 @@ __all__ = [
     'FFJORD',
     'FlowResult',
     'MLPODE',
+    'ffjord',
     'gaussian_noise',
     'ode',
     'rademacher_noise',

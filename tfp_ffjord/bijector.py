@@ -234,7 +234,7 @@ class FFJORD(tfb.Bijector):
       x = tf.debugging.assert_all_finite(
           x, f'{self.name}: input contains NaN or Inf.')
     if seed is not None and self._trace_takes_seed:
-      seed = tfp.random.sanitize_seed(seed, salt=self._seed_salt)
+      seed = trace_lib.stateless_seed(seed, salt=self._seed_salt)
       augmented_fn = self._trace_augmentation_fn(
           dynamics, tf.shape(x) if not x.shape.is_fully_defined() else x.shape,
           x.dtype, seed=seed)

@@ -23,6 +23,7 @@ The exact trace costs one vector-Jacobian product per event dimension D
 
 import functools
 import inspect
+import zlib
 
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -32,24 +33,52 @@ __all__ = [
     'trace_jacobian_hutchinson',
     'gaussian_noise',
     'rademacher_noise',
+    'stateless_seed',
 ]
 
 NOISE_TYPES = ('gaussian', 'rademacher')
 
 
+# Stateless RNG ops pick their algorithm per device unless told; XLA picks a
+# different one than the TF kernels, which would make the same seed give
+# different probes with and without `jit_compile`. Pin it.
+RNG_ALGORITHM = 'philox'
+
+
+def stateless_seed(seed, salt=None):
+  """A stateless seed (shape `[2]` int32 Tensor) from `seed`.
+
+  Unlike `tfp.random.sanitize_seed`, a Python int maps to the same stateless
+  seed on every call (TFP treats it as the op seed of a stateful draw).
+  `None` draws a fresh seed from the global random state (reproducible under
+  `tf.random.set_seed`). `salt` (a string) derives an independent seed, the
+  same with and without XLA.
+  """
+  if isinstance(seed, int) and not isinstance(seed, bool):
+    seed = tf.constant([seed % 2**31, (seed // 2**31) % 2**31], tf.int32)
+  seed = tfp.random.sanitize_seed(seed)
+  if salt is not None:
+    salt_int = zlib.crc32(salt.encode('utf-8')) % 2**31
+    seed = tf.random.experimental.stateless_fold_in(
+        seed, salt_int, alg=RNG_ALGORITHM)
+  return seed
+
+
 def gaussian_noise(shape, dtype, seed):
-  """Standard normal probes from a stateless seed (`tfp.random.sanitize_seed`)."""
-  return tf.random.stateless_normal(
-      shape, seed=tfp.random.sanitize_seed(seed), dtype=dtype)
+  """Standard normal probes from a stateless seed (see `stateless_seed`)."""
+  return tf.random.stateless_normal(shape, seed=stateless_seed(seed),
+                                    dtype=dtype, alg=RNG_ALGORITHM)
 
 
 def rademacher_noise(shape, dtype, seed):
   """Uniform +-1 probes from a stateless seed; lower variance than Gaussian."""
-  return tfp.random.rademacher(
-      shape, dtype=dtype, seed=tfp.random.sanitize_seed(seed))
+  bits = tf.random.stateless_uniform(shape, seed=stateless_seed(seed),
+                                     minval=0, maxval=2, dtype=tf.int32,
+                                     alg=RNG_ALGORITHM)
+  return tf.cast(2 * bits - 1, dtype)
 
 
-def trace_jacobian_exact(ode_fn, state_shape, dtype):
+def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None):
   """Augments `ode_fn` with the exact diagonal of its Jacobian.
 
   The event is the last axis of the state (size D); every other axis is a
@@ -62,12 +91,14 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype):
     ode_fn: `ode_fn(time, state, **kwargs)` -> time derivative of `state`.
     state_shape: shape of the state (unused; kept for TFP's signature).
     dtype: dtype of the state (unused; kept for TFP's signature).
+    seed: ignored; accepted so that a per-call `seed` can be passed to any
+      of this module's estimators.
 
   Returns:
     `augmented_fn(time, (state, log_det), **kwargs) -> (dstate, diag)` where
     `diag[..., i] = d dstate[..., i] / d state[..., i]`.
   """
-  del state_shape, dtype
+  del state_shape, dtype, seed
 
   def augmented_fn(time, state_and_log_det, **kwargs):
     state, _ = state_and_log_det
@@ -95,7 +126,10 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype):
     if dim == 1:
       diag = row(eye[0])
     else:
-      rows = tf.vectorized_map(row, eye)          # [D, ..., D]
+      if tf.executing_eagerly():  # vectorized_map would retrace every call.
+        rows = tf.stack([row(eye[i]) for i in range(dim)])
+      else:
+        rows = tf.vectorized_map(row, eye)        # [D, ..., D]
       diag = tf.linalg.diag_part(
           tf.experimental.numpy.moveaxis(rows, 0, -2))  # [..., D]
     del tape

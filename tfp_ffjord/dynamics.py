@@ -98,7 +98,8 @@ class ConcatSquashLinear(snt.Module):
   """FFJORD's time-conditioned layer (Grathwohl et al., 2019).
 
   `y = (W x + b) * sigmoid(a t + c) + d t`: the time gates and shifts the
-  output of a linear map.
+  output of a linear map. `zero_init=True` zeroes `W`, `b` and `d`, so the
+  layer outputs zeros until trained.
   """
 
   def __init__(self, output_size: int, zero_init: bool = False,
@@ -109,7 +110,8 @@ class ConcatSquashLinear(snt.Module):
                               w_init=zeros if zero_init else None,
                               b_init=zeros if zero_init else None)
     self._gate = snt.Linear(output_size, name='gate')
-    self._shift = snt.Linear(output_size, with_bias=False, name='shift')
+    self._shift = snt.Linear(output_size, with_bias=False, name='shift',
+                             w_init=zeros if zero_init else None)
     self.output_size = output_size
 
   def __call__(self, t, x):

@@ -38,6 +38,10 @@ __all__ = [
 
 NOISE_TYPES = ('gaussian', 'rademacher')
 
+# The exact trace unrolls its D vector-Jacobian products up to this event
+# size and vectorises them with `tf.vectorized_map` above it.
+UNROLL_MAX_DIM = 16
+
 
 # Stateless RNG ops pick their algorithm per device unless told; XLA picks a
 # different one than the TF kernels, which would make the same seed give
@@ -123,13 +127,14 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None):
       return tape.gradient(dstate, state, output_gradients=cotangent,
                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    if dim == 1:
-      diag = row(eye[0])
+    if dim <= UNROLL_MAX_DIM or tf.executing_eagerly():
+      # One VJP per dimension, each keeping only its own component. For small
+      # D this traces and compiles far faster than `vectorized_map`, whose
+      # pfor rewrite of the backward graph (twice, when training) dominated
+      # tracing time and made XLA steps slow.
+      diag = tf.stack([row(eye[i])[..., i] for i in range(dim)], axis=-1)
     else:
-      if tf.executing_eagerly():  # vectorized_map would retrace every call.
-        rows = tf.stack([row(eye[i]) for i in range(dim)])
-      else:
-        rows = tf.vectorized_map(row, eye)        # [D, ..., D]
+      rows = tf.vectorized_map(row, eye)        # [D, ..., D]
       diag = tf.linalg.diag_part(
           tf.experimental.numpy.moveaxis(rows, 0, -2))  # [..., D]
     del tape

@@ -277,6 +277,38 @@ class Solver:
               for o in outputs]
 
 
+def _zeros_like(x):
+  """Zeros shaped like `x` from its static shape when known.
+
+  For a variable, `tf.zeros_like` reads it; if such zeros later size a buffer
+  XLA's constant analysis marks the variable compile-time constant, and the
+  function is recompiled each time an optimizer changes it.
+  """
+  if x.shape.is_fully_defined():
+    return tf.zeros(x.shape, x.dtype)
+  return tf.zeros_like(x)
+
+
+def _gradient(tape, target, sources, output_gradients):
+  """`tape.gradient` with zeros for unconnected sources.
+
+  The zeros are built from static shapes: TF's own
+  `UnconnectedGradients.ZERO` reads a variable's shape with a `VariableShape`
+  op, which makes XLA treat the variable as a compile-time constant and
+  recompile the whole function every time an optimizer updates it.
+  """
+  grads = tape.gradient(target, sources, output_gradients=output_gradients)
+  out = []
+  for g, src in zip(grads, sources):
+    if g is None:
+      shape = src.shape if src.shape.is_fully_defined() else tf.shape(src)
+      g = tf.zeros(shape, src.dtype)
+    elif isinstance(g, tf.IndexedSlices):
+      g = tf.convert_to_tensor(g)
+    out.append(g)
+  return out
+
+
 def _vjp(fn, s, y, c_flat, variables, cotangent):
   """`fn(s, y, c)` and the VJP of `cotangent` w.r.t. `(y, c, variables)`."""
   float_c = [c for c in c_flat if _is_float(c)]
@@ -285,9 +317,8 @@ def _vjp(fn, s, y, c_flat, variables, cotangent):
     tape.watch(float_c)
     tape.watch(variables)
     out = fn(s, y, c_flat)
-  grads = tape.gradient(out, list(y) + float_c + list(variables),
-                        output_gradients=cotangent,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  grads = _gradient(tape, out, list(y) + float_c + list(variables),
+                    cotangent)
   n = len(y)
   gy, gc_float, gv = grads[:n], grads[n:n + len(float_c)], grads[n + len(float_c):]
   it = iter(gc_float)
@@ -338,9 +369,7 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
       fn = lambda s, y: g(s, y, c_flat)
       y_next, _ = runge_kutta.rk_step(fn, tableau, t_j, y_j, h_j,
                                       fn(t_j, y_j))
-    grads = tape.gradient(y_next, y_j + float_c + list(variables),
-                          output_gradients=a,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    grads = _gradient(tape, y_next, y_j + float_c + list(variables), a)
     n = len(y_j)
     a = grads[:n]
     ac = [x + d for x, d in zip(ac, grads[n:n + len(float_c)])]
@@ -348,8 +377,8 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
     return j - 1, a, ac, av
 
   a0 = [tf.zeros_like(y) for y in y0]
-  ac0 = [tf.zeros_like(c) for c in float_c]
-  av0 = [tf.zeros_like(v) for v in variables]
+  ac0 = [_zeros_like(c) for c in float_c]
+  av0 = [_zeros_like(v) for v in variables]
   _, a, ac, av = tf.while_loop(cond, body, (count - 1, a0, ac0, av0),
                                maximum_iterations=max_iter)
   a = inject(a, 0, steps['out_initial'])
@@ -398,8 +427,8 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
 
   u0 = -ss[-1]
   state0 = ([o[-1] for o in outputs] + [tf.zeros_like(o[-1]) for o in outputs]
-            + [tf.zeros_like(c) for c in float_c]
-            + [tf.zeros_like(v) for v in variables])
+            + [_zeros_like(c) for c in float_c]
+            + [_zeros_like(v) for v in variables])
   mask = list(error_mask) * 2 + [False] * (nc + nv)
   res = runge_kutta.integrate(aug_fn, tableau, control, u0, state0, us,
                               max_iter, mask, on_output=on_output)

@@ -363,6 +363,22 @@ def test_failure_under_xla_poisons_states_and_reports_status():
   assert np.all(np.isnan(states.numpy()))
 
 
+@pytest.mark.parametrize('jit', [True, False])
+def test_checked_function_raises_under_xla(jit):
+  solver = ode.DormandPrince(max_num_steps=20)
+
+  @ode.checked_function(jit_compile=jit)
+  def fn(y0, rate):
+    return solver.solve(lambda t, y: -rate * y, 0., y0, [10.]).states
+
+  np.testing.assert_allclose(fn(tf.constant([1.0]), tf.constant(0.1)).numpy(),
+                             [[np.exp(-1.)]], rtol=1e-3)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'(?s)DormandPrince failed: exceeded '
+                     r'`max_num_steps`.*time reached.*20'):
+    fn(tf.constant([1.0]), tf.constant(500.))
+
+
 def test_status_only_mode_does_not_raise():
   solver = ode.DormandPrince(max_num_steps=5, raise_on_failure=False)
   res = solver.solve(lambda t, y: -50. * y, 0., tf.constant([1.0]), [10.])

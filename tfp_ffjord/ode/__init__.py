@@ -8,6 +8,7 @@ from tfp_ffjord.ode.base import Diagnostics
 from tfp_ffjord.ode.base import Results
 from tfp_ffjord.ode.base import Status
 from tfp_ffjord.ode.base import status_message
+from tfp_ffjord.ode.checked import checked_function
 from tfp_ffjord.ode.solvers import AdaptiveSolver
 from tfp_ffjord.ode.solvers import DormandPrince
 from tfp_ffjord.ode.solvers import Euler
@@ -31,5 +32,6 @@ __all__ = [
     'Solver',
     'Status',
     'Tsit5',
+    'checked_function',
     'status_message',
 ]

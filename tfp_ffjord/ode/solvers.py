@@ -27,6 +27,7 @@ from typing import Optional
 import tensorflow as tf
 
 from tfp_ffjord.ode import base
+from tfp_ffjord.ode import checked
 from tfp_ffjord.ode import runge_kutta
 from tfp_ffjord.ode import tableaus
 
@@ -121,7 +122,8 @@ class Solver:
       tf.errors.InvalidArgumentError: (at run time, eager or `tf.function`)
         when the solver fails and `raise_on_failure=True`. Under XLA the
         check cannot run inside the compiled function: failed solves return
-        NaN states and `diagnostics.status != 0`; see `checked_function`.
+        NaN states and `diagnostics.status != 0`; wrap the compiled function
+        with `tfp_ffjord.ode.checked_function` to raise there too.
     """
     del jacobian_fn, jacobian_sparsity, batch_ndims
     del previous_solver_internal_state
@@ -262,6 +264,8 @@ class Solver:
     """
     if not self.raise_on_failure:
       return outputs
+    checked.register(self.name, self.max_num_steps, status, t_reached,
+                     num_steps)
     failed = status != base.Status.SUCCEEDED
     checks = []
     for code in (base.Status.MAX_NUM_STEPS_EXCEEDED,

@@ -1,0 +1,93 @@
+"""The full FFJORD training step compiles with `jit_compile=True`.
+
+Every solver x {exact, Hutchinson} trace x {adjoint, backprop} gradient: the
+compiled step must give the loss and gradients of the uncompiled one.
+"""
+
+import numpy as np
+import pytest
+import sonnet as snt
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+import tfp_ffjord
+from tfp_ffjord import ode
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+# XLA reorders float32 arithmetic; through 2 blocks and a backward pass the
+# results agree to about this.
+XLA_RTOL = 1e-3
+XLA_ATOL = 1e-4
+
+SOLVERS = {
+    'Euler': lambda g: ode.Euler(num_steps=4, gradient=g),
+    'Midpoint': lambda g: ode.Midpoint(num_steps=4, gradient=g),
+    'RK4': lambda g: ode.RK4(num_steps=4, gradient=g),
+    'DormandPrince': lambda g: ode.DormandPrince(atol=1e-4, gradient=g),
+    'Tsit5': lambda g: ode.Tsit5(atol=1e-4, gradient=g),
+}
+
+
+# Known bug: an adaptive solver with gradient='adjoint' and the Hutchinson
+# estimator, compiled by XLA under a GradientTape, returns a different
+# forward loss than eager and graph mode (e.g. 1.41 vs 9.69 for one block).
+# Graph mode, fixed-step solvers, the exact trace and backprop are right.
+KNOWN_XLA_FAILURES = {('DormandPrince', 'hutchinson', 'adjoint'),
+                      ('Tsit5', 'hutchinson', 'adjoint')}
+
+
+def _combinations():
+  for solver in sorted(SOLVERS):
+    for trace in ('exact', 'hutchinson'):
+      for gradient in ('adjoint', 'backprop'):
+        marks = []
+        if (solver, trace, gradient) in KNOWN_XLA_FAILURES:
+          marks = [pytest.mark.xfail(
+              strict=True, reason='adaptive + adjoint + Hutchinson gives a '
+              'wrong loss under XLA (README, known limitations)')]
+        yield pytest.param(solver, trace, gradient, marks=marks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('solver,trace,gradient', _combinations())
+def test_training_step_compiles_and_matches(solver, trace, gradient):
+  blocks = [tfp_ffjord.MLPODE([8], 2, name=f'b{i}') for i in range(2)]
+  for b in blocks:
+    b(0., tf.zeros([1, 2]))
+  trace_fn = (tfp_ffjord.trace_jacobian_exact if trace == 'exact'
+              else tfp_ffjord.trace_jacobian_hutchinson)
+  chain = tfb.Chain([tfp_ffjord.FFJORD(
+      b, ode_solve_fn=SOLVERS[solver](gradient).solve,
+      trace_augmentation_fn=trace_fn) for b in blocks])
+  flow = tfd.TransformedDistribution(
+      tfd.MultivariateNormalDiag(tf.zeros(2), tf.ones(2)), chain)
+  variables = [v for b in blocks for v in b.trainable_variables]
+  x = tf.random.normal([32, 2], seed=1)
+
+  def loss_and_grads(x):
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(flow.log_prob(
+          x, bijector_kwargs={'ffjord': {'seed': 3}}))
+    return loss, tape.gradient(loss, variables)
+
+  loss, grads = loss_and_grads(x)
+  xla_loss, xla_grads = tf.function(loss_and_grads, jit_compile=True)(x)
+  np.testing.assert_allclose(xla_loss.numpy(), loss.numpy(), rtol=XLA_RTOL)
+  for v, g, xg in zip(variables, grads, xla_grads):
+    np.testing.assert_allclose(xg.numpy(), g.numpy(), rtol=XLA_RTOL,
+                               atol=XLA_ATOL, err_msg=v.name)
+
+  # A full step with an optimizer, compiled, updates every variable.
+  opt = snt.optimizers.Adam(1e-2)
+
+  @tf.function(jit_compile=True)
+  def train_step(x):
+    loss, grads = loss_and_grads(x)
+    opt.apply(grads, variables)
+    return loss
+
+  before = [v.numpy().copy() for v in variables]
+  assert np.isfinite(float(train_step(x)))
+  for v, b in zip(variables, before):
+    assert not np.array_equal(v.numpy(), b), f'{v.name} was not updated'

@@ -236,19 +236,17 @@ class FFJORD(tfb.Bijector):
     if self.validate_args:
       x = tf.debugging.assert_all_finite(
           x, f'{self.name}: input contains NaN or Inf.')
-    if seed is not None and self._trace_takes_seed:
-      seed = trace_lib.stateless_seed(seed, salt=self._seed_salt)
-      augmented_fn = self._trace_augmentation_fn(
-          dynamics, tf.shape(x) if not x.shape.is_fully_defined() else x.shape,
-          x.dtype, seed=seed)
-    else:
-      if seed is not None:
+    trace_kwargs = {}
+    if seed is not None:
+      if not self._trace_takes_seed:
         raise ValueError(
             f'{self.name}: a `seed` was given but `trace_augmentation_fn` '
             f'({self._trace_augmentation_fn!r}) takes no `seed` argument.')
-      augmented_fn = self._trace_augmentation_fn(
-          dynamics, tf.shape(x) if not x.shape.is_fully_defined() else x.shape,
-          x.dtype)
+      trace_kwargs['seed'] = trace_lib.stateless_seed(seed,
+                                                      salt=self._seed_salt)
+    state_shape = x.shape if x.shape.is_fully_defined() else tf.shape(x)
+    augmented_fn = self._trace_augmentation_fn(dynamics, state_shape, x.dtype,
+                                               **trace_kwargs)
     solve_kwargs = dict(
         ode_fn=augmented_fn,
         initial_time=ode.base.as_float(self._initial_time, x.dtype),

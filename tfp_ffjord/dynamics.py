@@ -8,13 +8,16 @@ import tensorflow as tf
 __all__ = ['MLPODE', 'ConcatSquashLinear', 'ConcatSquashMLPODE']
 
 
-def _check_sizes(hidden_sizes, output_size):
+def _check_arguments(hidden_sizes, output_size, activation):
+  """Validates the common constructor arguments; returns the hidden sizes."""
   sizes = list(hidden_sizes)
   for s in sizes + [output_size]:
     if isinstance(s, bool) or not isinstance(s, int) or s < 1:
       raise ValueError(
           '`hidden_sizes` and `output_size` must be positive ints; got '
           f'hidden_sizes={hidden_sizes!r}, output_size={output_size!r}.')
+  if not callable(activation):
+    raise TypeError(f'`activation` must be callable; got {activation!r}.')
   return sizes
 
 
@@ -53,9 +56,7 @@ class MLPODE(snt.Module):
                context_keys: Sequence[str] = (),
                name: Optional[str] = 'mlp_ode'):
     super().__init__(name=name)
-    sizes = _check_sizes(hidden_sizes, output_size)
-    if not callable(activation):
-      raise TypeError(f'`activation` must be callable; got {activation!r}.')
+    sizes = _check_arguments(hidden_sizes, output_size, activation)
     self._activation = activation
     self._context_keys = tuple(context_keys)
     self._hidden = [snt.Linear(s, name=f'linear_{i}')
@@ -131,9 +132,7 @@ class ConcatSquashMLPODE(snt.Module):
                zero_init_output: bool = False,
                name: Optional[str] = 'concat_squash_ode'):
     super().__init__(name=name)
-    sizes = _check_sizes(hidden_sizes, output_size)
-    if not callable(activation):
-      raise TypeError(f'`activation` must be callable; got {activation!r}.')
+    sizes = _check_arguments(hidden_sizes, output_size, activation)
     self._activation = activation
     self._layers = [ConcatSquashLinear(s, name=f'layer_{i}')
                     for i, s in enumerate(sizes)]

@@ -21,7 +21,6 @@ The exact trace costs one vector-Jacobian product per event dimension D
 (evaluated together, vectorised); Hutchinson's estimator costs one per probe.
 """
 
-import functools
 import inspect
 import zlib
 
@@ -220,11 +219,8 @@ def _call(ode_fn, time, state, kwargs):
 
 def accepts_seed(trace_augmentation_fn) -> bool:
   """Whether `trace_augmentation_fn` takes a `seed` keyword argument."""
-  fn = trace_augmentation_fn
-  while isinstance(fn, functools.partial):
-    fn = fn.func
-  try:
-    params = inspect.signature(fn).parameters
+  try:  # inspect.signature sees through functools.partial.
+    params = inspect.signature(trace_augmentation_fn).parameters
   except (TypeError, ValueError):
     return False
   return 'seed' in params or any(

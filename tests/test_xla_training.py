@@ -29,28 +29,10 @@ SOLVERS = {
 }
 
 
-# Known bug: an adaptive solver with gradient='adjoint' and the Hutchinson
-# estimator, compiled by XLA under a GradientTape, returns a different
-# forward loss than eager and graph mode (e.g. 1.41 vs 9.69 for one block).
-# Graph mode, fixed-step solvers, the exact trace and backprop are right.
-KNOWN_XLA_FAILURES = {('DormandPrince', 'hutchinson', 'adjoint'),
-                      ('Tsit5', 'hutchinson', 'adjoint')}
-
-
-def _combinations():
-  for solver in sorted(SOLVERS):
-    for trace in ('exact', 'hutchinson'):
-      for gradient in ('adjoint', 'backprop'):
-        marks = []
-        if (solver, trace, gradient) in KNOWN_XLA_FAILURES:
-          marks = [pytest.mark.xfail(
-              strict=True, reason='adaptive + adjoint + Hutchinson gives a '
-              'wrong loss under XLA (README, known limitations)')]
-        yield pytest.param(solver, trace, gradient, marks=marks)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize('solver,trace,gradient', _combinations())
+@pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
+@pytest.mark.parametrize('trace', ['exact', 'hutchinson'])
+@pytest.mark.parametrize('solver', sorted(SOLVERS))
 def test_training_step_compiles_and_matches(solver, trace, gradient):
   blocks = [tfp_ffjord.MLPODE([8], 2, name=f'b{i}') for i in range(2)]
   for b in blocks:

@@ -67,10 +67,23 @@ def stateless_seed(seed, salt=None):
   return seed
 
 
+# Gaussian probes come from integer draws: k uniform in [0, 2^30),
+# u = (k + 1/2) / 2^30, z = Phi^{-1}(u). Under XLA, in a training step with an
+# adaptive solver's adjoint, probes from the *float* stateless RNG ops
+# (`stateless_normal`, float `stateless_uniform`) came out different in the
+# forward solve than eagerly (a wrong loss); the integer op is consistent
+# (tests/test_xla_training.py covers every combination). The grid of 2^30
+# levels truncates the normal beyond 6.1 sigma (mass 1e-9).
+_GAUSSIAN_LEVELS = 2**30
+
+
 def gaussian_noise(shape, dtype, seed):
   """Standard normal probes from a stateless seed (see `stateless_seed`)."""
-  return tf.random.stateless_normal(shape, seed=stateless_seed(seed),
-                                    dtype=dtype, alg=RNG_ALGORITHM)
+  k = tf.random.stateless_uniform(shape, seed=stateless_seed(seed), minval=0,
+                                  maxval=_GAUSSIAN_LEVELS, dtype=tf.int32,
+                                  alg=RNG_ALGORITHM)
+  u = (tf.cast(k, tf.float64) + 0.5) / _GAUSSIAN_LEVELS
+  return tf.cast(tf.math.ndtri(u), dtype)
 
 
 def rademacher_noise(shape, dtype, seed):

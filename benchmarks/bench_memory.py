@@ -67,7 +67,7 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, nargs='+',
                       default=[16, 64, 256, 1024])
   parser.add_argument('--out', default=None,
-                      help='append a Markdown table to this file')
+                      help='write the table as a section of this file')
   parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
@@ -91,16 +91,18 @@ def main(argv=None):
   table = '\n'.join(lines)
   print(table)
   if args.out:
-    with open(args.out, 'a') as f:
-      f.write(
-          '\n## Peak memory of one gradient vs number of steps\n\n'
-          f'Produced by `python benchmarks/bench_memory.py --steps '
-          f'{" ".join(map(str, args.steps))} --out {args.out}`: growth of '
-          'peak RSS (MiB) during one loss-and-gradient call, one FFJORD '
-          f'block (MLP 16-64-64-16), batch {BATCH} in {DIM}-D (state + '
-          f'log-det = {state_mib:.2f} MiB), RK4, Hutchinson trace, '
-          '`tf.function` without XLA, each cell a fresh process.\n\n'
-          + table + '\n')
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_training_step import write_section  # pylint: disable=g-import-not-at-top
+    write_section(args.out, (
+        '## Peak memory of one gradient vs number of steps\n\n'
+        f'Produced by `python benchmarks/bench_memory.py --steps '
+        f'{" ".join(map(str, args.steps))} --out {args.out}`: growth of '
+        'peak RSS (MiB) during one loss-and-gradient call, one FFJORD '
+        f'block (MLP 16-64-64-16), batch {BATCH} in {DIM}-D (state + '
+        f'log-det = {state_mib:.2f} MiB), RK4, Hutchinson trace, '
+        '`tf.function` without XLA, each cell a fresh process. RSS includes '
+        'allocator slack, so small cells vary between runs; the trend is '
+        'the result.\n\n' + table + '\n'))
   return 0
 
 

@@ -141,6 +141,26 @@ def measure(name, bijector_cls, solve_fn, trace_fn, jit, x, steps):
               nfe=int(nfe) if ours else None, err=err, loss=float(loss))
 
 
+def write_section(path, section):
+  """Replaces (or appends) the `## ...` section of `path` with `section`.
+
+  Keeps the other benchmarks' sections of the results file intact.
+  """
+  title = section.splitlines()[0]
+  text = open(path).read() if os.path.exists(path) else '# Benchmark results\n'
+  parts = text.split('\n## ')
+  head, sections = parts[0], ['## ' + p for p in parts[1:]]
+  if any(p.splitlines()[0] == title for p in sections):
+    sections = [section if p.splitlines()[0] == title else p
+                for p in sections]
+  else:
+    sections.append(section)
+  body = [head.rstrip('\n') + '\n'] + [p.rstrip('\n') + '\n'
+                                         for p in sections]
+  with open(path, 'w') as f:
+    f.write('\n'.join(body))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=30)
@@ -170,17 +190,16 @@ def main(argv=None):
   table = '\n'.join(lines)
   print(table)
   if args.out:
-    with open(args.out, 'w') as f:
-      f.write('# Benchmark results\n\n'
-              '## Training step, seed moons configuration\n\n'
-              'Produced by `python benchmarks/bench_training_step.py '
-              f'--steps {args.steps} --out {args.out}` on a 2-core CPU, all '
-              'rows in one process. "vs ref" is the ratio of first-step '
-              'times (lower is better); "speed-up" is the reference step '
-              'time over this step time. NFE is per training step, summed '
-              'over the 4 blocks\' forward solves. The log_prob error is '
-              'against our Tsit5 at rtol=atol=1e-10 in float64 on the same '
-              'batch and weights.\n\n' + table + '\n')
+    section = (
+        '## Training step, seed moons configuration\n\n'
+        'Produced by `python benchmarks/bench_training_step.py '
+        f'--steps {args.steps} --out {args.out}` on a 2-core CPU, all rows '
+        'in one process. "vs ref" is the ratio of first-step times (lower '
+        'is better); "speed-up" is the reference step time over this step '
+        'time. NFE is per training step, summed over the 4 blocks\' forward '
+        'solves. The log_prob error is against our Tsit5 at rtol=atol=1e-10 '
+        'in float64 on the same batch and weights.\n\n' + table + '\n')
+    write_section(args.out, section)
   return rows
 
 

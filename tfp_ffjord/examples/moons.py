@@ -159,7 +159,7 @@ def main(argv=None):
     block(0., tf.zeros([1, 2]))
   flow, chain = build_flow(blocks, SOLVERS[args.solver](args).solve,
                            tfp_ffjord.trace_jacobian_exact)
-  eval_flow, eval_chain = build_flow(
+  eval_flow, _ = build_flow(
       blocks, ode.Tsit5(rtol=1e-5, atol=1e-5).solve,
       tfp_ffjord.trace_jacobian_exact)
   learning_rate = tf.Variable(args.lr, trainable=False, dtype=tf.float32)

@@ -94,12 +94,3 @@ def as_float(value, dtype):
   if tf.is_tensor(value):
     return tf.cast(value, dtype)
   return tf.convert_to_tensor(value, dtype=dtype)
-
-
-def in_xla_context() -> bool:
-  """True while tracing a function that XLA will compile (`jit_compile`)."""
-  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.ops import control_flow_util
-  graph = tf.compat.v1.get_default_graph()
-  return (not tf.executing_eagerly()
-          and control_flow_util.GraphOrParentsInXlaContext(graph))

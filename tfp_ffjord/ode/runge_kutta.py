@@ -214,11 +214,7 @@ def integrate(fn: Callable,
     nfe += tf.cast(tf.reduce_any(hit0), tf.int32)
   outputs = []
   for y_i in y_init:
-    if y_i.shape.is_fully_defined() and ts.shape.is_fully_defined():
-      buf = tf.zeros([ts.shape[0]] + y_i.shape.as_list(), y_i.dtype)
-    else:
-      buf = tf.zeros(tf.concat([[tf.shape(ts)[0]], tf.shape(y_i)], 0),
-                     y_i.dtype)
+    buf = tf.zeros(tf.concat([[tf.shape(ts)[0]], tf.shape(y_i)], 0), y_i.dtype)
     mask = tf.reshape(hit0, [-1] + [1] * y_i.shape.rank)
     outputs.append(tf.where(mask, y_i[tf.newaxis], buf))
   out_index = tf.reduce_sum(tf.cast(hit0, tf.int32))

@@ -281,25 +281,11 @@ class Solver:
               for o in outputs]
 
 
-def _zeros_like(x):
-  """Zeros shaped like `x` from its static shape when known.
-
-  For a variable, `tf.zeros_like` reads it; if such zeros later size a buffer
-  XLA's constant analysis marks the variable compile-time constant, and the
-  function is recompiled each time an optimizer changes it.
-  """
-  if x.shape.is_fully_defined():
-    return tf.zeros(x.shape, x.dtype)
-  return tf.zeros_like(x)
-
-
 def _gradient(tape, target, sources, output_gradients):
-  """`tape.gradient` with zeros for unconnected sources.
+  """`tape.gradient` as dense Tensors, with zeros for unconnected sources.
 
-  The zeros are built from static shapes: TF's own
-  `UnconnectedGradients.ZERO` reads a variable's shape with a `VariableShape`
-  op, which makes XLA treat the variable as a compile-time constant and
-  recompile the whole function every time an optimizer updates it.
+  The backward loops carry these as `tf.while_loop` variables, which must be
+  dense Tensors of a fixed shape (no `None`, no `tf.IndexedSlices`).
   """
   grads = tape.gradient(target, sources, output_gradients=output_gradients)
   out = []
@@ -328,15 +314,6 @@ def _vjp(fn, s, y, c_flat, variables, cotangent):
   it = iter(gc_float)
   gc = [next(it) if _is_float(c) else None for c in c_flat]
   return out, gy, gc, gv
-
-
-def _zeros_for(tensors):
-  return [tf.zeros_like(t) if _is_float(t) else None for t in tensors]
-
-
-def _add(acc, new):
-  return [a if n is None else (n if a is None else a + n)
-          for a, n in zip(acc, new)]
 
 
 def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
@@ -381,8 +358,8 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
     return j - 1, a, ac, av
 
   a0 = [tf.zeros_like(y) for y in y0]
-  ac0 = [_zeros_like(c) for c in float_c]
-  av0 = [_zeros_like(v) for v in variables]
+  ac0 = [tf.zeros_like(c) for c in float_c]
+  av0 = [tf.zeros_like(v) for v in variables]
   _, a, ac, av = tf.while_loop(cond, body, (count - 1, a0, ac0, av0),
                                maximum_iterations=max_iter)
   a = inject(a, 0, steps['out_initial'])
@@ -431,8 +408,8 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
 
   u0 = -ss[-1]
   state0 = ([o[-1] for o in outputs] + [tf.zeros_like(o[-1]) for o in outputs]
-            + [_zeros_like(c) for c in float_c]
-            + [_zeros_like(v) for v in variables])
+            + [tf.zeros_like(c) for c in float_c]
+            + [tf.zeros_like(v) for v in variables])
   mask = list(error_mask) * 2 + [False] * (nc + nv)
   res = runge_kutta.integrate(aug_fn, tableau, control, u0, state0, us,
                               max_iter, mask, on_output=on_output)

@@ -293,6 +293,29 @@ def test_adjoint_backprop_and_finite_differences_agree(name):
         err_msg=f'adjoint vs FD for {label}')
 
 
+# Looping over stages and unrolling them run the same arithmetic in a
+# different order of graph construction: agreement to rounding.
+UNROLL_RTOL = 1e-12
+
+
+@pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_unrolled_stages_match_the_stage_loop(name, gradient):
+  def make(unroll):
+    if name in ('DormandPrince', 'Tsit5'):
+      return getattr(ode, name)(rtol=1e-6, atol=1e-6, gradient=gradient,
+                                unroll_stages=unroll)
+    return getattr(ode, name)(num_steps=10, gradient=gradient,
+                              unroll_stages=unroll)
+  looped, unrolled = make(False), make(True)
+  w, y0, c, loss_fn = _gradient_problem(looped)
+  _, _, _, loss_unrolled = _gradient_problem(unrolled)
+  np.testing.assert_allclose(float(loss_unrolled(y0, c)),
+                             float(loss_fn(y0, c)), rtol=UNROLL_RTOL)
+  for a, b in zip(_grads(looped), _grads(unrolled)):
+    np.testing.assert_allclose(b, a, rtol=UNROLL_RTOL, atol=UNROLL_RTOL)
+
+
 @pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
 @pytest.mark.parametrize('mode', RUN_MODES)
 def test_gradients_in_every_run_mode(gradient, mode):

@@ -39,26 +39,46 @@ class StepControl:
   max_step_factor: float = 10.0
   pi_alpha: float = 0.7
   pi_beta: float = 0.4
+  unroll_stages: bool = False
   step_size: Optional[float] = None
   num_steps: Optional[int] = None
 
 
-def _axpy(y, h, ks, weights):
-  """Returns `y + h * sum_j weights[j] * ks[j]` leaf by leaf."""
+def stage_coefficients(tableau: tableaus.ButcherTableau, dtype):
+  """`(a, b, c)` of `tableau` as Tensors: `a` is `[S, S]`, `b` and `c` `[S]`."""
+  a, b, c = tableau.as_numpy()
+  return (tf.constant(a, dtype), tf.constant(b, dtype), tf.constant(c, dtype))
+
+
+def combine(y, h, stages, weights):
+  """`y + h * sum_s weights[s] * stages[s]`, leaf by leaf.
+
+  `stages` holds one `[S, *leaf.shape]` Tensor per leaf; `weights` is `[S]`.
+  """
+  return [y_i + tf.cast(h, y_i.dtype) * tf.tensordot(
+      tf.cast(weights, y_i.dtype), k_i, axes=1) for y_i, k_i in zip(y, stages)]
+
+
+def _weighted_sum(y, h, ks, weights):
+  """`y + h * sum_j weights[j] * ks[j]` over Python lists, skipping zeros."""
   out = []
   for i, y_i in enumerate(y):
-    acc = None
-    for w, k in zip(weights, ks):
-      if w == 0.0:
-        continue
-      term = tf.constant(w, y_i.dtype) * k[i]
-      acc = term if acc is None else acc + term
-    out.append(y_i if acc is None else y_i + tf.cast(h, y_i.dtype) * acc)
+    terms = [tf.constant(w, y_i.dtype) * k[i]
+             for w, k in zip(weights, ks) if w != 0.0]
+    out.append(y_i if not terms else
+               y_i + tf.cast(h, y_i.dtype) * tf.add_n(terms))
   return out
 
 
-def rk_step(fn, tableau: tableaus.ButcherTableau, t, y, h, k1):
-  """One explicit Runge-Kutta step.
+def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1,
+              unroll=False):
+  """The stage derivatives of one explicit Runge-Kutta step.
+
+  By default the stages are computed in a `tf.while_loop`, so `fn` appears
+  once in the graph whatever the number of stages: tracing and XLA
+  compilation cost one evaluation of `fn`, not `S` of them. `unroll=True`
+  builds every stage in the graph instead, which runs faster without XLA
+  (no per-stage loop overhead) but traces and compiles `S` times slower.
 
   Args:
     fn: `fn(t, y) -> dy` on flat lists.
@@ -67,19 +87,37 @@ def rk_step(fn, tableau: tableaus.ButcherTableau, t, y, h, k1):
     y: flat list of Tensors.
     h: scalar step size.
     k1: `fn(t, y)`, already computed.
+    unroll: build the stages without a loop.
 
   Returns:
-    `(y_new, ks)` where `ks` are the stage derivatives (the last of which is
-    `fn(t + h, y_new)` for FSAL methods).
+    One `[S, *leaf.shape]` Tensor per leaf: stage `s` is
+    `fn(t + c[s] h, y + h sum_j a[s, j] stage[j])`. The new state is
+    `combine(y, h, stages, b)`; for FSAL methods the last stage is
+    `fn(t + h, y_new)`.
   """
-  ks = [k1]
-  y_stage = y
-  for row, c in zip(tableau.a, tableau.c):
-    y_stage = _axpy(y, h, ks, row)
-    ks.append(fn(t + tf.constant(c, t.dtype) * h, y_stage))
-  if tableau.fsal:
-    return y_stage, ks
-  return _axpy(y, h, ks, tableau.b), ks
+  num_stages = tableau.num_stages
+  if unroll:
+    ks = [list(k1)]
+    for row, c in zip(tableau.a, tableau.c):
+      y_s = _weighted_sum(y, h, ks, row)
+      ks.append(fn(t + tf.constant(c, t.dtype) * h, y_s))
+    return [tf.stack([k[i] for k in ks]) for i in range(len(y))]
+  stages = [tf.stack([k] + [tf.zeros_like(k)] * (num_stages - 1))
+            for k in k1]
+  if num_stages == 1:
+    return stages
+  a, _, c = stage_coefficients(tableau, t.dtype)
+
+  def body(s, stages):
+    y_s = combine(y, h, stages, a[s])
+    k = fn(t + c[s] * h, y_s)
+    return s + 1, [tf.tensor_scatter_nd_update(st, [[s]], k_i[tf.newaxis])
+                   for st, k_i in zip(stages, k)]
+
+  _, stages = tf.while_loop(lambda s, _: s < num_stages, body,
+                            (tf.constant(1), stages),
+                            maximum_iterations=num_stages - 1)
+  return stages
 
 
 def _all_finite(tensors):
@@ -170,8 +208,8 @@ def integrate(fn: Callable,
       The adjoint uses it to add cotangents. Forces `fn` to be re-evaluated
       after it, so FSAL stays valid.
     record_steps: also return the accepted steps (start time, size, start
-      state, number of outputs written after the step), for the backward pass
-      of `gradient='backprop'`.
+      state, stage derivatives, number of outputs written after the step),
+      for the backward pass of `gradient='backprop'`.
 
   Returns:
     A `LoopResult`.
@@ -226,22 +264,29 @@ def integrate(fn: Callable,
     steps_out = tf.TensorArray(tf.int32, size=max_num_steps, element_shape=[])
     steps_y = [tf.TensorArray(y_i.dtype, size=max_num_steps,
                               element_shape=y_i.shape) for y_i in y0]
+    steps_k = [tf.TensorArray(
+        y_i.dtype, size=max_num_steps,
+        element_shape=tf.TensorShape([tableau.num_stages]).concatenate(
+            y_i.shape)) for y_i in y0]
   else:
     steps_t = steps_h = steps_out = tf.zeros([], dtype)
     steps_y = [tf.zeros([], y_i.dtype) for y_i in y0]
+    steps_k = [tf.zeros([], y_i.dtype) for y_i in y0]
+  b_coef = tf.constant(tableau.b, dtype)
+  b_err_coef = (tf.constant(tableau.b_error, dtype) if adaptive else None)
 
   k_order = float((tableau.embedded_order or tableau.order) + 1)
   eps = tf.constant(tf.experimental.numpy.finfo(dtype.as_numpy_dtype).eps,
                     dtype)
 
   def cond(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
-           n_rej, status, steps_t, steps_h, steps_out, steps_y):
+           n_rej, status, steps_t, steps_h, steps_out, steps_y, steps_k):
     del step, t, h, y, k1, prev_err, outputs, nfe, n_acc, n_rej
-    del steps_t, steps_h, steps_out, steps_y
+    del steps_t, steps_h, steps_out, steps_y, steps_k
     return (out_index < num_outputs) & (status == Status.SUCCEEDED)
 
   def body(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
-           n_rej, status, steps_t, steps_h, steps_out, steps_y):
+           n_rej, status, steps_t, steps_h, steps_out, steps_y, steps_k):
     target = tf.gather(ts, out_index)
     remaining = target - t
     # Snap to the solution time when the remainder is within rounding of a
@@ -251,13 +296,15 @@ def integrate(fn: Callable,
     h_step = tf.where(clipped, remaining, h)
     if not tableau.fsal:
       k1 = fn(t, y)
-    y_new, ks = rk_step(fn, tableau, t, y, h_step, k1)
+    stages = rk_stages(fn, tableau, t, y, h_step, k1,
+                       unroll=control.unroll_stages)
+    y_new = combine(y, h_step, stages, b_coef)
     nfe = nfe + stages_per_step
     k1_finite = _all_finite(k1)
     new_finite = _all_finite(y_new)
 
     if adaptive:
-      err = _axpy([tf.zeros_like(x) for x in y], h_step, ks, tableau.b_error)
+      err = combine([tf.zeros_like(x) for x in y], h_step, stages, b_err_coef)
       e = error_norm(y, y_new, err, control.rtol, control.atol, error_mask)
       ok = new_finite & tf.math.is_finite(e)
       accept = ok & (e <= 1.)
@@ -293,7 +340,7 @@ def integrate(fn: Callable,
     t_new = tf.where(accept, tf.where(clipped, target, t + h_step), t)
     y_next = [tf.where(accept, a, b) for a, b in zip(y_new, y)]
     if tableau.fsal:
-      k1 = [tf.where(accept, a, b) for a, b in zip(ks[-1], k1)]
+      k1 = [tf.where(accept, a[-1], b) for a, b in zip(stages, k1)]
 
     hit = (accept & clipped) & (ts <= t_new) & (out_range >= out_index)
     any_hit = tf.reduce_any(hit)
@@ -316,6 +363,7 @@ def integrate(fn: Callable,
       steps_h = steps_h.write(n_acc, h_step)
       steps_out = steps_out.write(n_acc, new_out_index)
       steps_y = [ta.write(n_acc, y_i) for ta, y_i in zip(steps_y, y)]
+      steps_k = [ta.write(n_acc, k_i) for ta, k_i in zip(steps_k, stages)]
 
     n_acc = n_acc + tf.cast(accept, tf.int32)
     n_rej = n_rej + tf.cast(~accept, tf.int32)
@@ -326,21 +374,22 @@ def integrate(fn: Callable,
         Status.MAX_NUM_STEPS_EXCEEDED, status)
     return (step, t_new, h_next, y_next, k1, prev_err, new_outputs,
             new_out_index, nfe, n_acc, n_rej, status, steps_t, steps_h,
-            steps_out, steps_y)
+            steps_out, steps_y, steps_k)
 
   loop_vars = (tf.constant(0), t0, h, list(y_init), list(k1),
                tf.ones([], dtype), outputs, out_index, nfe,
                tf.constant(0), tf.constant(0), tf.constant(Status.SUCCEEDED),
-               steps_t, steps_h, steps_out, steps_y)
+               steps_t, steps_h, steps_out, steps_y, steps_k)
   (_, t, _, _, _, _, outputs, _, nfe, n_acc, n_rej, status, steps_t, steps_h,
-   steps_out, steps_y) = tf.while_loop(
+   steps_out, steps_y, steps_k) = tf.while_loop(
        cond, body, loop_vars, maximum_iterations=max_num_steps)
 
   steps = None
   if record_steps:
     steps = dict(
         t=steps_t.stack(), h=steps_h.stack(), out=steps_out.stack(),
-        y=[ta.stack() for ta in steps_y], count=n_acc,
+        y=[ta.stack() for ta in steps_y],
+        stages=[ta.stack() for ta in steps_k], count=n_acc,
         out_initial=out_index_initial)
   return LoopResult(outputs=outputs, t=t, num_fn_evals=nfe,
                     num_accepted=n_acc, num_rejected=n_rej, status=status,

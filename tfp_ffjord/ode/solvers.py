@@ -65,7 +65,8 @@ class Solver:
   tableau: tableaus.ButcherTableau = None
 
   def __init__(self, gradient='adjoint', max_num_steps=1000,
-               error_components=None, raise_on_failure=True, name=None):
+               error_components=None, raise_on_failure=True,
+               unroll_stages=False, name=None):
     if gradient not in GRADIENT_MODES:
       raise ValueError(
           f'`gradient` must be one of {GRADIENT_MODES}; got {gradient!r}.')
@@ -82,6 +83,7 @@ class Solver:
     self.max_num_steps = max_num_steps
     self.error_components = error_components
     self.raise_on_failure = bool(raise_on_failure)
+    self.unroll_stages = bool(unroll_stages)
     self.name = name or type(self).__name__
 
   # Subclasses provide the step-size settings.
@@ -216,7 +218,7 @@ class Solver:
           if record:
             grads = _backprop_gradients(
                 g, solver.tableau, res.steps, y_init, c_flat, variables, dys,
-                ss, max_iter)
+                ss, max_iter, control.unroll_stages)
           else:
             grads = _adjoint_gradients(
                 g, solver.tableau, control, s0, ss, outputs, c_flat,
@@ -317,9 +319,23 @@ def _vjp(fn, s, y, c_flat, variables, cotangent):
 
 
 def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
-                        max_iter):
-  """Reverse sweep over the recorded accepted steps (exact discrete VJP)."""
+                        max_iter, unroll_stages=False):
+  """Reverse sweep over the recorded accepted steps (exact discrete VJP).
+
+  For a step `y' = y + h sum_s b_s k_s` with stages
+  `k_s = g(t + c_s h, Y_s)`, `Y_s = y + h sum_j a_sj k_j`, the cotangents go
+  backwards through the stages: `kbar_s = h (b_s ybar' + sum_j a_js Ybar_j)`,
+  `Ybar_s = kbar_s^T dg/dY (Y_s)`, and `ybar = ybar' + sum_s Ybar_s`. The
+  recorded stages give every `Y_s` without re-running the step, and the loop
+  over stages keeps a single vector-Jacobian product of `g` in the graph
+  (`unroll_stages=True` builds one per stage instead).
+  """
   out_range = tf.range(tf.shape(ss)[0])
+  dtype = steps['t'].dtype
+  a_coef, b_coef, c_coef = runge_kutta.stage_coefficients(tableau, dtype)
+  # Stages after the last non-zero weight do not reach the new state (the
+  # FSAL stage of DormandPrince and Tsit5): skip them.
+  num_stages = max(i for i, w in enumerate(tableau.b) if w != 0.0) + 1
 
   def inject(a, lo, hi):
     mask = (out_range >= lo) & (out_range < hi)
@@ -339,22 +355,38 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
     t_j = steps['t'][j]
     h_j = steps['h'][j]
     y_j = [y[j] for y in steps['y']]
+    k_j = [k[j] for k in steps['stages']]
     hi = steps['out'][j]
     lo = tf.where(j > 0, steps['out'][tf.maximum(j - 1, 0)],
                   steps['out_initial'])
     a = inject(a, lo, hi)
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch(y_j)
-      tape.watch(float_c)
-      tape.watch(variables)
-      fn = lambda s, y: g(s, y, c_flat)
-      y_next, _ = runge_kutta.rk_step(fn, tableau, t_j, y_j, h_j,
-                                      fn(t_j, y_j))
-    grads = _gradient(tape, y_next, y_j + float_c + list(variables), a)
-    n = len(y_j)
-    a = grads[:n]
-    ac = [x + d for x, d in zip(ac, grads[n:n + len(float_c)])]
-    av = [x + d for x, d in zip(av, grads[n + len(float_c):])]
+    y_bar0 = [tf.zeros_like(k) for k in k_j]   # Ybar_s, one row per stage
+
+    def stage_body(s, y_bar, a_y, ac, av):
+      k_bar = runge_kutta.combine(
+          [tf.cast(h_j * b_coef[s], x.dtype) * x for x in a], h_j, y_bar,
+          a_coef[:, s])
+      y_s = runge_kutta.combine(y_j, h_j, k_j, a_coef[s])
+      _, gy, gc, gv = _vjp(g, t_j + c_coef[s] * h_j, y_s, c_flat, variables,
+                           k_bar)
+      y_bar = [tf.tensor_scatter_nd_update(yb, [[s]], x[tf.newaxis])
+               for yb, x in zip(y_bar, gy)]
+      a_y = [x + d for x, d in zip(a_y, gy)]
+      ac = [x + gc[i] for x, i in zip(ac, float_idx)]
+      av = [x + d for x, d in zip(av, gv)]
+      return s - 1, y_bar, a_y, ac, av
+
+    stage_vars = (tf.constant(num_stages - 1), y_bar0, list(a), list(ac),
+                  list(av))
+    if unroll_stages:
+      stage_vars = (num_stages - 1,) + stage_vars[1:]
+      for _ in range(num_stages):
+        stage_vars = stage_body(*stage_vars)
+      _, _, a, ac, av = stage_vars
+    else:
+      _, _, a, ac, av = tf.while_loop(
+          lambda s, *_: s >= 0, stage_body, stage_vars,
+          maximum_iterations=num_stages)
     return j - 1, a, ac, av
 
   a0 = [tf.zeros_like(y) for y in y0]
@@ -433,7 +465,8 @@ class FixedStepSolver(Solver):
   """
 
   def __init__(self, step_size=None, num_steps=None, gradient='backprop',
-               max_num_steps=None, raise_on_failure=True, name=None):
+               max_num_steps=None, raise_on_failure=True, unroll_stages=False,
+               name=None):
     if (step_size is None) == (num_steps is None):
       raise ValueError(
           f'{name or type(self).__name__}: give exactly one of `step_size` '
@@ -448,12 +481,14 @@ class FixedStepSolver(Solver):
     self.num_steps = num_steps
     super().__init__(gradient=gradient,
                      max_num_steps=max_num_steps or 100_000,
-                     raise_on_failure=raise_on_failure, name=name)
+                     raise_on_failure=raise_on_failure,
+                     unroll_stages=unroll_stages, name=name)
     self._max_num_steps_given = max_num_steps
 
   def _control(self):
     return runge_kutta.StepControl(adaptive=False, step_size=self.step_size,
-                                   num_steps=self.num_steps)
+                                   num_steps=self.num_steps,
+                                   unroll_stages=self.unroll_stages)
 
   def _max_iterations(self, t0, ts):
     """Static step count: steps plus one per solution time (shortened steps)."""
@@ -503,6 +538,11 @@ class AdaptiveSolver(Solver):
     gradient: `'adjoint'` (default) or `'backprop'`; see the module docs.
     raise_on_failure: raise (or, under XLA, return NaN states) when the
       solve fails; `False` only reports `diagnostics.status`. Default True.
+    unroll_stages: `False` (default) computes the stages of a step in a
+      `tf.while_loop`, so the dynamics appear once in the graph: tracing and
+      XLA compilation are several times faster. `True` builds every stage in
+      the graph: slower to trace and compile, but steps run faster without
+      XLA (no per-stage loop overhead in TensorFlow's executor).
     name: defaults to the class name.
   """
 
@@ -510,7 +550,7 @@ class AdaptiveSolver(Solver):
                safety_factor=0.9, min_step_factor=0.2, max_step_factor=10.,
                pi_alpha=0.7, pi_beta=0.4, max_num_steps=1000,
                error_components=None, gradient='adjoint',
-               raise_on_failure=True, name=None):
+               raise_on_failure=True, unroll_stages=False, name=None):
     _check_positive('rtol', rtol)
     _check_positive('atol', atol)
     _check_positive('first_step_size', first_step_size, allow_none=True)
@@ -535,7 +575,8 @@ class AdaptiveSolver(Solver):
     self.pi_alpha, self.pi_beta = float(pi_alpha), float(pi_beta)
     super().__init__(gradient=gradient, max_num_steps=max_num_steps,
                      error_components=error_components,
-                     raise_on_failure=raise_on_failure, name=name)
+                     raise_on_failure=raise_on_failure,
+                     unroll_stages=unroll_stages, name=name)
 
   def _control(self):
     return runge_kutta.StepControl(
@@ -544,7 +585,7 @@ class AdaptiveSolver(Solver):
         safety_factor=self.safety_factor,
         min_step_factor=self.min_step_factor,
         max_step_factor=self.max_step_factor, pi_alpha=self.pi_alpha,
-        pi_beta=self.pi_beta)
+        pi_beta=self.pi_beta, unroll_stages=self.unroll_stages)
 
   def __repr__(self):
     return (f'{self.name}(rtol={self.rtol}, atol={self.atol}, '

@@ -71,18 +71,15 @@ def reference_log_prob(blocks, x):
 
 
 def configurations():
-  """(name, bijector class, solve fn, trace fn, jit_compile) to compare.
-
-  The adjoint is measured without XLA only: under `jit_compile=True` XLA
-  currently recompiles an adjoint training step after every optimizer update
-  (README, known limitations), so its step time would measure compilation.
-  """
+  """(name, bijector class, solve fn, trace fn, jit_compile) to compare."""
   exact_tfp = tfb.ffjord.trace_jacobian_exact
   exact = tfp_ffjord.trace_jacobian_exact
   yield ('tfb.FFJORD + tfp DormandPrince(atol=1e-5) [reference]', tfb.FFJORD,
          tfp.math.ode.DormandPrince(atol=1e-5).solve, exact_tfp, False)
   yield ('tfp_ffjord.FFJORD + DormandPrince(atol=1e-5), adjoint',
          tfp_ffjord.FFJORD, ode.DormandPrince(atol=1e-5).solve, exact, False)
+  yield ('tfp_ffjord.FFJORD + DormandPrince(atol=1e-5), adjoint, XLA',
+         tfp_ffjord.FFJORD, ode.DormandPrince(atol=1e-5).solve, exact, True)
   yield ('tfp_ffjord.FFJORD + DormandPrince(atol=1e-5), backprop, XLA',
          tfp_ffjord.FFJORD,
          ode.DormandPrince(atol=1e-5, gradient='backprop').solve, exact, True)
@@ -95,6 +92,16 @@ def configurations():
          tfp_ffjord.FFJORD,
          ode.Tsit5(rtol=1e-2, atol=1e-3, gradient='backprop').solve, exact,
          True)
+  # The same two with every Runge-Kutta stage built into the graph: slower
+  # to trace and compile, no per-stage loop overhead at run time.
+  yield ('tfp_ffjord.FFJORD + DormandPrince(atol=1e-5), backprop, XLA, '
+         'unroll_stages', tfp_ffjord.FFJORD,
+         ode.DormandPrince(atol=1e-5, gradient='backprop',
+                           unroll_stages=True).solve, exact, True)
+  yield ('tfp_ffjord.FFJORD + Tsit5(rtol=1e-2, atol=1e-3), backprop, XLA, '
+         'unroll_stages', tfp_ffjord.FFJORD,
+         ode.Tsit5(rtol=1e-2, atol=1e-3, gradient='backprop',
+                   unroll_stages=True).solve, exact, True)
   yield ('tfp_ffjord.FFJORD + RK4(num_steps=8), backprop, XLA',
          tfp_ffjord.FFJORD, ode.RK4(num_steps=8).solve, exact, True)
   yield ('tfp_ffjord.FFJORD + Tsit5(atol=1e-5), backprop, XLA, Hutchinson',

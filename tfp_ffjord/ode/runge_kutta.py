@@ -55,8 +55,27 @@ def combine(y, h, stages, weights):
 
   `stages` holds one `[S, *leaf.shape]` Tensor per leaf; `weights` is `[S]`.
   """
-  return [y_i + tf.cast(h, y_i.dtype) * tf.tensordot(
-      tf.cast(weights, y_i.dtype), k_i, axes=1) for y_i, k_i in zip(y, stages)]
+  # A broadcast multiply and a sum (one fused loop under XLA) rather than a
+  # matrix product: the stage axis is short and the leaves are small.
+  out = []
+  for y_i, k_i in zip(y, stages):
+    w = tf.reshape(tf.cast(weights, y_i.dtype), [-1] + [1] * y_i.shape.rank)
+    out.append(y_i + tf.cast(h, y_i.dtype) * tf.reduce_sum(w * k_i, axis=0))
+  return out
+
+
+def put_stage(stages, s, values):
+  """Writes `values` into row `s` of each `[S, ...]` Tensor of `stages`.
+
+  The row must hold zeros. A one-hot add compiles to one fused elementwise
+  loop under XLA, where a scatter would not.
+  """
+  out = []
+  for st, v in zip(stages, values):
+    one_hot = tf.one_hot(s, tf.shape(st)[0], dtype=st.dtype)
+    out.append(st + tf.reshape(one_hot, [-1] + [1] * v.shape.rank)
+               * v[tf.newaxis])
+  return out
 
 
 def _weighted_sum(y, h, ks, weights):
@@ -70,15 +89,15 @@ def _weighted_sum(y, h, ks, weights):
   return out
 
 
-def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1,
-              unroll=False):
+def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1=None,
+              unroll=False, num_stages=None):
   """The stage derivatives of one explicit Runge-Kutta step.
 
   By default the stages are computed in a `tf.while_loop`, so `fn` appears
   once in the graph whatever the number of stages: tracing and XLA
   compilation cost one evaluation of `fn`, not `S` of them. `unroll=True`
-  builds every stage in the graph instead, which runs faster without XLA
-  (no per-stage loop overhead) but traces and compiles `S` times slower.
+  builds every stage in the graph instead: no per-stage loop overhead, but
+  tracing and compiling take several times longer.
 
   Args:
     fn: `fn(t, y) -> dy` on flat lists.
@@ -86,8 +105,10 @@ def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1,
     t: scalar time.
     y: flat list of Tensors.
     h: scalar step size.
-    k1: `fn(t, y)`, already computed.
+    k1: `fn(t, y)` if already computed; `None` computes it (in the loop).
     unroll: build the stages without a loop.
+    num_stages: compute only the first stages (default: all `S`); the
+      others are left zero.
 
   Returns:
     One `[S, *leaf.shape]` Tensor per leaf: stage `s` is
@@ -95,28 +116,35 @@ def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1,
     `combine(y, h, stages, b)`; for FSAL methods the last stage is
     `fn(t + h, y_new)`.
   """
-  num_stages = tableau.num_stages
+  total = tableau.num_stages
+  num_stages = total if num_stages is None else num_stages
+  first = 0 if k1 is None else 1
   if unroll:
-    ks = [list(k1)]
-    for row, c in zip(tableau.a, tableau.c):
-      y_s = _weighted_sum(y, h, ks, row)
-      ks.append(fn(t + tf.constant(c, t.dtype) * h, y_s))
+    ks = [] if k1 is None else [list(k1)]
+    rows = ((),) + tuple(tableau.a)
+    nodes = (0.,) + tuple(tableau.c)
+    for s in range(first, num_stages):
+      y_s = _weighted_sum(y, h, ks, rows[s])
+      ks.append(fn(t + tf.constant(nodes[s], t.dtype) * h, y_s))
+    zeros = [tf.zeros_like(y_i) for y_i in y]
+    ks += [zeros] * (total - num_stages)
     return [tf.stack([k[i] for k in ks]) for i in range(len(y))]
-  stages = [tf.stack([k] + [tf.zeros_like(k)] * (num_stages - 1))
-            for k in k1]
-  if num_stages == 1:
+  if k1 is None:
+    stages = [tf.stack([tf.zeros_like(y_i)] * total) for y_i in y]
+  else:
+    stages = [tf.stack([k] + [tf.zeros_like(k)] * (total - 1)) for k in k1]
+  if num_stages == first:
     return stages
   a, _, c = stage_coefficients(tableau, t.dtype)
 
   def body(s, stages):
     y_s = combine(y, h, stages, a[s])
     k = fn(t + c[s] * h, y_s)
-    return s + 1, [tf.tensor_scatter_nd_update(st, [[s]], k_i[tf.newaxis])
-                   for st, k_i in zip(stages, k)]
+    return s + 1, put_stage(stages, s, k)
 
   _, stages = tf.while_loop(lambda s, _: s < num_stages, body,
-                            (tf.constant(1), stages),
-                            maximum_iterations=num_stages - 1)
+                            (tf.constant(first), stages),
+                            maximum_iterations=num_stages - first)
   return stages
 
 
@@ -208,8 +236,8 @@ def integrate(fn: Callable,
       The adjoint uses it to add cotangents. Forces `fn` to be re-evaluated
       after it, so FSAL stays valid.
     record_steps: also return the accepted steps (start time, size, start
-      state, stage derivatives, number of outputs written after the step),
-      for the backward pass of `gradient='backprop'`.
+      state, number of outputs written after the step), for the backward
+      pass of `gradient='backprop'`.
 
   Returns:
     A `LoopResult`.
@@ -264,14 +292,9 @@ def integrate(fn: Callable,
     steps_out = tf.TensorArray(tf.int32, size=max_num_steps, element_shape=[])
     steps_y = [tf.TensorArray(y_i.dtype, size=max_num_steps,
                               element_shape=y_i.shape) for y_i in y0]
-    steps_k = [tf.TensorArray(
-        y_i.dtype, size=max_num_steps,
-        element_shape=tf.TensorShape([tableau.num_stages]).concatenate(
-            y_i.shape)) for y_i in y0]
   else:
     steps_t = steps_h = steps_out = tf.zeros([], dtype)
     steps_y = [tf.zeros([], y_i.dtype) for y_i in y0]
-    steps_k = [tf.zeros([], y_i.dtype) for y_i in y0]
   b_coef = tf.constant(tableau.b, dtype)
   b_err_coef = (tf.constant(tableau.b_error, dtype) if adaptive else None)
 
@@ -280,13 +303,13 @@ def integrate(fn: Callable,
                     dtype)
 
   def cond(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
-           n_rej, status, steps_t, steps_h, steps_out, steps_y, steps_k):
+           n_rej, status, steps_t, steps_h, steps_out, steps_y):
     del step, t, h, y, k1, prev_err, outputs, nfe, n_acc, n_rej
-    del steps_t, steps_h, steps_out, steps_y, steps_k
+    del steps_t, steps_h, steps_out, steps_y
     return (out_index < num_outputs) & (status == Status.SUCCEEDED)
 
   def body(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
-           n_rej, status, steps_t, steps_h, steps_out, steps_y, steps_k):
+           n_rej, status, steps_t, steps_h, steps_out, steps_y):
     target = tf.gather(ts, out_index)
     remaining = target - t
     # Snap to the solution time when the remainder is within rounding of a
@@ -363,7 +386,6 @@ def integrate(fn: Callable,
       steps_h = steps_h.write(n_acc, h_step)
       steps_out = steps_out.write(n_acc, new_out_index)
       steps_y = [ta.write(n_acc, y_i) for ta, y_i in zip(steps_y, y)]
-      steps_k = [ta.write(n_acc, k_i) for ta, k_i in zip(steps_k, stages)]
 
     n_acc = n_acc + tf.cast(accept, tf.int32)
     n_rej = n_rej + tf.cast(~accept, tf.int32)
@@ -374,22 +396,21 @@ def integrate(fn: Callable,
         Status.MAX_NUM_STEPS_EXCEEDED, status)
     return (step, t_new, h_next, y_next, k1, prev_err, new_outputs,
             new_out_index, nfe, n_acc, n_rej, status, steps_t, steps_h,
-            steps_out, steps_y, steps_k)
+            steps_out, steps_y)
 
   loop_vars = (tf.constant(0), t0, h, list(y_init), list(k1),
                tf.ones([], dtype), outputs, out_index, nfe,
                tf.constant(0), tf.constant(0), tf.constant(Status.SUCCEEDED),
-               steps_t, steps_h, steps_out, steps_y, steps_k)
+               steps_t, steps_h, steps_out, steps_y)
   (_, t, _, _, _, _, outputs, _, nfe, n_acc, n_rej, status, steps_t, steps_h,
-   steps_out, steps_y, steps_k) = tf.while_loop(
+   steps_out, steps_y) = tf.while_loop(
        cond, body, loop_vars, maximum_iterations=max_num_steps)
 
   steps = None
   if record_steps:
     steps = dict(
         t=steps_t.stack(), h=steps_h.stack(), out=steps_out.stack(),
-        y=[ta.stack() for ta in steps_y],
-        stages=[ta.stack() for ta in steps_k], count=n_acc,
+        y=[ta.stack() for ta in steps_y], count=n_acc,
         out_initial=out_index_initial)
   return LoopResult(outputs=outputs, t=t, num_fn_evals=nfe,
                     num_accepted=n_acc, num_rejected=n_rej, status=status,

@@ -1,32 +1,45 @@
 """tfp_ffjord: FFJORD continuous normalizing flows for TensorFlow Probability.
 
-Public names live here; import them as `tfp_ffjord.X`.
+Public names live here; import them as `tfp_ffjord.X`. They are loaded on
+first use, so `import tfp_ffjord` (and the command line's argument checks)
+do not wait for TensorFlow to import.
 """
 
-from tfp_ffjord import ffjord
-from tfp_ffjord import ode
-from tfp_ffjord.bijector import FFJORD
-from tfp_ffjord.bijector import FlowResult
-from tfp_ffjord.dynamics import ConcatSquashLinear
-from tfp_ffjord.dynamics import ConcatSquashMLPODE
-from tfp_ffjord.dynamics import MLPODE
-from tfp_ffjord.trace import gaussian_noise
-from tfp_ffjord.trace import rademacher_noise
-from tfp_ffjord.trace import trace_jacobian_exact
-from tfp_ffjord.trace import trace_jacobian_hutchinson
+import importlib
 
 __version__ = '0.1.0'
 
-__all__ = [
-    'ConcatSquashLinear',
-    'ConcatSquashMLPODE',
-    'FFJORD',
-    'FlowResult',
-    'MLPODE',
-    'ffjord',
-    'gaussian_noise',
-    'ode',
-    'rademacher_noise',
-    'trace_jacobian_exact',
-    'trace_jacobian_hutchinson',
-]
+# Public name -> (module, attribute or None for the module itself).
+_EXPORTS = {
+    'ConcatSquashLinear': ('tfp_ffjord.dynamics', 'ConcatSquashLinear'),
+    'ConcatSquashMLPODE': ('tfp_ffjord.dynamics', 'ConcatSquashMLPODE'),
+    'FFJORD': ('tfp_ffjord.bijector', 'FFJORD'),
+    'FlowResult': ('tfp_ffjord.bijector', 'FlowResult'),
+    'MLPODE': ('tfp_ffjord.dynamics', 'MLPODE'),
+    'datasets': ('tfp_ffjord.datasets', None),
+    'ffjord': ('tfp_ffjord.ffjord', None),
+    'gaussian_noise': ('tfp_ffjord.trace', 'gaussian_noise'),
+    'ode': ('tfp_ffjord.ode', None),
+    'plotting': ('tfp_ffjord.plotting', None),
+    'rademacher_noise': ('tfp_ffjord.trace', 'rademacher_noise'),
+    'trace_jacobian_exact': ('tfp_ffjord.trace', 'trace_jacobian_exact'),
+    'trace_jacobian_hutchinson': ('tfp_ffjord.trace',
+                                  'trace_jacobian_hutchinson'),
+    'training': ('tfp_ffjord.training', None),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  module_name, attr = _EXPORTS[name]
+  module = importlib.import_module(module_name)
+  value = module if attr is None else getattr(module, attr)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

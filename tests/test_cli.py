@@ -1,0 +1,137 @@
+"""The `tfp-ffjord` command line: a real run in a subprocess, and errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tfp_ffjord import cli
+
+TINY = ['--dataset', 'moons', '--num-train', '256', '--num-test', '128',
+        '--batch-size', '64', '--blocks', '1', '--hidden', '8',
+        '--solver', 'rk4', '--num-steps', '4', '--no-progress']
+
+
+def run_cli(*args, timeout=600):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-m', 'tfp_ffjord', *args],
+                        capture_output=True, text=True, timeout=timeout,
+                        env=env)
+
+
+@pytest.mark.slow
+def test_train_sample_evaluate_plot_resume(tmp_path):
+  out = str(tmp_path / 'run')
+  res = run_cli('train', *TINY, '--epochs', '2', '--out', out)
+  assert res.returncode == 0, res.stderr
+  assert 'final test NLL' in res.stdout
+  metrics = json.load(open(os.path.join(out, 'metrics.json')))
+  epochs = metrics['epochs']
+  assert [e['epoch'] for e in epochs] == [1, 2] and metrics['complete']
+  for key in ('train_loss', 'test_nll', 'nfe_per_step', 'wall_time'):
+    assert all(np.isfinite(e[key]) for e in epochs)
+  assert epochs[-1]['test_nll'] < epochs[0]['train_loss']
+  for png in ('panels_first.png', 'panels_last.png', 'density.png',
+              'trajectories.png', 'curves.png'):
+    assert os.path.getsize(os.path.join(out, png)) > 5000, png
+
+  samples = str(tmp_path / 'samples.csv')
+  res = run_cli('sample', out, '-n', '300', '--out', samples)
+  assert res.returncode == 0, res.stderr
+  points = np.loadtxt(samples, delimiter=',')
+  assert points.shape == (300, 2) and np.all(np.isfinite(points))
+
+  res = run_cli('evaluate', out, samples)
+  assert res.returncode == 0, res.stderr
+  result = json.loads(res.stdout.strip().splitlines()[-1])
+  assert result['num_points'] == 300 and np.isfinite(result['nll'])
+
+  res = run_cli('plot', out, '--out', str(tmp_path / 'figs'))
+  assert res.returncode == 0, res.stderr
+  assert os.path.getsize(tmp_path / 'figs' / 'density.png') > 5000
+
+  res = run_cli('train', '--out', out, '--resume', '--epochs', '3',
+                '--no-progress')
+  assert res.returncode == 0, res.stderr
+  metrics = json.load(open(os.path.join(out, 'metrics.json')))
+  assert [e['epoch'] for e in metrics['epochs']] == [1, 2, 3]
+  # The first two epochs are the saved ones, untouched.
+  assert metrics['epochs'][:2] == epochs
+
+
+@pytest.mark.slow
+def test_argument_error_is_one_line_without_traceback():
+  res = run_cli('train', '--epochs', '-2')
+  assert res.returncode == 2
+  lines = res.stderr.strip().splitlines()
+  assert lines == ["tfp-ffjord: error: argument --epochs: expected a "
+                   "positive integer, got '-2'"]
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['train', '--dataset', 'mnist'], "argument --dataset: invalid choice: "
+     "'mnist'"),
+    (['train', '--solver', 'rk45'], "argument --solver: invalid choice"),
+    (['train', '--epochs', '0'], 'argument --epochs: expected a positive'),
+    (['train', '--rtol', 'abc'], 'argument --rtol: expected a positive'),
+    (['train', '--hidden', '8,x'], 'argument --hidden: expected layer sizes'),
+    (['train', '--colour', 'red'], 'unrecognized arguments: --colour red'),
+    (['fly'], "invalid choice: 'fly'"),
+    ([], 'the following arguments are required: COMMAND'),
+])
+def test_bad_arguments_give_one_line(capsys, argv, match):
+  assert cli.main(argv) == cli.EXIT_USAGE
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('tfp-ffjord: error: ')
+  assert match in err[0]
+
+
+def test_run_directory_errors(tmp_path, capsys):
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.json').write_text(json.dumps({'dataset': 'moons',
+                                               'blocks': 1}))
+  cases = [
+      (['train', '--out', str(run)], 'already holds a run; pass --resume',
+       cli.EXIT_USAGE),
+      (['train', '--out', str(run), '--resume', '--blocks', '2'],
+       '--blocks 2 differs from the run', cli.EXIT_USAGE),
+      (['train', '--out', str(tmp_path / 'none'), '--resume'],
+       'holds no run to resume', cli.EXIT_USAGE),
+      (['train', '--out', str(run), '--resume', '--overwrite'],
+       'exclude each other', cli.EXIT_USAGE),
+      (['sample', str(tmp_path / 'missing')], 'no such directory',
+       cli.EXIT_FAILURE),
+      (['evaluate', str(run), str(tmp_path / 'missing.npy')],
+       'cannot read', cli.EXIT_FAILURE),
+      (['sample', str(run), '--out', 'x.txt'], 'must end in .npy or .csv',
+       cli.EXIT_USAGE),
+  ]
+  for argv, match, code in cases:
+    assert cli.main(argv) == code, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], (argv, err)
+
+
+def test_evaluate_rejects_malformed_and_wrong_dimension_files(tmp_path,
+                                                              capsys):
+  bad_csv = tmp_path / 'bad.csv'
+  bad_csv.write_text('1,2\n3,oops\n')
+  nan_npy = tmp_path / 'nan.npy'
+  np.save(nan_npy, np.array([[0., np.nan]]))
+  for path, match in ((bad_csv, 'cannot parse'), (nan_npy, 'NaN')):
+    with pytest.raises(ValueError, match=match):
+      cli._read_points(str(path))  # pylint: disable=protected-access
+  # Wrong dimension against a trained run (in-process, tiny run).
+  run = str(tmp_path / 'run')
+  assert cli.main(['train', *TINY, '--epochs', '1', '--out', run]) == 0
+  three = tmp_path / 'three.npy'
+  np.save(three, np.zeros([4, 3]))
+  capsys.readouterr()
+  assert cli.main(['evaluate', run, str(three)]) == cli.EXIT_FAILURE
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f'tfp-ffjord: error: {three}: points have dimension 3, the '
+                 f'model in {run} has 2']

@@ -1,0 +1,181 @@
+"""The training API: metrics, one trace, checkpoints, resume, failures."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfp_ffjord import datasets
+from tfp_ffjord import training
+
+# A resumed run replays the same batches and the same arithmetic as an
+# uninterrupted one; XLA on CPU is deterministic, so weights agree to
+# float32 rounding.
+RESUME_TOLERANCE = 1e-6
+
+
+def tiny_config(**overrides):
+  kw = dict(dataset='moons', num_train=256, num_test=128, batch_size=64,
+            blocks=1, hidden=(8,), epochs=2, solver='rk4', num_steps=4,
+            eval_batch_size=128, eval_rtol=1e-4, eval_atol=1e-4,
+            learning_rate=2e-2)
+  kw.update(overrides)
+  return training.TrainConfig(**kw)
+
+
+def weights(trainer):
+  return [v.numpy() for v in trainer.model.trainable_variables]
+
+
+def optimizer_state(trainer):
+  opt = trainer.optimizer
+  return ([int(opt.step)] + [v.numpy() for v in opt.m]
+          + [v.numpy() for v in opt.v])
+
+
+def test_fit_improves_nll_and_writes_outputs(tmp_path):
+  trainer = training.Trainer(tiny_config(epochs=3), out_dir=str(tmp_path))
+  before = trainer.evaluate()['nll']
+  history = trainer.fit(progress=False)
+  assert [h['epoch'] for h in history] == [1, 2, 3]
+  assert history[-1]['test_nll'] < before - 0.1
+  for h in history:
+    assert np.isfinite(h['train_loss']) and h['nfe_per_step'] > 0
+    assert h['eval_nfe'] > 0
+  metrics = json.load(open(tmp_path / 'metrics.json'))
+  assert metrics['complete'] and len(metrics['epochs']) == 3
+  assert metrics['final_test_nll'] == pytest.approx(history[-1]['test_nll'])
+  assert metrics['gap_to_entropy'] == pytest.approx(
+      history[-1]['test_nll'] - datasets.ENTROPY['moons'])
+  assert json.load(open(tmp_path / 'config.json'))['blocks'] == 1
+  assert trainer.manager.latest_checkpoint.endswith('ckpt-3')
+  assert any(f.startswith('events') for f in os.listdir(tmp_path / 'logs'))
+  # The compiled step was traced once for the whole run.
+  assert trainer.num_traces == 1
+
+
+def test_resume_restores_optimizer_state_and_matches_an_uninterrupted_run(
+    tmp_path):
+  first = training.Trainer(tiny_config(epochs=1), out_dir=str(tmp_path / 'a'))
+  first.fit(progress=False)
+  saved_weights, saved_opt = weights(first), optimizer_state(first)
+
+  resumed = training.Trainer(tiny_config(epochs=2),
+                             out_dir=str(tmp_path / 'a'))
+  assert resumed.restore()
+  assert int(resumed.epoch) == 1
+  for a, b in zip(weights(resumed), saved_weights):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(optimizer_state(resumed), saved_opt):
+    np.testing.assert_array_equal(a, b)
+  history = resumed.fit(progress=False)
+  assert [h['epoch'] for h in history] == [1, 2]
+
+  straight = training.Trainer(tiny_config(epochs=2),
+                              out_dir=str(tmp_path / 'b'))
+  straight.fit(progress=False)
+  for a, b in zip(weights(resumed), weights(straight)):
+    np.testing.assert_allclose(a, b, atol=RESUME_TOLERANCE)
+  assert history[-1]['test_nll'] == pytest.approx(
+      straight.history[-1]['test_nll'], abs=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  trainer = training.Trainer(tiny_config(epochs=1), out_dir=str(tmp_path))
+  trainer.fit(progress=False)
+  good = weights(trainer)
+  trainer.config.epochs = 2
+  trainer.data.train = np.full_like(trainer.data.train, np.nan)
+  with pytest.raises(training.TrainingError, match='epoch 2.*ckpt-1'):
+    trainer.fit(progress=False)
+  # The failing step did not touch the weights; the checkpoint is epoch 1.
+  for a, b in zip(weights(trainer), good):
+    np.testing.assert_array_equal(a, b)
+  assert trainer.manager.latest_checkpoint.endswith('ckpt-1')
+  assert json.load(open(tmp_path / 'metrics.json'))['epochs'][-1]['epoch'] == 1
+
+
+@pytest.mark.parametrize('solver,gradient', [('tsit5', 'adjoint'),
+                                             ('dopri5', 'backprop')])
+def test_hutchinson_training_with_adaptive_solvers(solver, gradient):
+  trainer = training.Trainer(tiny_config(
+      epochs=1, trace='hutchinson', solver=solver, gradient=gradient,
+      rtol=1e-3, atol=1e-3, jit_compile=False))
+  losses = [trainer.train_step(b)[0]
+            for b in trainer.data.train_dataset(64, seed=0)]
+  assert all(np.isfinite(losses))
+  # A new seed every step: with the weights frozen (learning rate 0), two
+  # steps on the same batch see different probes, hence different losses.
+  trainer.learning_rate.assign(0.)
+  batch = trainer.data.train[:64]
+  assert trainer.train_step(batch)[0] != trainer.train_step(batch)[0]
+  # The exact evaluation is deterministic.
+  lp1, lp2 = trainer.log_prob(trainer.data.test), trainer.log_prob(
+      trainer.data.test)
+  np.testing.assert_array_equal(lp1, lp2)
+
+
+def test_log_prob_pads_and_matches_unbatched():
+  trainer = training.Trainer(tiny_config(eval_batch_size=50))
+  x = trainer.data.test[:120]                # 3 batches, the last padded
+  lp = trainer.log_prob(x)
+  assert lp.shape == (120,)
+  direct = tf.function(trainer.eval_flow.log_prob)(x).numpy()
+  np.testing.assert_allclose(lp, direct, atol=1e-5)
+  with pytest.raises(ValueError, match=r'shape \[N, 2\]'):
+    trainer.log_prob(np.zeros([3, 5], np.float32))
+
+
+def test_trajectories_end_where_forward_ends():
+  trainer = training.Trainer(tiny_config(blocks=2))
+  z = trainer.model.base_distribution().sample(16, seed=(1, 2))
+  paths = trainer.model.trajectories(z, num_times=5).numpy()
+  assert paths.shape == (1 + 2 * 4, 16, 2)
+  np.testing.assert_allclose(paths[0], z.numpy())
+  np.testing.assert_allclose(paths[-1], trainer.eval_chain.forward(z).numpy(),
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize('dataset,expected', [
+    ('moons', {'panels_last.png', 'density.png', 'trajectories.png',
+               'curves.png'}),
+    ('gaussian1d', {'pdf.png', 'curves.png'}),
+])
+def test_plots_are_written(tmp_path, dataset, expected):
+  config = tiny_config(dataset=dataset, epochs=1,
+                       num_train=64 if dataset == 'gaussian1d' else 256,
+                       batch_size=32)
+  trainer = training.Trainer(config, out_dir=str(tmp_path))
+  trainer.fit(progress=False)
+  written = trainer.plot()
+  assert {os.path.basename(p) for p in written} == expected
+  for p in written:
+    assert os.path.getsize(p) > 5000
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(dataset='mnist'), '`dataset` must be one of'),
+    (dict(epochs=0), '`epochs` must be a positive integer'),
+    (dict(epochs=-3), '`epochs`'),
+    (dict(hidden=()), '`hidden`'),
+    (dict(solver='rk45'), '`solver` must be one of'),
+    (dict(trace='approx'), '`trace`'),
+    (dict(gradient='auto'), '`gradient`'),
+    (dict(rtol=-1e-3), '`rtol` must be a positive number'),
+    (dict(clip_norm=0.), '`clip_norm`'),
+    (dict(batch_size=1000), 'larger than the 256 training points'),
+])
+def test_bad_configuration(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    training.Trainer(tiny_config(**overrides))
+
+
+def test_config_round_trips_through_json():
+  config = tiny_config(hidden=(16, 16), clip_norm=1.0)
+  again = training.TrainConfig.from_dict(
+      json.loads(json.dumps(config.to_dict())))
+  assert again == config
+  with pytest.raises(ValueError, match='Unknown configuration keys: colour'):
+    training.TrainConfig.from_dict({'colour': 'red'})

@@ -1,0 +1,416 @@
+"""The `tfp-ffjord` command line: train, sample, evaluate, plot.
+
+    tfp-ffjord train --out runs/moons            # the seed moons model
+    tfp-ffjord train --dataset 8gaussians --epochs 20 --out runs/8g
+    tfp-ffjord train --out runs/moons --resume --epochs 60
+    tfp-ffjord sample runs/moons -n 1000 --out samples.npy
+    tfp-ffjord evaluate runs/moons points.csv
+    tfp-ffjord plot runs/moons
+
+Arguments are checked before TensorFlow is imported, and every error is one
+line on stderr (`tfp-ffjord: error: ...`) with a non-zero exit status:
+2 for bad arguments, 1 for a failure while running.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+
+PROG = 'tfp-ffjord'
+# Mirrors tfp_ffjord.training (kept here so that argument errors do not wait
+# for TensorFlow to import).
+DATASETS = ('2spirals', '8gaussians', 'checkerboard', 'circles', 'digits',
+            'gaussian1d', 'moons', 'pinwheel', 'rings', 'swissroll')
+SOLVERS = ('tsit5', 'dopri5', 'rk4', 'midpoint', 'euler')
+ACTIVATIONS = ('tanh', 'softplus', 'elu', 'swish')
+# Options of `train` that define the model or the data: a resumed run must
+# not change them.
+FIXED_ON_RESUME = ('dataset', 'num_train', 'num_test', 'batch_size', 'blocks',
+                   'hidden', 'activation', 'base_scale', 'seed')
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class UsageError(Exception):
+  """Bad command-line usage (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but errors are one line and no usage dump."""
+
+  def error(self, message):
+    raise UsageError(message)
+
+
+def _positive_int(text):
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f'expected a positive integer, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(
+        f'expected a positive integer, got {text!r}')
+  return value
+
+
+def _positive_float(text):
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f'expected a positive number, got {text!r}') from None
+  if not value > 0 or not math.isfinite(value):
+    raise argparse.ArgumentTypeError(
+        f'expected a positive number, got {text!r}')
+  return value
+
+
+def _int(text):
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f'expected an integer, got {text!r}') from None
+
+
+def _hidden(text):
+  parts = [p for p in text.replace(',', ' ').split() if p]
+  try:
+    sizes = [int(p) for p in parts]
+  except ValueError:
+    sizes = []
+  if not sizes or any(s < 1 for s in sizes):
+    raise argparse.ArgumentTypeError(
+        f'expected layer sizes like 8,8 or 64,64,64, got {text!r}')
+  return sizes
+
+
+def build_parser():
+  parser = _Parser(prog=PROG, description='Fit, sample and evaluate FFJORD '
+                   'continuous normalizing flows.')
+  sub = parser.add_subparsers(dest='command', metavar='COMMAND',
+                              parser_class=_Parser)
+  sub.required = True
+
+  train = sub.add_parser(
+      'train', help='train a flow (default: the seed moons model)',
+      description='Train a stack of FFJORD blocks. Defaults are the seed '
+      'moons configuration; every option left out keeps its default (or, '
+      'with --resume, the value saved in OUT).')
+  a = train.add_argument
+  a('--dataset', choices=DATASETS, help='default: moons')
+  a('--epochs', type=_positive_int, help='default: 40')
+  a('--batch-size', type=_positive_int, help='default: 256')
+  a('--blocks', type=_positive_int, help='FFJORD blocks; default: 4')
+  a('--hidden', type=_hidden, help='hidden layer sizes; default: 8,8')
+  a('--activation', choices=ACTIVATIONS, help='default: tanh')
+  a('--solver', choices=SOLVERS, help='default: tsit5')
+  a('--rtol', type=_positive_float, help='adaptive solvers; default: 1e-3')
+  a('--atol', type=_positive_float, help='adaptive solvers; default: 1e-5')
+  a('--num-steps', type=_positive_int,
+    help='fixed-step solvers (rk4, midpoint, euler); default: 8')
+  a('--trace', choices=('exact', 'hutchinson'), help='default: exact')
+  a('--gradient', choices=('adjoint', 'backprop'), help='default: backprop')
+  a('--lr', dest='learning_rate', type=_positive_float,
+    help='Adam learning rate; default: 1e-2')
+  a('--lr-schedule', choices=('cosine', 'constant'),
+    help='cosine decays to 1%% of --lr; default: cosine')
+  a('--clip-norm', type=_positive_float,
+    help='clip gradients to this global norm; default: none')
+  a('--base-scale', type=_positive_float,
+    help='std of the Gaussian base; default: 0.8')
+  a('--num-train', type=_positive_int, help='training points')
+  a('--num-test', type=_positive_int, help='held-out points')
+  a('--seed', type=_int, help='default: 0')
+  a('--no-jit', dest='jit_compile', action='store_const', const=False,
+    help='do not compile with XLA')
+  a('--out', default=None, help='output directory; default: runs/DATASET')
+  a('--resume', action='store_true',
+    help='continue the run in OUT from its last checkpoint')
+  a('--overwrite', action='store_true',
+    help='delete a previous run in OUT and start afresh')
+  a('--no-progress', action='store_true', help='no progress bar')
+
+  sample = sub.add_parser('sample', help='draw samples from a trained flow')
+  sample.add_argument('run', help='a training output directory')
+  sample.add_argument('-n', '--num', type=_positive_int, default=1000)
+  sample.add_argument('--seed', type=_int, default=0)
+  sample.add_argument('--out', default=None,
+                      help='.npy or .csv file; default: RUN/samples.npy')
+
+  evaluate = sub.add_parser(
+      'evaluate', help='mean negative log-likelihood of points in a file')
+  evaluate.add_argument('run', help='a training output directory')
+  evaluate.add_argument('file', help='.npy or .csv file of [N, D] points')
+
+  plot = sub.add_parser('plot', help='draw the figures of a trained flow')
+  plot.add_argument('run', help='a training output directory')
+  plot.add_argument('--out', default=None, help='default: RUN')
+  return parser
+
+
+# ------------------------------------------------------------------ helpers
+
+# Start-up messages TensorFlow's C++ runtime prints on stderr however
+# TF_CPP_MIN_LOG_LEVEL is set; they would bury the command's own output.
+_STARTUP_NOISE = (
+    'All log messages before absl::InitializeLog()',
+    'oneDNN custom operations are on',
+    'Could not find cuda drivers',
+    'failed call to cuInit',
+    'This TensorFlow binary is optimized',
+    'To enable the following instructions',
+    'rebuild TensorFlow with the appropriate compiler flags',
+)
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_startup():
+  """Drops TensorFlow's start-up lines from stderr; passes everything else.
+
+  Redirects file descriptor 2 into a pipe read by a thread, which forwards
+  each line (or `\r`-terminated progress-bar update) unless it is one of
+  `_STARTUP_NOISE`.
+  """
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, ValueError):  # No real stderr (e.g. captured): no-op.
+    yield
+    return
+  read_fd, write_fd = os.pipe()
+  os.dup2(write_fd, 2)
+  os.close(write_fd)
+
+  def pump():
+    buf = b''
+    while True:
+      chunk = os.read(read_fd, 65536)
+      buf += chunk
+      while True:
+        cut = max(buf.rfind(b'\n'), buf.rfind(b'\r'))
+        if cut < 0 and chunk:
+          break
+        cut = len(buf) - 1 if cut < 0 else cut
+        segment, buf = buf[:cut + 1], buf[cut + 1:]
+        pieces = segment.replace(b'\r', b'\r\0').replace(
+            b'\n', b'\n\0').split(b'\0')
+        kept = [p for p in pieces if p and not any(
+            n.encode() in p for n in _STARTUP_NOISE)]
+        if kept:
+          os.write(saved, b''.join(kept))
+        break
+      if not chunk:
+        if buf:
+          os.write(saved, buf)
+        return
+
+  thread = threading.Thread(target=pump, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    try:
+      sys.stderr.flush()
+    except ValueError:
+      pass
+    os.dup2(saved, 2)   # closes the pipe's last write end
+    thread.join(timeout=5)
+    os.close(read_fd)
+    os.close(saved)
+
+
+
+def _read_points(path):
+  """`[N, D]` float32 points from a .npy or .csv file (clear errors)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'cannot read {path}: no such file')
+  try:
+    if path.endswith('.npy'):
+      points = np.load(path, allow_pickle=False)
+    elif path.endswith('.csv') or path.endswith('.txt'):
+      points = np.loadtxt(path, delimiter=',', ndmin=2)
+    else:
+      raise ValueError(f'{path}: expected a .npy or .csv file')
+  except (OSError, ValueError) as e:
+    if 'expected a .npy' in str(e):
+      raise
+    raise ValueError(f'cannot parse {path}: {e}') from None
+  points = np.asarray(points)
+  if points.dtype.kind not in 'fiu':
+    raise ValueError(f'{path}: expected numbers, got dtype {points.dtype}')
+  if points.ndim == 1:
+    points = points[:, None]
+  if points.ndim != 2 or len(points) == 0:
+    raise ValueError(f'{path}: expected a non-empty [N, D] array, got shape '
+                     f'{points.shape}')
+  if not np.all(np.isfinite(points)):
+    raise ValueError(f'{path}: contains NaN or infinite values')
+  return points.astype(np.float32)
+
+
+def _write_points(path, points):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if path.endswith('.csv'):
+    np.savetxt(path, points, delimiter=',')
+  elif path.endswith('.npy'):
+    np.save(path, points)
+  else:
+    raise ValueError(f'--out must end in .npy or .csv; got {path}')
+
+
+def _train_config(args):
+  """The run's config: defaults, or OUT's saved config when resuming."""
+  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+  given = {k: getattr(args, k) for k in (
+      'dataset', 'epochs', 'batch_size', 'blocks', 'hidden', 'activation',
+      'solver', 'rtol', 'atol', 'num_steps', 'trace', 'gradient',
+      'learning_rate', 'lr_schedule', 'clip_norm', 'base_scale', 'num_train',
+      'num_test', 'seed', 'jit_compile') if getattr(args, k) is not None}
+  config_path = os.path.join(args.out, training.CONFIG_FILE)
+  ckpt_dir = os.path.join(args.out, training.CHECKPOINT_DIR)
+  has_run = os.path.exists(config_path) or os.path.isdir(ckpt_dir)
+  if args.resume and args.overwrite:
+    raise UsageError('--resume and --overwrite exclude each other')
+  if args.resume:
+    if not os.path.exists(config_path):
+      raise UsageError(f'--resume: {args.out} holds no run to resume (no '
+                       f'{training.CONFIG_FILE})')
+    with open(config_path) as f:
+      saved = json.load(f)
+    for key in FIXED_ON_RESUME:
+      if key in given and given[key] != saved.get(key):
+        raise UsageError(
+            f'--resume: --{key.replace("_", "-")} {given[key]} differs from '
+            f'the run in {args.out} ({saved.get(key)}); use another --out to '
+            'train a different model')
+    saved.update(given)
+    return training.TrainConfig.from_dict(saved)
+  if has_run:
+    if not args.overwrite:
+      raise UsageError(f'{args.out} already holds a run; pass --resume to '
+                       'continue it, --overwrite to replace it, or another '
+                       '--out')
+    for name in (training.CHECKPOINT_DIR, training.LOG_DIR):
+      shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+    for name in (training.CONFIG_FILE, training.METRICS_FILE):
+      if os.path.exists(os.path.join(args.out, name)):
+        os.remove(os.path.join(args.out, name))
+  return training.TrainConfig(**given)
+
+
+def _load_run(run):
+  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(run):
+    raise FileNotFoundError(f'{run}: no such directory')
+  return training.load_run(run)
+
+
+# ----------------------------------------------------------------- commands
+
+
+def cmd_train(args):
+  args.out = args.out or os.path.join('runs', args.dataset or 'moons')
+  config = _train_config(args)
+  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+  trainer = training.Trainer(config, out_dir=args.out)
+  resumed = trainer.restore()
+  if not resumed:
+    os.makedirs(args.out, exist_ok=True)
+    trainer.plot(tag='first')
+  start_epoch = int(trainer.epoch)
+  if start_epoch >= config.epochs:
+    print(f'{args.out} has already trained {start_epoch} epochs '
+          f'(--epochs {config.epochs}); nothing to do')
+  try:
+    trainer.fit(progress=not args.no_progress)
+  finally:
+    if trainer.history:
+      trainer.write_metrics()
+  written = trainer.plot(tag='last')
+  m = trainer.metrics()
+  line = f'final test NLL {m["final_test_nll"]:.4f} nats'
+  if m['data_entropy'] is not None:
+    line += (f' (data entropy {m["data_entropy"]:.3f}, gap '
+             f'{m["gap_to_entropy"]:.4f})')
+  if 'final_test_bits_per_dim' in m:
+    line += f', {m["final_test_bits_per_dim"]:.3f} bits/dim'
+  print(f'{line}; {len(trainer.history)} epochs in '
+        f'{m["total_wall_time"]:.0f} s; wrote {args.out}/metrics.json, '
+        f'{len(written)} figures, checkpoints and logs')
+  return 0
+
+
+def cmd_sample(args):
+  out = args.out or os.path.join(args.run, 'samples.npy')
+  if not (out.endswith('.npy') or out.endswith('.csv')):
+    raise UsageError(f'--out must end in .npy or .csv; got {out}')
+  trainer = _load_run(args.run)
+  points = trainer.sample(args.num, seed=args.seed)
+  _write_points(out, points)
+  print(f'wrote {len(points)} samples of dimension {points.shape[1]} to '
+        f'{out}')
+  return 0
+
+
+def cmd_evaluate(args):
+  points = _read_points(args.file)
+  trainer = _load_run(args.run)
+  if points.shape[1] != trainer.data.dim:
+    raise ValueError(f'{args.file}: points have dimension {points.shape[1]}, '
+                     f'the model in {args.run} has {trainer.data.dim}')
+  result = trainer.evaluate(points)
+  result['num_points'] = int(len(points))
+  print(json.dumps(result))
+  return 0
+
+
+def cmd_plot(args):
+  trainer = _load_run(args.run)
+  written = trainer.plot(out_dir=args.out or args.run, tag='last')
+  print('wrote ' + ', '.join(written))
+  return 0
+
+
+COMMANDS = {'train': cmd_train, 'sample': cmd_sample,
+            'evaluate': cmd_evaluate, 'plot': cmd_plot}
+
+
+def main(argv=None):
+  try:
+    args = build_parser().parse_args(argv)
+  except UsageError as e:
+    print(f'{PROG}: error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  with quiet_tensorflow_startup():
+    return _run(args)
+
+
+def _run(args):
+  try:
+    return COMMANDS[args.command](args)
+  except UsageError as e:
+    print(f'{PROG}: error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    print(f'{PROG}: interrupted', file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+    if isinstance(e, (ValueError, FileNotFoundError, OSError,
+                      training.TrainingError)):
+      print(f'{PROG}: error: {e}', file=sys.stderr)
+      return EXIT_FAILURE
+    raise
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,1 +1,0 @@
-"""Runnable examples: `python -m tfp_ffjord.examples.moons`."""

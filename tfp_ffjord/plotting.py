@@ -1,0 +1,189 @@
+"""Figures for trained flows (matplotlib only, written to files).
+
+Every function takes NumPy arrays (or a NumPy-returning callable) and a path,
+draws one figure with the non-interactive Agg backend and closes it, so it
+can run in a training loop, a test or a headless job.
+"""
+
+import os
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+
+__all__ = ['grid_lines', 'plot_panels', 'plot_density', 'plot_curves',
+           'plot_trajectories', 'plot_pdf_1d', 'plot_image_samples',
+           'bounds']
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _save(fig, path):
+  plt = _pyplot()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def bounds(points: np.ndarray, margin: float = 0.1):
+  """`[(xmin, xmax), (ymin, ymax)]` around 2-D points, with a margin."""
+  lo, hi = np.percentile(points, 0.5, axis=0), np.percentile(points, 99.5,
+                                                               axis=0)
+  pad = margin * (hi - lo)
+  return [(float(lo[i] - pad[i]), float(hi[i] + pad[i])) for i in range(2)]
+
+
+def grid_lines(xlim=(-3., 3.), ylim=(-3., 3.), lines: int = 4,
+               points_per_line: int = 100) -> np.ndarray:
+  """Points along a few horizontal and vertical lines: `[N, 2]` float32.
+
+  Mapped through a flow, they show how it bends space (the seed colab's grid).
+  """
+  xs, ys = np.linspace(*xlim, points_per_line), np.linspace(*ylim,
+                                                            points_per_line)
+  x_at, y_at = np.linspace(*xlim, lines), np.linspace(*ylim, lines)
+  horizontal = np.stack(np.meshgrid(xs, y_at), -1).reshape(-1, 2)
+  vertical = np.stack(np.meshgrid(x_at, ys), -1).reshape(-1, 2)
+  return np.concatenate([horizontal, vertical]).astype(np.float32)
+
+
+def plot_panels(path: str, grid: np.ndarray, base_samples: np.ndarray,
+                mapped_grid: np.ndarray, samples: np.ndarray,
+                data: np.ndarray, title: str = '') -> None:
+  """The seed colab's 4 panels for a 2-D flow.
+
+  1. the grid and samples of the base distribution; 2. both mapped through
+  the flow; 3. a 2-D histogram of model samples; 4. the same for the data.
+  """
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 4, figsize=(16, 4.3))
+  axes[0].scatter(*grid.T, s=1, c='k', label='grid')
+  axes[0].scatter(*base_samples.T, s=1, c='tab:blue', alpha=.3,
+                  label='samples')
+  axes[0].set_title('base: grid and samples')
+  axes[1].scatter(*mapped_grid.T, s=1, c='k', label='flow(grid)')
+  axes[1].scatter(*samples.T, s=1, c='tab:blue', alpha=.3,
+                  label='flow(samples)')
+  axes[1].set_title('mapped: flow(grid), flow(samples)')
+  extent = bounds(data)
+  axes[2].hist2d(*samples.T, bins=80, range=extent, density=True)
+  axes[2].set_title('density of model samples')
+  axes[3].hist2d(*data.T, bins=80, range=extent, density=True)
+  axes[3].set_title('density of data')
+  lim = bounds(np.concatenate([grid, base_samples]), margin=0.05)
+  axes[0].set_xlim(*lim[0])
+  axes[0].set_ylim(*lim[1])
+  axes[1].set_xlim(*extent[0])
+  axes[1].set_ylim(*extent[1])
+  for ax in axes[:2]:
+    ax.legend(loc='upper right', fontsize=7, markerscale=5)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_density(path: str, log_prob_fn: Callable[[np.ndarray], np.ndarray],
+                 extent: Sequence[Sequence[float]], resolution: int = 120,
+                 title: str = 'learned density (exact log_prob)') -> None:
+  """Heat map of `exp(log_prob_fn(points))` over a 2-D box.
+
+  `log_prob_fn` maps `[N, 2]` float32 points to `[N]` log densities.
+  """
+  plt = _pyplot()
+  (x0, x1), (y0, y1) = extent
+  xs = np.linspace(x0, x1, resolution)
+  ys = np.linspace(y0, y1, max(int(resolution * (y1 - y0) / (x1 - x0)), 10))
+  xx, yy = np.meshgrid(xs, ys)
+  pts = np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32)
+  dens = np.exp(np.asarray(log_prob_fn(pts))).reshape(xx.shape)
+  fig, ax = plt.subplots(figsize=(7, 7 * (y1 - y0) / (x1 - x0) + 0.8))
+  mesh = ax.pcolormesh(xx, yy, dens, shading='auto')
+  fig.colorbar(mesh, ax=ax, label='density')
+  ax.set_title(title)
+  ax.set_aspect('equal')
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_curves(path: str, history: Sequence[Dict[str, float]],
+                entropy: Optional[float] = None) -> None:
+  """Training loss and held-out NLL per epoch (and NFE per step)."""
+  plt = _pyplot()
+  epochs = [h['epoch'] for h in history]
+  fig, (ax, ax_nfe) = plt.subplots(1, 2, figsize=(11, 4))
+  ax.plot(epochs, [h['train_loss'] for h in history], label='train loss')
+  ax.plot(epochs, [h['test_nll'] for h in history], label='test NLL')
+  if entropy is not None:
+    ax.axhline(entropy, ls='--', c='gray', label=f'data entropy {entropy:.3f}')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('nats')
+  ax.legend()
+  ax_nfe.plot(epochs, [h['nfe_per_step'] for h in history])
+  ax_nfe.set_xlabel('epoch')
+  ax_nfe.set_ylabel('function evaluations per training step')
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_trajectories(path: str, paths: np.ndarray,
+                      data: Optional[np.ndarray] = None,
+                      max_lines: int = 300) -> None:
+  """Points moving along the flow: `paths` is `[T, N, 2]` (time first).
+
+  Draws each point's path as a line, the start in blue and the end in red,
+  over the data (grey) when given.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 6))
+  if data is not None:
+    ax.scatter(*data.T, s=1, c='0.8')
+  n = min(paths.shape[1], max_lines)
+  for i in range(n):
+    ax.plot(paths[:, i, 0], paths[:, i, 1], lw=.5, c='k', alpha=.35)
+  ax.scatter(*paths[0, :n].T, s=4, c='tab:blue', label='base')
+  ax.scatter(*paths[-1, :n].T, s=4, c='tab:red', label='data side')
+  ax.legend(loc='upper right')
+  ax.set_title(f'trajectories ({paths.shape[0]} times)')
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_pdf_1d(path: str, xs: np.ndarray, learned: np.ndarray,
+                true: Optional[np.ndarray] = None,
+                data: Optional[np.ndarray] = None) -> None:
+  """A 1-D learned pdf over the true pdf (and a histogram of the data)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if data is not None:
+    ax.hist(np.ravel(data), bins=30, density=True, color='0.85',
+            label='data')
+  if true is not None:
+    ax.plot(xs, true, c='k', ls='--', label='true pdf')
+  ax.plot(xs, learned, c='tab:red', label='learned pdf')
+  ax.legend()
+  ax.set_xlabel('x')
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_image_samples(path: str, images: np.ndarray, side: int,
+                       columns: int = 10, title: str = '') -> None:
+  """A grid of `[N, side*side]` images (e.g. samples of a digits flow)."""
+  plt = _pyplot()
+  n = len(images)
+  rows = int(np.ceil(n / columns))
+  fig, axes = plt.subplots(rows, columns, figsize=(columns, rows + .4),
+                           squeeze=False)
+  for i, ax in enumerate(axes.ravel()):
+    ax.axis('off')
+    if i < n:
+      ax.imshow(images[i].reshape(side, side), cmap='gray_r')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path)

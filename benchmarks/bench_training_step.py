@@ -109,43 +109,58 @@ def configurations():
          tfp_ffjord.trace_jacobian_hutchinson, True)
 
 
-def measure(name, bijector_cls, solve_fn, trace_fn, jit, x, steps):
-  blocks = make_blocks()
-  flow, chain = make_flow(blocks, bijector_cls, solve_fn, trace_fn)
-  opt = snt.optimizers.Adam(1e-2)
-  variables = [v for b in blocks for v in b.trainable_variables]
-  ours = bijector_cls is tfp_ffjord.FFJORD
+class Configuration:
+  """One row: builds the flow, compiles its step, times it on demand."""
 
-  def train_step(batch):
-    with tf.GradientTape() as tape:
-      loss = -tf.reduce_mean(flow.log_prob(batch))
-    grads = tape.gradient(loss, variables)
-    opt.apply(grads, variables)
-    nfe = tf.constant(0)
-    if ours:
-      nfe = tf.add_n([b.last_diagnostics.num_ode_fn_evaluations
-                      for b in chain.bijectors])
-    return loss, nfe
+  def __init__(self, name, bijector_cls, solve_fn, trace_fn, jit, x):
+    self.name, self.trace_fn, self.x = name, trace_fn, x
+    self.blocks = make_blocks()
+    self.flow, chain = make_flow(self.blocks, bijector_cls, solve_fn, trace_fn)
+    opt = snt.optimizers.Adam(1e-2)
+    variables = [v for b in self.blocks for v in b.trainable_variables]
+    ours = bijector_cls is tfp_ffjord.FFJORD
+    self.ours = ours
 
-  step = tf.function(train_step, jit_compile=jit)
-  start = time.perf_counter()
-  loss, nfe = step(x)
-  loss.numpy()
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
+    def train_step(batch):
+      with tf.GradientTape() as tape:
+        loss = -tf.reduce_mean(self.flow.log_prob(batch))
+      grads = tape.gradient(loss, variables)
+      opt.apply(grads, variables)
+      nfe = tf.constant(0)
+      if ours:
+        nfe = tf.add_n([b.last_diagnostics.num_ode_fn_evaluations
+                        for b in chain.bijectors])
+      return loss, nfe
+
+    self.step = tf.function(train_step, jit_compile=jit)
     start = time.perf_counter()
-    loss, nfe = step(x)
-    loss.numpy()
-    times.append(time.perf_counter() - start)
-  # Accuracy at the trained weights, against a tight float64 solve.
-  # (Hutchinson's log_prob is a stochastic estimate: no error to report.)
-  err = None
-  if trace_fn is not tfp_ffjord.trace_jacobian_hutchinson:
-    log_prob = tf.function(flow.log_prob)(x).numpy()
-    err = float(np.mean(np.abs(log_prob - reference_log_prob(blocks, x))))
-  return dict(name=name, first=first, step=statistics.median(times),
-              nfe=int(nfe) if ours else None, err=err, loss=float(loss))
+    self.step(x)[0].numpy()
+    self.first = time.perf_counter() - start
+    self.times = []
+
+  def time_steps(self, steps):
+    """Median wall time of `steps` steps (one round)."""
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      loss, self.nfe = self.step(self.x)
+      loss.numpy()
+      times.append(time.perf_counter() - start)
+    self.times.append(statistics.median(times))
+    self.loss = float(loss)
+
+  def result(self):
+    # Accuracy at the trained weights, against a tight float64 solve.
+    # (Hutchinson's log_prob is a stochastic estimate: no error to report.)
+    err = None
+    if self.trace_fn is not tfp_ffjord.trace_jacobian_hutchinson:
+      log_prob = tf.function(self.flow.log_prob)(self.x).numpy()
+      err = float(np.mean(np.abs(
+          log_prob - reference_log_prob(self.blocks, self.x))))
+    return dict(name=self.name, first=self.first,
+                step=statistics.median(self.times), rounds=self.times,
+                nfe=int(self.nfe) if self.ours else None, err=err,
+                loss=self.loss)
 
 
 def write_section(path, section):
@@ -170,19 +185,30 @@ def write_section(path, section):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--steps', type=int, default=30)
+  parser.add_argument('--steps', type=int, default=30,
+                      help='steps per configuration per round')
+  parser.add_argument('--rounds', type=int, default=5,
+                      help='timing rounds; configurations are interleaved '
+                      'so that machine-speed drift affects all alike')
   parser.add_argument('--out', default=None,
                       help='write a Markdown table here')
   args = parser.parse_args(argv)
   x = tf.constant(sklearn.datasets.make_moons(
       BATCH, noise=.06, random_state=0)[0], tf.float32)
-  rows = []
+  configs = []
   for config in configurations():
-    rows.append(measure(*config, x=x, steps=args.steps))
-    r = rows[-1]
-    print(f"{r['name']}: first {r['first']:.2f}s, step {r['step'] * 1e3:.1f}ms,"
-          f" NFE {r['nfe']}, log_prob error {r['err']}", flush=True)
+    configs.append(Configuration(*config, x=x))
+    print(f'{configs[-1].name}: first step {configs[-1].first:.2f}s',
+          flush=True)
     gc.collect()
+  for _ in range(args.rounds):
+    for c in configs:
+      c.time_steps(args.steps)
+  rows = [c.result() for c in configs]
+  for r in rows:
+    print(f"{r['name']}: step {r['step'] * 1e3:.1f}ms (rounds "
+          + ', '.join(f'{t * 1e3:.1f}' for t in r['rounds'])
+          + f"), NFE {r['nfe']}, log_prob error {r['err']}", flush=True)
   ref = rows[0]
   lines = [
       '| configuration | first step (s) | vs ref | step (ms) | speed-up | '
@@ -200,12 +226,19 @@ def main(argv=None):
     section = (
         '## Training step, seed moons configuration\n\n'
         'Produced by `python benchmarks/bench_training_step.py '
-        f'--steps {args.steps} --out {args.out}` on a 2-core CPU, all rows '
-        'in one process. "vs ref" is the ratio of first-step times (lower '
-        'is better); "speed-up" is the reference step time over this step '
-        'time. NFE is per training step, summed over the 4 blocks\' forward '
-        'solves. The log_prob error is against our Tsit5 at rtol=atol=1e-10 '
-        'in float64 on the same batch and weights.\n\n' + table + '\n')
+        f'--steps {args.steps} --rounds {args.rounds} --out {args.out}` on a '
+        '2-core CPU, all rows in one process. "first step" is the wall time '
+        'of the first call (tracing, compilation, one step; the step '
+        'creates Adam\'s slots, so TensorFlow traces it twice, for every '
+        'row alike); "vs ref" is its ratio to the reference (lower is '
+        'better). "step" is the median over rounds of the median step time '
+        'in each round; the rounds interleave the configurations, so drift '
+        'in machine speed (large on this shared machine) hits all rows '
+        'alike; "speed-up" is the reference step time over this one. NFE is '
+        'per training step, summed over the 4 blocks\' forward solves. The '
+        'log_prob error is against our Tsit5 at rtol=atol=1e-10 in float64 '
+        'on the same batch and weights, after the timed steps.\n\n'
+        + table + '\n')
     write_section(args.out, section)
   return rows
 

@@ -62,3 +62,20 @@ def test_context_is_concatenated_and_required():
 def test_argument_errors(kwargs, error, match):
   with pytest.raises(error, match=match):
     tfp_ffjord.MLPODE(**kwargs)
+
+
+def test_autonomous_mlp_with_tanh_output_is_the_diffeqflux_network():
+  # DiffEqFlux: Chain(Dense(1, 3, tanh), Dense(3, 1, tanh)), no time input.
+  module = tfp_ffjord.MLPODE([3], 1, time_input=False,
+                             output_activation=tf.math.tanh)
+  z = tf.random.normal([5, 1])
+  out = module(0., z)
+  shapes = sorted(tuple(v.shape) for v in module.trainable_variables)
+  assert shapes == sorted([(1, 3), (3,), (3, 1), (1,)])
+  np.testing.assert_array_equal(out.numpy(), module(7., z).numpy())
+  b0, w0, b1, w1 = [v.numpy() for v in sorted(
+      module.trainable_variables, key=lambda v: v.name)]
+  expected = np.tanh(np.tanh(z.numpy() @ w0 + b0) @ w1 + b1)
+  np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6)
+  with pytest.raises(TypeError, match='output_activation'):
+    tfp_ffjord.MLPODE([3], 1, output_activation='tanh')

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from tfp_ffjord import datasets
 from tfp_ffjord import training
@@ -179,3 +180,58 @@ def test_config_round_trips_through_json():
   assert again == config
   with pytest.raises(ValueError, match='Unknown configuration keys: colour'):
     training.TrainConfig.from_dict({'colour': 'red'})
+
+
+def test_fit_lbfgs_reaches_the_minimum_of_a_quadratic():
+  target = np.array([[1.5, -2.0], [0.25, 3.0]], np.float64)
+  weights = np.array([[1., 4.], [9., 0.5]])
+  x = tf.Variable(tf.zeros([2, 2], tf.float64))
+  b = tf.Variable(tf.constant(5., tf.float64))
+  result = training.fit_lbfgs(
+      lambda: tf.reduce_sum(weights * (x - target) ** 2) + (b - 1.) ** 2,
+      [x, b], max_iterations=50)
+  assert result.converged
+  np.testing.assert_allclose(x.numpy(), target, atol=1e-6)
+  assert float(b.numpy()) == pytest.approx(1., abs=1e-6)
+  with pytest.raises(ValueError, match='max_iterations'):
+    training.fit_lbfgs(lambda: b ** 2, [b], max_iterations=0)
+
+
+def test_fit_adam_fits_a_gaussian_by_maximum_likelihood():
+  data = np.random.default_rng(0).normal(2.0, 0.5, size=500).astype(
+      np.float32)
+  loc, log_scale = tf.Variable(0.), tf.Variable(0.)
+
+  def nll():
+    return -tf.reduce_mean(
+        tfp.distributions.Normal(loc, tf.exp(log_scale)).log_prob(data))
+
+  losses = training.fit_adam(nll, [loc, log_scale], steps=400,
+                             learning_rate=0.05)
+  assert len(losses) == 400 and losses[-1] < losses[0]
+  # The MLE is the sample mean and (biased) standard deviation.
+  assert float(loc.numpy()) == pytest.approx(data.mean(), abs=1e-2)
+  assert float(np.exp(log_scale.numpy())) == pytest.approx(data.std(),
+                                                           abs=1e-2)
+  with pytest.raises(training.TrainingError, match='non-finite|nan'):
+    training.fit_adam(lambda: tf.math.log(-tf.abs(loc) - 1.), [loc], steps=2)
+
+
+def test_total_variation_is_half_the_mean_absolute_difference():
+  assert training.total_variation([0.1, 0.5, 0.2], [0.2, 0.2, 0.2]) == (
+      pytest.approx((0.1 + 0.3 + 0.) / 2 / 3))
+  with pytest.raises(ValueError, match='equal size'):
+    training.total_variation([1., 2.], [1.])
+
+
+def test_time_train_step_reports_times_and_trains():
+  trainer = training.Trainer(tiny_config())
+  before = weights(trainer)
+  timing = training.time_train_step(trainer.flow, trainer.variables,
+                                    trainer.data.train[:32], steps=2)
+  assert timing['first_step'] > 0 and timing['step'] > 0
+  assert np.isfinite(timing['loss'])
+  assert not np.array_equal(weights(trainer)[0], before[0])
+  with pytest.raises(ValueError, match='steps'):
+    training.time_train_step(trainer.flow, trainer.variables,
+                             trainer.data.train[:32], steps=0)

@@ -47,6 +47,11 @@ class MLPODE(snt.Module):
     zero_init_output: initialise the last layer's weights and bias to zero.
       Default: False (as the colab).
     context_keys: names of keyword arguments to use as context. Default: ().
+    time_input: concatenate `t` to the input. `False` gives autonomous
+      dynamics `f(z)`, like DiffEqFlux's `FFJORD(Chain(Dense(1, 3, tanh),
+      Dense(3, 1, tanh)), ...)`. Default: True.
+    output_activation: nonlinearity applied to the output (that example uses
+      `tf.math.tanh`). Default: None (linear output).
     name: module name.
   """
 
@@ -54,10 +59,17 @@ class MLPODE(snt.Module):
                activation: Callable = tf.math.tanh,
                zero_init_output: bool = False,
                context_keys: Sequence[str] = (),
+               time_input: bool = True,
+               output_activation: Optional[Callable] = None,
                name: Optional[str] = 'mlp_ode'):
     super().__init__(name=name)
     sizes = _check_arguments(hidden_sizes, output_size, activation)
+    if output_activation is not None and not callable(output_activation):
+      raise TypeError('`output_activation` must be callable or None; got '
+                      f'{output_activation!r}.')
     self._activation = activation
+    self._time_input = bool(time_input)
+    self._output_activation = output_activation
     self._context_keys = tuple(context_keys)
     self._hidden = [snt.Linear(s, name=f'linear_{i}')
                     for i, s in enumerate(sizes)]
@@ -69,7 +81,7 @@ class MLPODE(snt.Module):
     self.output_size = output_size
 
   def _inputs(self, t, z, kwargs):
-    parts = [_time_column(t, z), z]
+    parts = [_time_column(t, z), z] if self._time_input else [z]
     for key in self._context_keys:
       if key not in kwargs:
         raise ValueError(f'{self.name}: missing context keyword `{key}`.')
@@ -83,7 +95,10 @@ class MLPODE(snt.Module):
     h = self._inputs(t, z, kwargs)
     for layer in self._hidden:
       h = self._activation(_linear(layer, h))
-    return _linear(self._output, h)
+    out = _linear(self._output, h)
+    if self._output_activation is not None:
+      out = self._output_activation(out)
+    return out
 
 
 def _linear(layer, h):

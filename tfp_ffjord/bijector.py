@@ -17,7 +17,9 @@ __all__ = ['FFJORD', 'FlowResult', 'default_ode_solve_fn']
 tfb = tfp.bijectors
 
 FlowResult = collections.namedtuple(
-    'FlowResult', ['value', 'log_det_jacobian', 'diagnostics'])
+    'FlowResult', ['value', 'log_det_jacobian', 'diagnostics',
+                   'kinetic_energy', 'jacobian_frobenius'],
+    defaults=(None, None))
 FlowResult.__doc__ = """What `FFJORD.solve_forward` / `solve_inverse` return.
 
 Attributes:
@@ -25,6 +27,12 @@ Attributes:
   log_det_jacobian: unreduced (per-element) log-det of that direction; sum
     it over the event axes for the usual log-det.
   diagnostics: the solver's diagnostics (`None` if it gives none).
+  kinetic_energy: with `regularize=True`, the unreduced integral of
+    `f**2` over the solve (sum over the event axes: `int ||f||^2 dt`, RNODE's
+    kinetic energy); else `None`.
+  jacobian_frobenius: with `regularize=True`, the unreduced integral whose
+    event sum is `int ||J||_F^2 dt` (exact with the exact trace, an unbiased
+    estimate `int ||e^T J||^2 dt` with Hutchinson's); else `None`.
 """
 
 _instance_counter = itertools.count()
@@ -230,7 +238,7 @@ class FFJORD(tfb.Bijector):
          + ode.base.as_float(self._final_time, time.dtype) - time)
     return -self._state_time_derivative_fn(t, state, **kwargs)
 
-  def _solve(self, dynamics, x, kwargs):
+  def _solve(self, dynamics, x, kwargs, regularize=False):
     seed = kwargs.pop('seed', None)
     x = tf.convert_to_tensor(x)
     if self.validate_args:
@@ -247,34 +255,103 @@ class FFJORD(tfb.Bijector):
     state_shape = x.shape if x.shape.is_fully_defined() else tf.shape(x)
     augmented_fn = self._trace_augmentation_fn(dynamics, state_shape, x.dtype,
                                                **trace_kwargs)
-    solve_kwargs = dict(
+    initial_state = (x, tf.zeros_like(x))
+    solve_kwargs = {}
+    if regularize:
+      if not getattr(augmented_fn, 'supports_regularizers', False):
+        raise ValueError(
+            f'{self.name}: `regularize=True` needs one of tfp_ffjord\'s trace '
+            'functions (`trace_jacobian_exact`, `trace_jacobian_hutchinson`); '
+            f'got {self._trace_augmentation_fn!r}.')
+      initial_state += (tf.zeros_like(x), tf.zeros_like(x))
+      if isinstance(getattr(self._ode_solve_fn, '__self__', None),
+                    ode.solvers.Solver):
+        # Step sizes follow the flow and its log-det, not the regularisers.
+        solve_kwargs['error_components'] = 2
+    solve_kwargs.update(
         ode_fn=augmented_fn,
         initial_time=ode.base.as_float(self._initial_time, x.dtype),
-        initial_state=(x, tf.zeros_like(x)),
+        initial_state=initial_state,
         solution_times=tf.reshape(
             ode.base.as_float(self._final_time, x.dtype), [1]))
     if kwargs:
       solve_kwargs['constants'] = kwargs
     results = self._ode_solve_fn(**solve_kwargs)
-    value, log_det = tf.nest.map_structure(lambda s: s[-1], results.states)
+    finals = tf.nest.map_structure(lambda s: s[-1], results.states)
     diagnostics = getattr(results, 'diagnostics', None)
     self._last_diagnostics = diagnostics
-    return FlowResult(value, log_det, diagnostics)
+    return FlowResult(*finals[:2], diagnostics, *finals[2:])
 
-  def solve_forward(self, x, **kwargs):
-    """Runs the forward solve; returns a `FlowResult` (no caching)."""
-    return self._solve(self._state_time_derivative_fn, x, dict(kwargs))
+  def solve_forward(self, x, regularize=False, **kwargs):
+    """Runs the forward solve; returns a `FlowResult` (no caching).
 
-  def solve_inverse(self, y, **kwargs):
-    """Runs the inverse solve; returns a `FlowResult` (no caching)."""
-    return self._solve(self._inverse_time_derivative, y, dict(kwargs))
+    `regularize=True` also integrates RNODE's kinetic energy and Jacobian
+    Frobenius norm as extra states of the same solve (our solvers leave
+    them out of the error control), reusing the trace's vector-Jacobian
+    products: see `FlowResult`. Like DiffEqFlux's FFJORD, which returns
+    `logpx, λ₁, λ₂`.
+    """
+    return self._solve(self._state_time_derivative_fn, x, dict(kwargs),
+                       regularize)
+
+  def solve_inverse(self, y, regularize=False, **kwargs):
+    """Runs the inverse solve; returns a `FlowResult` (no caching).
+
+    See `solve_forward` for `regularize`.
+    """
+    return self._solve(self._inverse_time_derivative, y, dict(kwargs),
+                       regularize)
+
+  def trajectory(self, x, times=None, num_times=10, **kwargs):
+    """The path of `x` under the forward map, from one solve.
+
+    Args:
+      x: points, shaped like the bijector's input.
+      times: increasing times in `[initial_time, final_time]` to report;
+        default `num_times` evenly spaced ones from `initial_time` to
+        `final_time` inclusive.
+      num_times: used when `times` is None. Default: 10.
+      **kwargs: as for `forward` (conditioning, `seed`).
+
+    Returns:
+      `(times, states, log_det_jacobians)`: `states` is `[T, *x.shape]` (the
+      last equals `forward(x)`), `log_det_jacobians` the unreduced forward
+      log-det from `initial_time` to each time.
+    """
+    x = tf.convert_to_tensor(x, self.dtype)
+    t0 = ode.base.as_float(self._initial_time, x.dtype)
+    t1 = ode.base.as_float(self._final_time, x.dtype)
+    if times is None:
+      if (isinstance(num_times, bool) or not isinstance(num_times, int)
+          or num_times < 2):
+        raise ValueError(
+            f'`num_times` must be an int >= 2; got {num_times!r}.')
+      times = tf.linspace(t0, t1, num_times)
+    times = ode.base.as_float(times, x.dtype)
+    seed = kwargs.pop('seed', None)
+    trace_kwargs = {}
+    if seed is not None:
+      trace_kwargs['seed'] = trace_lib.stateless_seed(seed,
+                                                      salt=self._seed_salt)
+    state_shape = x.shape if x.shape.is_fully_defined() else tf.shape(x)
+    augmented_fn = self._trace_augmentation_fn(
+        self._state_time_derivative_fn, state_shape, x.dtype, **trace_kwargs)
+    solve_kwargs = dict(ode_fn=augmented_fn, initial_time=t0,
+                        initial_state=(x, tf.zeros_like(x)),
+                        solution_times=times)
+    if kwargs:
+      solve_kwargs['constants'] = kwargs
+    results = self._ode_solve_fn(**solve_kwargs)
+    self._last_diagnostics = getattr(results, 'diagnostics', None)
+    states, log_dets = results.states
+    return times, states, log_dets
 
   def _augmented_forward(self, x, **kwargs):
-    y, fldj, _ = self.solve_forward(x, **kwargs)
+    y, fldj = self.solve_forward(x, **kwargs)[:2]
     return y, {'fldj': fldj, 'ildj': -fldj}
 
   def _augmented_inverse(self, y, **kwargs):
-    x, ildj, _ = self.solve_inverse(y, **kwargs)
+    x, ildj = self.solve_inverse(y, **kwargs)[:2]
     return x, {'ildj': ildj, 'fldj': -ildj}
 
   def _forward(self, x, **kwargs):

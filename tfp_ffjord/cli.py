@@ -31,7 +31,7 @@ ACTIVATIONS = ('tanh', 'softplus', 'elu', 'swish')
 # Options of `train` that define the model or the data: a resumed run must
 # not change them.
 FIXED_ON_RESUME = ('dataset', 'num_train', 'num_test', 'batch_size', 'blocks',
-                   'hidden', 'activation', 'base_scale', 'seed')
+                   'hidden', 'activation', 'base_scale', 'seed', 'conditional')
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
@@ -46,36 +46,25 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
-def _positive_int(text):
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f'expected a positive integer, got {text!r}') from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(
-        f'expected a positive integer, got {text!r}')
-  return value
+def _number_type(convert, accept, what):
+  """An argparse `type`: `convert(text)`, which must satisfy `accept`."""
+  def parse(text):
+    try:
+      value = convert(text)
+    except ValueError:
+      value = None
+    if value is None or not accept(value):
+      raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
+    return value
+  return parse
 
 
-def _positive_float(text):
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f'expected a positive number, got {text!r}') from None
-  if not value > 0 or not math.isfinite(value):
-    raise argparse.ArgumentTypeError(
-        f'expected a positive number, got {text!r}')
-  return value
-
-
-def _int(text):
-  try:
-    return int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f'expected an integer, got {text!r}') from None
+_positive_int = _number_type(int, lambda v: v >= 1, 'a positive integer')
+_positive_float = _number_type(
+    float, lambda v: v > 0 and math.isfinite(v), 'a positive number')
+_non_negative_float = _number_type(
+    float, lambda v: v >= 0 and math.isfinite(v), 'a non-negative number')
+_int = _number_type(int, lambda v: True, 'an integer')
 
 
 def _hidden(text):
@@ -122,6 +111,12 @@ def build_parser():
     help='cosine decays to 1%% of --lr; default: cosine')
   a('--clip-norm', type=_positive_float,
     help='clip gradients to this global norm; default: none')
+  a('--conditional', action='store_const', const=True,
+    help='condition the flow on the class label (labelled datasets)')
+  a('--kinetic-weight', type=_non_negative_float,
+    help="RNODE's kinetic-energy weight (lambda_1); default: 0")
+  a('--jacobian-weight', type=_non_negative_float,
+    help="RNODE's Jacobian Frobenius weight (lambda_2); default: 0")
   a('--base-scale', type=_positive_float,
     help='std of the Gaussian base; default: 0.8')
   a('--num-train', type=_positive_int, help='training points')
@@ -140,6 +135,8 @@ def build_parser():
   sample.add_argument('run', help='a training output directory')
   sample.add_argument('-n', '--num', type=_positive_int, default=1000)
   sample.add_argument('--seed', type=_int, default=0)
+  sample.add_argument('--label', type=_int, default=None,
+                      help='conditional models: sample this class only')
   sample.add_argument('--out', default=None,
                       help='.npy or .csv file; default: RUN/samples.npy')
 
@@ -272,7 +269,9 @@ def _train_config(args):
   given = {k: getattr(args, k) for k in (
       'dataset', 'epochs', 'batch_size', 'blocks', 'hidden', 'activation',
       'solver', 'rtol', 'atol', 'num_steps', 'trace', 'gradient',
-      'learning_rate', 'lr_schedule', 'clip_norm', 'base_scale', 'num_train',
+      'learning_rate', 'lr_schedule', 'clip_norm', 'conditional',
+      'kinetic_weight',
+      'jacobian_weight', 'base_scale', 'num_train',
       'num_test', 'seed', 'jit_compile') if getattr(args, k) is not None}
   config_path = os.path.join(args.out, training.CONFIG_FILE)
   ckpt_dir = os.path.join(args.out, training.CHECKPOINT_DIR)
@@ -353,7 +352,13 @@ def cmd_sample(args):
   if not (out.endswith('.npy') or out.endswith('.csv')):
     raise UsageError(f'--out must end in .npy or .csv; got {out}')
   trainer = _load_run(args.run)
-  points = trainer.sample(args.num, seed=args.seed)
+  if args.label is not None and not trainer.model.num_classes:
+    raise UsageError(f'--label: the model in {args.run} is not conditional')
+  if args.label is not None and not (
+      0 <= args.label < trainer.model.num_classes):
+    raise UsageError(f'--label must be in [0, {trainer.model.num_classes}); '
+                     f'got {args.label}')
+  points = trainer.sample(args.num, seed=args.seed, labels=args.label)
   _write_points(out, points)
   print(f'wrote {len(points)} samples of dimension {points.shape[1]} to '
         f'{out}')

@@ -86,6 +86,13 @@ class Dataset:
   def dim(self) -> int:
     return int(self.train.shape[1])
 
+  @property
+  def num_classes(self) -> Optional[int]:
+    """Number of classes (labels are 0..K-1), or None without labels."""
+    if self.train_labels is None:
+      return None
+    return int(max(np.max(self.train_labels), np.max(self.test_labels))) + 1
+
   def bits_per_dim(self, nll_nats: float) -> float:
     """Converts a mean NLL in nats per example to bits per dimension.
 
@@ -99,15 +106,22 @@ class Dataset:
     return nll / (self.dim * math.log(2.))
 
   def train_dataset(self, batch_size: int, seed: int = 0,
-                    shuffle: bool = True,
-                    drop_remainder: bool = True) -> tf.data.Dataset:
+                    shuffle: bool = True, drop_remainder: bool = True,
+                    with_labels: bool = False) -> tf.data.Dataset:
     """Shuffled, batched training pipeline (fixed batch shapes by default).
 
     `drop_remainder=True` keeps every batch the same shape, so a compiled
-    train step is traced once.
+    train step is traced once. `with_labels=True` yields `(points, labels)`
+    pairs (int32 labels), for conditional flows.
     """
     _check_batch_size(batch_size, len(self.train))
-    ds = tf.data.Dataset.from_tensor_slices(self.train).cache()
+    if with_labels:
+      if self.train_labels is None:
+        raise ValueError(f'Dataset {self.name!r} has no class labels.')
+      ds = tf.data.Dataset.from_tensor_slices(
+          (self.train, self.train_labels.astype(np.int32))).cache()
+    else:
+      ds = tf.data.Dataset.from_tensor_slices(self.train).cache()
     if shuffle:
       ds = ds.shuffle(len(self.train), seed=seed,
                       reshuffle_each_iteration=True)

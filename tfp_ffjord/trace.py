@@ -112,13 +112,17 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None):
 
   Returns:
     `augmented_fn(time, (state, log_det), **kwargs) -> (dstate, diag)` where
-    `diag[..., i] = d dstate[..., i] / d state[..., i]`.
+    `diag[..., i] = d dstate[..., i] / d state[..., i]`. Given a 4-tuple
+    `(state, log_det, kinetic, frobenius)` it also returns `dstate**2` and
+    the per-column sums of squares of the Jacobian, whose sums over the
+    event are `||f||^2` and exactly `||J||_F^2` (the RNODE regularisers,
+    from the same vector-Jacobian products).
   """
   del state_shape, dtype, seed
 
   def augmented_fn(time, state_and_log_det, **kwargs):
-    state, _ = state_and_log_det
-    state = tf.convert_to_tensor(state)
+    state = tf.convert_to_tensor(state_and_log_det[0])
+    regularize = len(state_and_log_det) == 4
     scalar = state.shape.rank == 0
     if scalar:  # A scalar event: the Jacobian is 1x1.
       state = state[tf.newaxis]
@@ -139,21 +143,31 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None):
       return tape.gradient(dstate, state, output_gradients=cotangent,
                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
+    frobenius = None
     if dim <= UNROLL_MAX_DIM or tf.executing_eagerly():
       # One VJP per dimension, each keeping only its own component. For small
       # D this traces and compiles far faster than `vectorized_map`, whose
       # pfor rewrite of the backward graph (twice, when training) dominated
       # tracing time and made XLA steps slow.
-      diag = tf.stack([row(eye[i])[..., i] for i in range(dim)], axis=-1)
+      rows = [row(eye[i]) for i in range(dim)]
+      diag = tf.stack([r[..., i] for i, r in enumerate(rows)], axis=-1)
+      if regularize:
+        frobenius = tf.add_n([tf.square(r) for r in rows])
     else:
       rows = tf.vectorized_map(row, eye)        # [D, ..., D]
       diag = tf.linalg.diag_part(
           tf.experimental.numpy.moveaxis(rows, 0, -2))  # [..., D]
+      if regularize:
+        frobenius = tf.reduce_sum(tf.square(rows), axis=0)
     del tape
+    outputs = (dstate, diag)
+    if regularize:
+      outputs += (tf.square(dstate), frobenius)
     if scalar:
-      return dstate[0], diag[0]
-    return dstate, diag
+      return tuple(o[0] for o in outputs)
+    return outputs
 
+  augmented_fn.supports_regularizers = True
   return augmented_fn
 
 
@@ -184,6 +198,10 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
 
   Returns:
     `augmented_fn(time, (state, log_det), **kwargs) -> (dstate, trace)`.
+    Given a 4-tuple `(state, log_det, kinetic, frobenius)` it also returns
+    the per-element rates of the RNODE regularisers: `dstate**2` and
+    `(e^T J)**2` (averaged over probes), whose sums over the event are
+    `||f||^2` and an unbiased estimate of `||J||_F^2`.
   """
   if (isinstance(num_samples, bool) or not isinstance(num_samples, int)
       or num_samples < 1):
@@ -201,22 +219,28 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
   probes = sample_fn(shape, dtype=dtype, seed=seed)
 
   def augmented_fn(time, state_and_log_det, **kwargs):
-    state, _ = state_and_log_det
+    state = state_and_log_det[0]
     with tf.GradientTape(persistent=num_samples > 1,
                          watch_accessed_variables=False) as tape:
       tape.watch(state)
       dstate = _call(ode_fn, time, state, kwargs)
-    estimates = []
+    estimates, squares = [], []
     for i in range(num_samples):
       e = probes[i]
       vjp = tape.gradient(dstate, state, output_gradients=e,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
       estimates.append(e * vjp)
+      squares.append(tf.square(vjp))
     del tape
-    trace = estimates[0] if num_samples == 1 else tf.add_n(estimates) / float(
+    mean = lambda xs: xs[0] if num_samples == 1 else tf.add_n(xs) / float(
         num_samples)
-    return dstate, trace
+    if len(state_and_log_det) == 4:
+      # RNODE: the same VJPs give the Jacobian's Frobenius norm, since
+      # E||e^T J||^2 = ||J||_F^2; the kinetic energy rate is ||f||^2.
+      return dstate, mean(estimates), tf.square(dstate), mean(squares)
+    return dstate, mean(estimates)
 
+  augmented_fn.supports_regularizers = True
   return augmented_fn
 
 

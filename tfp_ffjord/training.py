@@ -52,6 +52,8 @@ ACTIVATIONS = {
     'swish': tf.nn.silu,
 }
 TRACES = ('exact', 'hutchinson')
+LABELLED = ('moons', 'circles', '8gaussians', 'pinwheel', '2spirals', 'digits')
+CONTEXT_KEY = 'context'   # the keyword conditional dynamics read
 GRADIENTS = ('adjoint', 'backprop')
 LR_SCHEDULES = ('cosine', 'constant')
 # The cosine schedule decays the learning rate to this fraction of its start.
@@ -92,6 +94,9 @@ class TrainConfig:
   learning_rate: float = 1e-2
   lr_schedule: str = 'cosine'
   clip_norm: Optional[float] = None
+  conditional: bool = False         # condition on the class label
+  kinetic_weight: float = 0.0       # RNODE's lambda_1 (kinetic energy)
+  jacobian_weight: float = 0.0      # RNODE's lambda_2 (Jacobian Frobenius)
   base_scale: float = 0.8
   seed: int = 0
   jit_compile: bool = True
@@ -145,8 +150,25 @@ class TrainConfig:
                  'eval_atol'):
       positive(name)
     positive('clip_norm', allow_none=True)
+    for name in ('kinetic_weight', 'jacobian_weight'):
+      v = getattr(self, name)
+      if (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+          or not math.isfinite(v)):
+        raise ValueError(
+            f'`{name}` must be a non-negative number; got {v!r}.')
+    if not isinstance(self.conditional, bool):
+      raise ValueError(
+          f'`conditional` must be True or False; got {self.conditional!r}.')
+    if self.conditional and self.dataset not in LABELLED:
+      raise ValueError(
+          f'`conditional=True` needs a dataset with class labels '
+          f'({", ".join(LABELLED)}); got {self.dataset!r}.')
     if isinstance(self.seed, bool) or not isinstance(self.seed, int):
       raise ValueError(f'`seed` must be an integer; got {self.seed!r}.')
+
+  @property
+  def regularized(self) -> bool:
+    return self.kinetic_weight > 0 or self.jacobian_weight > 0
 
   def to_dict(self) -> Dict:
     d = dataclasses.asdict(self)
@@ -184,19 +206,42 @@ class FlowModel(snt.Module):
 
   def __init__(self, dim: int, blocks: int = 4,
                hidden: Sequence[int] = (8, 8), activation: str = 'tanh',
-               base_scale: float = 0.8, dtype=tf.float32, name='flow_model'):
+               base_scale: float = 0.8, num_classes: int = 0,
+               dtype=tf.float32, name='flow_model'):
     super().__init__(name=name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or (
+        num_classes < 0):
+      raise ValueError('`num_classes` must be a non-negative int; got '
+                       f'{num_classes!r}.')
+    self.num_classes = num_classes
     if activation not in ACTIVATIONS:
       raise ValueError(f'`activation` must be one of '
                        f'{", ".join(ACTIVATIONS)}; got {activation!r}.')
     self.dim = int(dim)
     self.dtype = tf.as_dtype(dtype)
     self.base_scale = float(base_scale)
+    context_keys = (CONTEXT_KEY,) if num_classes else ()
     self.dynamics = [
         dynamics.MLPODE(list(hidden), self.dim, ACTIVATIONS[activation],
-                        name=f'dynamics_{i}') for i in range(blocks)]
+                        context_keys=context_keys, name=f'dynamics_{i}')
+        for i in range(blocks)]
     for d in self.dynamics:  # Sonnet creates variables on the first call.
-      d(tf.zeros([], self.dtype), tf.zeros([1, self.dim], self.dtype))
+      d(tf.zeros([], self.dtype), tf.zeros([1, self.dim], self.dtype),
+        **self.context_kwargs(tf.zeros([1], tf.int32)))
+
+  def context_kwargs(self, labels) -> Dict:
+    """Keyword arguments that condition the dynamics on class `labels`.
+
+    `{}` for an unconditional model; else `{'context': one_hot(labels)}`,
+    to pass to the bijectors (`bijector_kwargs={'ffjord': ...}` through a
+    chain).
+    """
+    if not self.num_classes:
+      return {}
+    if labels is None:
+      raise ValueError('This model is conditional: give class `labels`.')
+    return {CONTEXT_KEY: tf.one_hot(tf.cast(labels, tf.int32),
+                                    self.num_classes, dtype=self.dtype)}
 
   def base_distribution(self) -> tfd.Distribution:
     return tfd.MultivariateNormalDiag(
@@ -220,7 +265,30 @@ class FlowModel(snt.Module):
         for d in self.dynamics][::-1], name='ffjord_chain')
     return tfd.TransformedDistribution(self.base_distribution(), chain), chain
 
-  def trajectories(self, base_points, num_times: int = 10, solver=None):
+  def log_prob_and_regularizers(self, chain, x, seed=None, labels=None):
+    """`(log_prob, kinetic_energy, jacobian_frobenius)` of points `x`.
+
+    One inverse solve per block of `chain` (from `flow()`), each carrying
+    RNODE's regularisers as extra states: the kinetic energy
+    `int ||f||^2 dt` and the Jacobian's squared Frobenius norm
+    `int ||J||_F^2 dt` (exact or Hutchinson, as the chain's trace), summed
+    over the blocks; DiffEqFlux returns the same as `logpx, λ₁, λ₂`.
+    Each output has shape `[N]`.
+    """
+    x = tf.convert_to_tensor(x, self.dtype)
+    kwargs = {} if seed is None else {'seed': seed}
+    kwargs.update(self.context_kwargs(labels))
+    ildj = kinetic = frobenius = tf.zeros(tf.shape(x)[:-1], self.dtype)
+    for block in chain.bijectors:   # the inverse runs the last block first
+      result = block.solve_inverse(x, regularize=True, **kwargs)
+      x = result.value
+      ildj += tf.reduce_sum(result.log_det_jacobian, -1)
+      kinetic += tf.reduce_sum(result.kinetic_energy, -1)
+      frobenius += tf.reduce_sum(result.jacobian_frobenius, -1)
+    return self.base_distribution().log_prob(x) + ildj, kinetic, frobenius
+
+  def trajectories(self, base_points, num_times: int = 10, solver=None,
+                   labels=None):
     """Points moving from the base through every block: `[T, N, D]`.
 
     Each block is solved once with `num_times` output times (its start
@@ -230,8 +298,9 @@ class FlowModel(snt.Module):
     z = tf.convert_to_tensor(base_points, self.dtype)
     times = tf.linspace(tf.constant(0., self.dtype), 1., num_times)
     paths = [z[tf.newaxis]]
+    context = self.context_kwargs(labels)
     for d in self.dynamics:
-      states = solver.solve(lambda t, y, d=d: d(t, y), 0., z,
+      states = solver.solve(lambda t, y, d=d: d(t, y, **context), 0., z,
                             times).states
       paths.append(states[1:])
       z = states[-1]
@@ -267,8 +336,15 @@ class Trainer:
           f'`batch_size` ({config.batch_size}) is larger than the '
           f'{len(self.data.train)} training points.')
     tf.random.set_seed(config.seed)
+    num_classes = 0
+    if config.conditional:
+      if not self.data.num_classes:
+        raise ValueError(f'`conditional=True` but dataset {self.data.name!r} '
+                         'has no class labels.')
+      num_classes = self.data.num_classes
     self.model = FlowModel(self.data.dim, config.blocks, config.hidden,
-                           config.activation, config.base_scale)
+                           config.activation, config.base_scale,
+                           num_classes=num_classes)
     self.flow, self.chain = self.model.flow(make_solver(config),
                                             config.trace)
     self.eval_flow, self.eval_chain = self.model.flow(
@@ -294,14 +370,19 @@ class Trainer:
           max_to_keep=config.max_to_keep)
     self._restored = False
     self.num_traces = 0
+    # Labels are always an input (ignored by unconditional models), so both
+    # kinds of model share one compiled signature.
     self._train_step = tf.function(
         self._train_step_fn, jit_compile=config.jit_compile,
-        input_signature=[tf.TensorSpec([config.batch_size, self.data.dim],
-                                       tf.float32)])
+        input_signature=[
+            tf.TensorSpec([config.batch_size, self.data.dim], tf.float32),
+            tf.TensorSpec([config.batch_size], tf.int32)])
     self._eval_step = tf.function(
         self._eval_step_fn, jit_compile=config.jit_compile,
-        input_signature=[tf.TensorSpec([config.eval_batch_size,
-                                        self.data.dim], tf.float32)])
+        input_signature=[
+            tf.TensorSpec([config.eval_batch_size, self.data.dim],
+                          tf.float32),
+            tf.TensorSpec([config.eval_batch_size], tf.int32)])
 
   # ------------------------------------------------------------- compiled
 
@@ -309,16 +390,47 @@ class Trainer:
     return tf.add_n([b.last_diagnostics.num_ode_fn_evaluations
                      for b in chain.bijectors])
 
-  def _train_step_fn(self, batch):
+  def _labels(self, labels, n):
+    """Labels for a batch: the given ones, or zeros for unconditional use."""
+    if labels is None:
+      if self.model.num_classes:
+        raise ValueError('This model is conditional: give class `labels`.')
+      return np.zeros([n], np.int32)
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+      raise ValueError(f'`labels` must have shape [{n}]; got {labels.shape}.')
+    if self.model.num_classes and (labels.min() < 0 or
+                                   labels.max() >= self.model.num_classes):
+      raise ValueError(f'`labels` must be in [0, {self.model.num_classes}); '
+                       f'got values in [{labels.min()}, {labels.max()}].')
+    return labels.astype(np.int32)
+
+  def _train_step_fn(self, batch, labels):
     self.num_traces += 1   # Python side effect: runs only when tracing.
-    kwargs = {}
-    if self.config.trace == 'hutchinson':
+    config = self.config
+    context = self.model.context_kwargs(labels)
+    seed = None
+    if config.trace == 'hutchinson':
       # Fresh, reproducible probes each step (salted per block).
-      seed = tf.stack([tf.constant(self.config.seed % 2**31, tf.int32),
+      seed = tf.stack([tf.constant(config.seed % 2**31, tf.int32),
                        tf.cast(self.step % 2**31, tf.int32)])
-      kwargs = {'bijector_kwargs': {'ffjord': {'seed': seed}}}
+    kinetic = frobenius = tf.zeros([])
     with tf.GradientTape() as tape:
-      loss = -tf.reduce_mean(self.flow.log_prob(batch, **kwargs))
+      if config.regularized:
+        log_prob, kinetic, frobenius = self.model.log_prob_and_regularizers(
+            self.chain, batch, seed, labels if context else None)
+        kinetic, frobenius = (tf.reduce_mean(kinetic),
+                              tf.reduce_mean(frobenius))
+        nll = -tf.reduce_mean(log_prob)
+        loss = (nll + config.kinetic_weight * kinetic
+                + config.jacobian_weight * frobenius)
+      else:
+        block_kwargs = dict(context)
+        if seed is not None:
+          block_kwargs['seed'] = seed
+        kwargs = {'bijector_kwargs': {'ffjord': block_kwargs}} if (
+            block_kwargs) else {}
+        loss = -tf.reduce_mean(self.flow.log_prob(batch, **kwargs))
     grads = tape.gradient(loss, self.variables)
     if self.config.clip_norm is not None:
       grads, _ = tf.clip_by_global_norm(grads, self.config.clip_norm)
@@ -332,52 +444,100 @@ class Trainer:
       return tf.constant(True)
 
     tf.cond(finite, update, lambda: tf.constant(False))
-    return loss, self._nfe(self.chain)
+    return loss, self._nfe(self.chain), kinetic, frobenius
 
-  def _eval_step_fn(self, batch):
-    return self.eval_flow.log_prob(batch), self._nfe(self.eval_chain)
+  def _eval_step_fn(self, batch, labels):
+    context = self.model.context_kwargs(labels)
+    kwargs = {'bijector_kwargs': {'ffjord': context}} if context else {}
+    return (self.eval_flow.log_prob(batch, **kwargs),
+            self._nfe(self.eval_chain))
 
   # ---------------------------------------------------------------- API
 
-  def train_step(self, batch) -> Tuple[float, int]:
-    """One optimizer step on a `[batch_size, D]` batch: `(loss, NFE)`."""
-    loss, nfe = self._train_step(tf.convert_to_tensor(batch, tf.float32))
+  def train_step(self, batch, labels=None) -> Tuple[float, int]:
+    """One optimizer step on a `[batch_size, D]` batch: `(loss, NFE)`.
+
+    `labels` (`[batch_size]` ints) are required by conditional models. The
+    loss includes the RNODE terms when the config weights them; their batch
+    means are in `last_regularizers` (`(kinetic, frobenius)`).
+    """
+    batch = tf.convert_to_tensor(batch, tf.float32)
+    labels = self._labels(None if labels is None else np.asarray(labels),
+                          int(batch.shape[0]))
+    loss, nfe, kinetic, frobenius = self._train_step(batch,
+                                                     tf.constant(labels))
+    self.last_regularizers = (float(kinetic), float(frobenius))
     return float(loss), int(nfe)
 
-  def log_prob(self, points) -> np.ndarray:
-    """Exact log-density (nats) of `[N, D]` points, in fixed-size batches."""
+  def log_prob(self, points, labels=None) -> np.ndarray:
+    """Exact log-density (nats) of `[N, D]` points, in fixed-size batches.
+
+    Conditional models need `labels` (`[N]` ints) and return
+    `log p(x | label)`.
+    """
     points = np.asarray(points, np.float32)
     if points.ndim != 2 or points.shape[1] != self.data.dim:
       raise ValueError(f'points must have shape [N, {self.data.dim}]; got '
                        f'{points.shape}.')
+    labels = self._labels(labels, len(points))
     out, self._last_eval_nfe = [], []
     size = self.config.eval_batch_size
     for start in range(0, len(points), size):
       chunk = points[start:start + size]
+      chunk_labels = labels[start:start + size]
       n = len(chunk)
       if n < size:  # Pad to the traced shape; padding rows are dropped.
         chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - n, 0)])
-      lp, nfe = self._eval_step(tf.constant(chunk))
+        chunk_labels = np.concatenate(
+            [chunk_labels, np.repeat(chunk_labels[:1], size - n)])
+      lp, nfe = self._eval_step(tf.constant(chunk), tf.constant(chunk_labels))
       out.append(lp.numpy()[:n])
       self._last_eval_nfe.append(int(nfe))
     return np.concatenate(out) if out else np.zeros([0], np.float32)
 
-  def evaluate(self, points=None) -> Dict[str, float]:
-    """Mean NLL (nats; bits/dim too for D > 2 or dequantised data)."""
-    points = self.data.test if points is None else points
-    lp = self.log_prob(points)
+  def evaluate(self, points=None, labels=None) -> Dict[str, float]:
+    """Mean NLL (nats; bits/dim too for D > 2 or dequantised data).
+
+    Defaults to the test set (and, for conditional models, its labels).
+    A conditional model given points without labels reports the marginal
+    `-log sum_c p(c) p(x | c)`.
+    """
+    if points is None:
+      points = self.data.test
+      if self.model.num_classes:
+        labels = self.data.test_labels
+    if self.model.num_classes and labels is None:
+      lp = self._marginal_log_prob(points)   # log p(x), classes summed out
+    else:
+      lp = self.log_prob(points, labels)
     nll = float(-np.mean(lp))
     result = {'nll': nll, 'nfe': float(np.mean(self._last_eval_nfe))}
     if self.data.dim > 2 or self.data.bin_width is not None:
       result['bits_per_dim'] = self.data.bits_per_dim(nll)
     return result
 
-  def sample(self, n: int, seed: int = 0) -> np.ndarray:
-    """`n` samples of the model (tight-tolerance solve), `[n, D]`."""
+  def sample(self, n: int, seed: int = 0, labels=None) -> np.ndarray:
+    """`n` samples of the model (tight-tolerance solve), `[n, D]`.
+
+    Conditional models sample `x | label`: `labels` is an int (one class for
+    all) or `[n]` ints; by default the classes of the training set are drawn
+    in proportion.
+    """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
       raise ValueError(f'`n` must be a positive integer; got {n!r}.')
-    return tf.function(lambda: self.eval_flow.sample(n, seed=(seed, 1)))(
-    ).numpy()
+    kwargs = {}
+    if self.model.num_classes:
+      if labels is None:
+        labels = np.random.default_rng(seed).choice(self.data.train_labels, n)
+      elif np.ndim(labels) == 0:
+        labels = np.full([n], int(labels))
+      labels = self._labels(labels, n)
+      kwargs = {'bijector_kwargs': {
+          'ffjord': self.model.context_kwargs(tf.constant(labels))}}
+    elif labels is not None:
+      raise ValueError('`labels` given, but this model is not conditional.')
+    return tf.function(lambda: self.eval_flow.sample(
+        n, seed=(seed, 1), **kwargs))().numpy()
 
   def restore(self) -> bool:
     """Restores the latest checkpoint of `out_dir`; False if there is none."""
@@ -419,12 +579,15 @@ class Trainer:
     for epoch in bar:
       if config.lr_schedule == 'cosine':
         self.learning_rate.assign(_cosine(config, epoch))
-      losses, nfes = [], []
+      losses, nfes, regs = [], [], []
       # Each epoch's order depends only on (seed, epoch), so a resumed run
       # sees the batches an uninterrupted one would have.
-      for batch in self.data.train_dataset(config.batch_size,
-                                           seed=config.seed + epoch):
-        loss, nfe = self.train_step(batch)
+      conditional = bool(self.model.num_classes)
+      for item in self.data.train_dataset(config.batch_size,
+                                          seed=config.seed + epoch,
+                                          with_labels=conditional):
+        batch, labels = item if conditional else (item, None)
+        loss, nfe = self.train_step(batch, labels)
         if not math.isfinite(loss):
           raise TrainingError(
               f'The training loss became {loss} at epoch {epoch + 1}, step '
@@ -435,6 +598,7 @@ class Trainer:
               'tolerance.')
         losses.append(loss)
         nfes.append(nfe)
+        regs.append(self.last_regularizers)
         bar.set_postfix(loss=f'{loss:.3f}', nfe=nfe, refresh=False)
       evaluation = self.evaluate()
       record = dict(epoch=epoch + 1, learning_rate=float(self.learning_rate),
@@ -445,6 +609,9 @@ class Trainer:
                     wall_time=time.perf_counter() - start)
       if 'bits_per_dim' in evaluation:
         record['test_bits_per_dim'] = evaluation['bits_per_dim']
+      if config.regularized:
+        record['kinetic_energy'] = float(np.mean([r[0] for r in regs]))
+        record['jacobian_frobenius'] = float(np.mean([r[1] for r in regs]))
       self.history.append(record)
       self.epoch.assign(epoch + 1)
       bar.set_postfix(loss=f'{record["train_loss"]:.3f}',
@@ -516,9 +683,13 @@ class Trainer:
       written.append(path)
       if tag == 'last':
         path = os.path.join(out_dir, 'density.png')
-        plotting.plot_density(path, self.log_prob, plotting.bounds(data))
+        plotting.plot_density(path, self._marginal_log_prob,
+                              plotting.bounds(data))
         written.append(path)
-        paths = self.model.trajectories(base[:300], num_times=8).numpy()
+        paths = self.model.trajectories(
+            base[:300], num_times=8,
+            labels=(self.data.train_labels[:300] if self.model.num_classes
+                    else None)).numpy()
         path = os.path.join(out_dir, 'trajectories.png')
         plotting.plot_trajectories(path, paths, data)
         written.append(path)
@@ -547,12 +718,37 @@ class Trainer:
     return written
 
   def _panel_points(self, grid, n):
+    """Base samples, their image, and the grid's image (conditional models:
+    the training labels for the samples, the first class for the grid)."""
+    labels = grid_labels = None
+    if self.model.num_classes:
+      labels = tf.constant(self.data.train_labels[:n].astype(np.int32))
+      grid_labels = tf.zeros([len(grid)], tf.int32)
+
+    def forward(x, lab):
+      context = self.model.context_kwargs(lab)
+      return self.eval_chain.forward(x, **(
+          {'ffjord': context} if context else {}))
+
     @tf.function
     def points(grid):
       base = self.flow.distribution.sample(n, seed=(self.config.seed, 2))
-      return (base, self.eval_chain.forward(base),
-              self.eval_chain.forward(grid))
+      return base, forward(base, labels), forward(grid, grid_labels)
     return [t.numpy() for t in points(tf.constant(grid))]
+
+  def _marginal_log_prob(self, points):
+    """`log p(x)`; for conditional models the class mixture
+    `log sum_c p(c) p(x | c)`, with `p(c)` the training frequencies."""
+    if not self.model.num_classes:
+      return self.log_prob(points)
+    counts = np.bincount(self.data.train_labels,
+                         minlength=self.model.num_classes)
+    per_class = [np.log(counts[c] / counts.sum()) + self.log_prob(
+        points, np.full([len(points)], c)) for c in range(len(counts))
+                 if counts[c]]
+    per_class = np.stack(per_class)
+    top = per_class.max(0)
+    return top + np.log(np.exp(per_class - top).sum(0))
 
 
 def load_run(run_dir: str) -> Trainer:

@@ -99,7 +99,8 @@ class Solver:
 
   def solve(self, ode_fn, initial_time, initial_state, solution_times,
             jacobian_fn=None, jacobian_sparsity=None, batch_ndims=None,
-            previous_solver_internal_state=None, constants=None):
+            previous_solver_internal_state=None, constants=None,
+            error_components=None):
     """Solves `dy/dt = ode_fn(t, y, **constants)`, `y(initial_time) = initial_state`.
 
     Args:
@@ -115,6 +116,10 @@ class Solver:
       previous_solver_internal_state: ignored, as above.
       constants: optional dict of Tensors passed to `ode_fn` as keyword
         arguments; gradients flow to its floating entries.
+      error_components: for this call, keep only the first this many leaves
+        of the state in the error norm (the smaller of this and the
+        solver's own setting). `FFJORD` uses it to leave the RNODE
+        regulariser states out of the error control.
 
     Returns:
       `tfp_ffjord.ode.Results`.
@@ -192,9 +197,11 @@ class Solver:
         dy = user_fn(direction * s, y_flat, c_flat)
         return [direction * d for d in dy]
 
+      limits = [k for k in (self.error_components, error_components)
+                if k is not None]
       error_mask = [True] * len(y0)
-      if self.error_components is not None:
-        error_mask = [i < self.error_components for i in range(len(y0))]
+      if limits:
+        error_mask = [i < min(limits) for i in range(len(y0))]
 
       n_y = len(y0)
       control = self._control()

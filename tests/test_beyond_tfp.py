@@ -1,0 +1,227 @@
+"""Beyond TFP: RNODE regularisers, trajectories, swapping the trace after restore."""
+
+import os
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.linalg
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+import tfp_ffjord
+from tfp_ffjord import ode, training
+from tests.conftest import RUN_MODES, run_in_mode
+
+tfb = tfp.bijectors
+
+A = np.array([[0.3, -0.8], [0.6, -0.1]])
+T = 1.3
+SOLVE_TOL = 1e-10
+# Tolerances: the ODE solve (1e-10) bounds the exact regularisers; the
+# Hutchinson Frobenius estimate averages 20000 independent probes, each of
+# relative standard deviation ~1, so 4 standard errors is ~3%.
+EXACT_RTOL = 1e-7
+HUTCHINSON_PROBES = 20000
+HUTCHINSON_RTOL = 0.03
+
+
+def linear_bijector(trace_fn, dtype=tf.float64):
+  a = tf.constant(A, dtype)
+  return tfp_ffjord.FFJORD(
+      lambda t, z: tf.linalg.matvec(a, z),
+      ode_solve_fn=ode.Tsit5(rtol=SOLVE_TOL, atol=SOLVE_TOL).solve,
+      trace_augmentation_fn=trace_fn, initial_time=0., final_time=T,
+      dtype=dtype)
+
+
+def kinetic_closed_form(z0):
+  """int_0^T ||A expm(tA) z0||^2 dt by adaptive quadrature."""
+  f = lambda t: np.sum((A @ scipy.linalg.expm(t * A) @ z0) ** 2)
+  return scipy.integrate.quad(f, 0., T, epsabs=1e-13, epsrel=1e-13)[0]
+
+
+@pytest.mark.parametrize('mode', RUN_MODES)
+def test_exact_regularisers_of_a_linear_field(mode):
+  bij = linear_bijector(tfp_ffjord.trace_jacobian_exact)
+  z0 = np.array([[1.0, -0.5], [0.2, 0.7], [-1.1, 0.3]])
+
+  def run(z):
+    r = bij.solve_forward(z, regularize=True)
+    return (tf.reduce_sum(r.kinetic_energy, -1),
+            tf.reduce_sum(r.jacobian_frobenius, -1),
+            tf.reduce_sum(r.log_det_jacobian, -1))
+
+  kinetic, frobenius, log_det = [
+      t.numpy() for t in run_in_mode(run, mode)(tf.constant(z0))]
+  expected_kinetic = [kinetic_closed_form(z) for z in z0]
+  np.testing.assert_allclose(kinetic, expected_kinetic, rtol=EXACT_RTOL)
+  # The Jacobian of a linear field is A at every time: ||A||_F^2 T.
+  np.testing.assert_allclose(frobenius, np.sum(A ** 2) * T, rtol=EXACT_RTOL)
+  np.testing.assert_allclose(log_det, np.trace(A) * T, rtol=EXACT_RTOL)
+
+
+@pytest.mark.parametrize('noise', ['gaussian', 'rademacher'])
+def test_hutchinson_frobenius_is_unbiased(noise):
+  trace_fn = lambda *a, **k: tfp_ffjord.trace_jacobian_hutchinson(
+      *a, noise=noise, **k)
+  bij = linear_bijector(trace_fn)
+  z = tf.zeros([HUTCHINSON_PROBES, 2], tf.float64)   # one probe per row
+  r = tf.function(lambda z: bij.solve_forward(z, regularize=True, seed=1))(z)
+  estimate = float(tf.reduce_mean(tf.reduce_sum(r.jacobian_frobenius, -1)))
+  assert estimate == pytest.approx(np.sum(A ** 2) * T, rel=HUTCHINSON_RTOL)
+  # At z = 0 the field vanishes: no kinetic energy.
+  assert float(tf.reduce_max(r.kinetic_energy)) == 0.
+
+
+def test_regularising_does_not_change_the_flow():
+  """The extra states stay out of the error norm: the same steps are taken."""
+  mlp = tfp_ffjord.MLPODE([8], 2)
+  bij = tfp_ffjord.FFJORD(mlp, ode_solve_fn=ode.Tsit5(rtol=1e-6).solve,
+                          trace_augmentation_fn=tfp_ffjord.trace_jacobian_exact)
+  x = tf.random.normal([16, 2], seed=2)
+  plain = bij.solve_inverse(x)
+  plain_nfe = int(bij.last_diagnostics.num_ode_fn_evaluations)
+  regular = bij.solve_inverse(x, regularize=True)
+  assert int(bij.last_diagnostics.num_ode_fn_evaluations) == plain_nfe
+  np.testing.assert_allclose(regular.value, plain.value, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(regular.log_det_jacobian, plain.log_det_jacobian,
+                             rtol=1e-6, atol=1e-7)
+  assert plain.kinetic_energy is None and regular.kinetic_energy is not None
+
+
+def test_regularize_needs_our_trace_functions():
+  bij = tfp_ffjord.FFJORD(
+      tfp_ffjord.MLPODE([4], 2),
+      trace_augmentation_fn=tfb.ffjord.trace_jacobian_exact)
+  with pytest.raises(ValueError, match='regularize=True.*trace functions'):
+    bij.solve_forward(tf.zeros([2, 2]), regularize=True)
+
+
+def test_model_log_prob_with_regularisers_matches_the_distribution():
+  model = training.FlowModel(2, blocks=2, hidden=(8,))
+  solver = ode.Tsit5(rtol=1e-6, atol=1e-6)
+  flow, chain = model.flow(solver, 'exact')
+  x = tf.random.normal([32, 2], seed=4)
+  log_prob, kinetic, frobenius = model.log_prob_and_regularizers(chain, x)
+  np.testing.assert_allclose(log_prob, flow.log_prob(x), rtol=1e-5,
+                             atol=1e-5)
+  assert kinetic.shape == (32,) and frobenius.shape == (32,)
+  assert np.all(kinetic.numpy() > 0) and np.all(frobenius.numpy() > 0)
+
+
+def test_training_with_rnode_weights_reports_and_lowers_kinetic_energy():
+  def run(kinetic_weight):
+    config = training.TrainConfig(
+        dataset='moons', num_train=256, num_test=128, batch_size=64,
+        blocks=1, hidden=(16,), epochs=3, solver='rk4', num_steps=4,
+        eval_batch_size=128, kinetic_weight=kinetic_weight,
+        jacobian_weight=kinetic_weight, learning_rate=2e-2)
+    trainer = training.Trainer(config)
+    history = trainer.fit(progress=False)
+    x = tf.constant(trainer.data.test)
+    _, kinetic, _ = trainer.model.log_prob_and_regularizers(
+        trainer.eval_chain, x)
+    return history, float(tf.reduce_mean(kinetic))
+
+  history, regularised = run(1.0)
+  assert all(np.isfinite(h['kinetic_energy']) for h in history)
+  assert all(np.isfinite(h['jacobian_frobenius']) for h in history)
+  plain_history, plain = run(0.0)
+  assert 'kinetic_energy' not in plain_history[-1]
+  # Penalising the kinetic energy lowers it (same data, init and steps).
+  assert regularised < plain
+  with pytest.raises(ValueError, match='kinetic_weight'):
+    training.TrainConfig(kinetic_weight=-1.)
+
+
+# ------------------------------------------------ trajectories and swapping
+
+
+@pytest.mark.parametrize('mode', ['eager', 'function'])
+def test_trajectory_is_one_solve_and_ends_at_forward(mode):
+  mlp = tfp_ffjord.MLPODE([8], 2)
+  mlp(0., tf.zeros([1, 2]))
+  bij = tfp_ffjord.FFJORD(mlp, ode_solve_fn=ode.Tsit5(rtol=1e-7,
+                                                      atol=1e-7).solve,
+                          trace_augmentation_fn=tfp_ffjord.trace_jacobian_exact)
+  x = tf.random.normal([8, 2], seed=5)
+  times, states, log_dets = run_in_mode(
+      lambda x: bij.trajectory(x, num_times=6), mode)(x)
+  assert states.shape == (6, 8, 2) and log_dets.shape == (6, 8, 2)
+  np.testing.assert_allclose(times, np.linspace(0, 1, 6), atol=1e-7)
+  np.testing.assert_allclose(states[0], x)
+  np.testing.assert_allclose(states[-1], bij.forward(x), atol=1e-5)
+  np.testing.assert_allclose(
+      tf.reduce_sum(log_dets[-1], -1),
+      bij.forward_log_det_jacobian(x, event_ndims=1), atol=1e-5)
+  # Each intermediate point is where a shorter flow ends.
+  half = tfp_ffjord.FFJORD(mlp, ode_solve_fn=ode.Tsit5(rtol=1e-7,
+                                                       atol=1e-7).solve,
+                           final_time=float(times[3]))
+  np.testing.assert_allclose(states[3], half.forward(x), atol=1e-5)
+  with pytest.raises(ValueError, match='num_times'):
+    bij.trajectory(x, num_times=1)
+
+
+def test_hutchinson_checkpoint_restores_into_exact_trace_and_other_solver(
+    tmp_path):
+  base = dict(dataset='moons', num_train=256, num_test=128, batch_size=64,
+              blocks=2, hidden=(8,), epochs=1, eval_batch_size=128)
+  trained = training.Trainer(training.TrainConfig(
+      **base, trace='hutchinson', solver='rk4', num_steps=4),
+      out_dir=str(tmp_path))
+  trained.fit(progress=False)
+  swapped = training.Trainer(training.TrainConfig(
+      **base, trace='exact', solver='dopri5', rtol=1e-6, atol=1e-6,
+      gradient='adjoint'), out_dir=str(tmp_path))
+  assert swapped.restore()
+  for a, b in zip(trained.model.trainable_variables,
+                  swapped.model.trainable_variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  x = trained.data.test
+  np.testing.assert_allclose(swapped.log_prob(x), trained.log_prob(x),
+                             atol=1e-6)
+  # And it trains on with the exact trace from the restored state.
+  swapped.config.epochs = 2
+  assert swapped.fit(progress=False)[-1]['epoch'] == 2
+
+
+# ------------------------------------------------------- conditional flows
+
+
+def test_class_conditional_moons(tmp_path):
+  config = training.TrainConfig(
+      dataset='moons', num_train=2048, num_test=512, batch_size=256,
+      blocks=2, hidden=(32, 32), epochs=6, conditional=True,
+      learning_rate=2e-2, eval_batch_size=512, lr_schedule='constant')
+  trainer = training.Trainer(config, out_dir=str(tmp_path))
+  trainer.fit(progress=False)
+  assert trainer.num_traces == 1
+  test, labels = trainer.data.test, trainer.data.test_labels
+  upper = test[labels == 0]     # make_moons' label 0 is the upper moon
+  # log p(x | c) prefers the true class of the point.
+  right = trainer.log_prob(upper, np.zeros(len(upper), np.int32))
+  wrong = trainer.log_prob(upper, np.ones(len(upper), np.int32))
+  assert np.mean(right > wrong) > 0.9
+  # Sampling respects the class: the upper moon's points have y >= ~0 and
+  # mean y ~0.64, the lower moon's mean y ~ -0.14.
+  top = trainer.sample(1000, seed=1, labels=0)
+  bottom = trainer.sample(1000, seed=1, labels=1)
+  assert top[:, 1].mean() > 0.4 and bottom[:, 1].mean() < 0.1
+  assert np.mean(top[:, 1] > -0.1) > 0.9
+  # The marginal NLL (classes summed out) is a valid density: within the
+  # conditional NLL plus ln 2.
+  conditional_nll = trainer.evaluate()['nll']
+  marginal_nll = trainer.evaluate(test)['nll']
+  assert conditional_nll < marginal_nll < conditional_nll + np.log(2.) + 1e-3
+  # Resume, sample from the CLI's loader, and the figures.
+  restored = training.load_run(str(tmp_path))
+  np.testing.assert_allclose(restored.sample(50, seed=2, labels=0),
+                             trainer.sample(50, seed=2, labels=0), atol=1e-5)
+  assert {'panels_last.png', 'density.png', 'trajectories.png',
+          'curves.png'} <= {os.path.basename(p) for p in trainer.plot()}
+  with pytest.raises(ValueError, match='labels'):
+    trainer.log_prob(upper)
+  with pytest.raises(ValueError, match='conditional=True'):
+    training.TrainConfig(dataset='checkerboard', conditional=True)

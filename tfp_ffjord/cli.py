@@ -111,6 +111,10 @@ def build_parser():
     help='cosine decays to 1%% of --lr; default: cosine')
   a('--clip-norm', type=_positive_float,
     help='clip gradients to this global norm; default: none')
+  a('--objective', choices=('maximum-likelihood', 'flow-matching'),
+    help='maximum-likelihood (default) or flow-matching (simulation-free)')
+  a('--ot-pairing', action='store_const', const=True,
+    help='flow matching: pair base and data by minibatch optimal transport')
   a('--conditional', action='store_const', const=True,
     help='condition the flow on the class label (labelled datasets)')
   a('--kinetic-weight', type=_non_negative_float,
@@ -269,7 +273,8 @@ def _train_config(args):
   given = {k: getattr(args, k) for k in (
       'dataset', 'epochs', 'batch_size', 'blocks', 'hidden', 'activation',
       'solver', 'rtol', 'atol', 'num_steps', 'trace', 'gradient',
-      'learning_rate', 'lr_schedule', 'clip_norm', 'conditional',
+      'learning_rate', 'lr_schedule', 'clip_norm', 'objective', 'ot_pairing',
+      'conditional',
       'kinetic_weight',
       'jacobian_weight', 'base_scale', 'num_train',
       'num_test', 'seed', 'jit_compile') if getattr(args, k) is not None}

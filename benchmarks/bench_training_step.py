@@ -1,19 +1,22 @@
 """Training-step benchmark on the seed moons configuration.
 
 4 stacked FFJORD blocks, MLP 8-8 tanh dynamics, batch 256, exact trace,
-base N(0, 0.8^2 I), Adam(1e-2). Every configuration is measured in the same
-process, one after the other, and reported as ratios to the reference
-(`tfb.FFJORD` + `tfp.math.ode.DormandPrince(atol=1e-5)`, as in TFP's colab).
+base N(0, 0.8^2 I), Adam(1e-2). Every configuration is built and compiled in
+the same process, then timed in rounds that interleave the configurations (so
+drift in machine speed affects all alike), and reported as ratios to the
+reference (`tfb.FFJORD` + `tfp.math.ode.DormandPrince(atol=1e-5)`, as in
+TFP's colab).
 
 For each configuration:
   * first step: wall time of the first call (tracing + compilation + run);
-  * step: median wall time of later steps (same batch shapes);
+  * step: median over rounds of the median step time within a round;
   * NFE: ODE-function evaluations per forward solve, summed over blocks;
   * log-det error: |log_prob - reference log_prob| averaged over the batch,
     the reference being our Tsit5 at rtol=atol=1e-10 in float64.
 
 Usage:
-  python benchmarks/bench_training_step.py [--steps 30] [--out benchmarks/RESULTS.md]
+  python benchmarks/bench_training_step.py [--steps 20] [--rounds 5]
+      [--out benchmarks/RESULTS.md]
 """
 
 import argparse

@@ -60,8 +60,12 @@ def test_digits_are_dequantised_into_bins():
   # Each value sits inside the bin of an integer pixel value 0..16.
   levels = np.floor((data.train + 2.) / width)
   assert levels.min() >= 0 and levels.max() <= 16
-  # bits/dim: an NLL of D*(-ln width) nats is 0 bits for the discrete data.
-  assert data.bits_per_dim(-64 * math.log(width)) == pytest.approx(0.)
+  # bits/dim: a density of width^-D (all mass in one bin) has continuous NLL
+  # D ln(width) nats and codes the discrete data in 0 bits; the uniform
+  # density over [-2, 2]^64 (4^-64) costs log2(17) bits per dimension.
+  assert data.bits_per_dim(64 * math.log(width)) == pytest.approx(0.)
+  assert data.bits_per_dim(64 * math.log(4.)) == pytest.approx(
+      math.log2(17.))
 
 
 @pytest.mark.parametrize('name,log_density', [

@@ -97,12 +97,12 @@ class Dataset:
     """Converts a mean NLL in nats per example to bits per dimension.
 
     For dequantised data the continuous NLL is first turned into an upper
-    bound on the discrete one by adding `D * ln(bin_width)` (the density of a
+    bound on the discrete one by subtracting `D * ln(bin_width)` (the density of a
     bin is its probability over its volume), as is usual for images.
     """
     nll = float(nll_nats)
     if self.bin_width is not None:
-      nll += self.dim * math.log(self.bin_width)
+      nll -= self.dim * math.log(self.bin_width)
     return nll / (self.dim * math.log(2.))
 
   def train_dataset(self, batch_size: int, seed: int = 0,

@@ -238,9 +238,14 @@ class FFJORD(tfb.Bijector):
          + ode.base.as_float(self._final_time, time.dtype) - time)
     return -self._state_time_derivative_fn(t, state, **kwargs)
 
-  def _solve(self, dynamics, x, kwargs, regularize=False):
+  def _run_solve(self, dynamics, x, kwargs, solution_times,
+                 regularize=False):
+    """Solves the trace-augmented ODE of `x`; returns the solver's results.
+
+    The state is `(x, log_det)`, plus the two RNODE integrals when
+    `regularize`; `kwargs` (minus `seed`) go to the dynamics.
+    """
     seed = kwargs.pop('seed', None)
-    x = tf.convert_to_tensor(x)
     if self.validate_args:
       x = tf.debugging.assert_all_finite(
           x, f'{self.name}: input contains NaN or Inf.')
@@ -272,15 +277,19 @@ class FFJORD(tfb.Bijector):
         ode_fn=augmented_fn,
         initial_time=ode.base.as_float(self._initial_time, x.dtype),
         initial_state=initial_state,
-        solution_times=tf.reshape(
-            ode.base.as_float(self._final_time, x.dtype), [1]))
+        solution_times=solution_times)
     if kwargs:
       solve_kwargs['constants'] = kwargs
     results = self._ode_solve_fn(**solve_kwargs)
+    self._last_diagnostics = getattr(results, 'diagnostics', None)
+    return results
+
+  def _solve(self, dynamics, x, kwargs, regularize=False):
+    x = tf.convert_to_tensor(x)
+    final_time = tf.reshape(ode.base.as_float(self._final_time, x.dtype), [1])
+    results = self._run_solve(dynamics, x, kwargs, final_time, regularize)
     finals = tf.nest.map_structure(lambda s: s[-1], results.states)
-    diagnostics = getattr(results, 'diagnostics', None)
-    self._last_diagnostics = diagnostics
-    return FlowResult(*finals[:2], diagnostics, *finals[2:])
+    return FlowResult(*finals[:2], self._last_diagnostics, *finals[2:])
 
   def solve_forward(self, x, regularize=False, **kwargs):
     """Runs the forward solve; returns a `FlowResult` (no caching).
@@ -328,21 +337,8 @@ class FFJORD(tfb.Bijector):
             f'`num_times` must be an int >= 2; got {num_times!r}.')
       times = tf.linspace(t0, t1, num_times)
     times = ode.base.as_float(times, x.dtype)
-    seed = kwargs.pop('seed', None)
-    trace_kwargs = {}
-    if seed is not None:
-      trace_kwargs['seed'] = trace_lib.stateless_seed(seed,
-                                                      salt=self._seed_salt)
-    state_shape = x.shape if x.shape.is_fully_defined() else tf.shape(x)
-    augmented_fn = self._trace_augmentation_fn(
-        self._state_time_derivative_fn, state_shape, x.dtype, **trace_kwargs)
-    solve_kwargs = dict(ode_fn=augmented_fn, initial_time=t0,
-                        initial_state=(x, tf.zeros_like(x)),
-                        solution_times=times)
-    if kwargs:
-      solve_kwargs['constants'] = kwargs
-    results = self._ode_solve_fn(**solve_kwargs)
-    self._last_diagnostics = getattr(results, 'diagnostics', None)
+    results = self._run_solve(self._state_time_derivative_fn, x, dict(kwargs),
+                              times)
     states, log_dets = results.states
     return times, states, log_dets
 

@@ -257,14 +257,13 @@ def _read_points(path):
 
 
 def _write_points(path, points):
+  """Writes `points` to a `.csv` file, else to `.npy` (`cmd_sample` checks)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith('.csv'):
     np.savetxt(path, points, delimiter=',')
-  elif path.endswith('.npy'):
-    np.save(path, points)
   else:
-    raise ValueError(f'--out must end in .npy or .csv; got {path}')
+    np.save(path, points)
 
 
 def _train_config(args):

@@ -277,6 +277,18 @@ class FlowModel(snt.Module):
         for d in self.dynamics][::-1], name='ffjord_chain')
     return tfd.TransformedDistribution(self.base_distribution(), chain), chain
 
+  def bijector_kwargs(self, labels=None, seed=None) -> Dict:
+    """Keyword arguments for the FFJORD blocks of a `flow()` chain.
+
+    The label context (conditional models) and a per-call `seed`, routed to
+    every block by name: pass as `log_prob(x, bijector_kwargs=...)` or
+    `chain.forward(x, **...)`. `{}` when there is nothing to pass.
+    """
+    block = dict(self.context_kwargs(labels))
+    if seed is not None:
+      block['seed'] = seed
+    return {'ffjord': block} if block else {}
+
   def log_prob_and_regularizers(self, chain, x, seed=None, labels=None):
     """`(log_prob, kinetic_energy, jacobian_frobenius)` of points `x`.
 
@@ -288,8 +300,7 @@ class FlowModel(snt.Module):
     Each output has shape `[N]`.
     """
     x = tf.convert_to_tensor(x, self.dtype)
-    kwargs = {} if seed is None else {'seed': seed}
-    kwargs.update(self.context_kwargs(labels))
+    kwargs = self.bijector_kwargs(labels, seed).get('ffjord', {})
     ildj = kinetic = frobenius = tf.zeros(tf.shape(x)[:-1], self.dtype)
     for block in chain.bijectors:   # the inverse runs the last block first
       result = block.solve_inverse(x, regularize=True, **kwargs)
@@ -313,7 +324,8 @@ class FlowModel(snt.Module):
       data: `[B, D]` data points (time 1).
       base: `[B, D]` base samples (time 0), paired with `data`.
       tau: `[B, 1]` global times in [0, 1].
-      labels: class labels for conditional models.
+      labels: class labels (required by conditional models, ignored by
+        others).
     """
     k = len(self.dynamics)
     data = tf.convert_to_tensor(data, self.dtype)
@@ -324,7 +336,7 @@ class FlowModel(snt.Module):
     scaled = tau * k
     block = tf.clip_by_value(tf.floor(scaled), 0., k - 1.)
     local_t = scaled - block
-    context = self.context_kwargs(labels) if self.num_classes else {}
+    context = self.context_kwargs(labels)
     which = tf.one_hot(tf.cast(block[:, 0], tf.int32), k, dtype=self.dtype)
     prediction = tf.add_n([which[:, i:i + 1] * d(local_t, x_tau, **context)
                            for i, d in enumerate(self.dynamics)])
@@ -348,6 +360,22 @@ class FlowModel(snt.Module):
       paths.append(states[1:])
       z = states[-1]
     return tf.concat(paths, 0)
+
+
+def _apply_if_finite(optimizer, loss, grads, variables, step=None):
+  """`optimizer.apply(grads, variables)` unless `loss` is not finite.
+
+  A non-finite loss leaves the weights and the optimizer state those of the
+  last good step (the caller stops training); `step`, if given, counts the
+  applied updates.
+  """
+  def update():
+    optimizer.apply(grads, variables)
+    if step is not None:
+      step.assign_add(1)
+    return tf.constant(True)
+
+  tf.cond(tf.math.is_finite(loss), update, lambda: tf.constant(False))
 
 
 def ot_pairing(base, data) -> np.ndarray:
@@ -468,7 +496,6 @@ class Trainer:
   def _train_step_fn(self, batch, labels):
     self.num_traces += 1   # Python side effect: runs only when tracing.
     config = self.config
-    context = self.model.context_kwargs(labels)
     seed = None
     if config.trace == 'hutchinson':
       # Fresh, reproducible probes each step (salted per block).
@@ -478,27 +505,22 @@ class Trainer:
     with tf.GradientTape() as tape:
       if config.regularized:
         log_prob, kinetic, frobenius = self.model.log_prob_and_regularizers(
-            self.chain, batch, seed, labels if context else None)
+            self.chain, batch, seed, labels)
         kinetic, frobenius = (tf.reduce_mean(kinetic),
                               tf.reduce_mean(frobenius))
         nll = -tf.reduce_mean(log_prob)
         loss = (nll + config.kinetic_weight * kinetic
                 + config.jacobian_weight * frobenius)
       else:
-        block_kwargs = dict(context)
-        if seed is not None:
-          block_kwargs['seed'] = seed
-        kwargs = {'bijector_kwargs': {'ffjord': block_kwargs}} if (
-            block_kwargs) else {}
-        loss = -tf.reduce_mean(self.flow.log_prob(batch, **kwargs))
+        loss = -tf.reduce_mean(self.flow.log_prob(
+            batch, bijector_kwargs=self.model.bijector_kwargs(labels, seed)))
     self._update(loss, tape)
     return loss, self._nfe(self.chain), kinetic, frobenius
 
   def _flow_matching_step_fn(self, data, base, tau, labels):
     self.num_traces += 1   # Python side effect: runs only when tracing.
     with tf.GradientTape() as tape:
-      loss = self.model.flow_matching_loss(
-          data, base, tau, labels if self.model.num_classes else None)
+      loss = self.model.flow_matching_loss(data, base, tau, labels)
     self._update(loss, tape)
     zero = tf.zeros([])
     return loss, tf.constant(0), zero, zero
@@ -507,16 +529,7 @@ class Trainer:
     grads = tape.gradient(loss, self.variables)
     if self.config.clip_norm is not None:
       grads, _ = tf.clip_by_global_norm(grads, self.config.clip_norm)
-    # No update when the loss is not finite: the weights and optimizer state
-    # stay those of the last good step (the caller stops training).
-    finite = tf.math.is_finite(loss)
-
-    def update():
-      self.optimizer.apply(grads, self.variables)
-      self.step.assign_add(1)
-      return tf.constant(True)
-
-    tf.cond(finite, update, lambda: tf.constant(False))
+    _apply_if_finite(self.optimizer, loss, grads, self.variables, self.step)
 
   def flow_matching_batch(self, data, step: int):
     """`(base, tau)` for a flow-matching step on `data`, seeded by the step.
@@ -535,9 +548,8 @@ class Trainer:
     return base, tau
 
   def _eval_step_fn(self, batch, labels):
-    context = self.model.context_kwargs(labels)
-    kwargs = {'bijector_kwargs': {'ffjord': context}} if context else {}
-    return (self.eval_flow.log_prob(batch, **kwargs),
+    return (self.eval_flow.log_prob(
+        batch, bijector_kwargs=self.model.bijector_kwargs(labels)),
             self._nfe(self.eval_chain))
 
   # ---------------------------------------------------------------- API
@@ -552,8 +564,7 @@ class Trainer:
     means are in `last_regularizers` (`(kinetic, frobenius)`).
     """
     batch = tf.convert_to_tensor(batch, tf.float32)
-    labels = self._labels(None if labels is None else np.asarray(labels),
-                          int(batch.shape[0]))
+    labels = self._labels(labels, int(batch.shape[0]))
     if self.config.objective == 'flow-matching':
       base, tau = self.flow_matching_batch(batch.numpy(), int(self.step))
       loss, nfe, kinetic, frobenius = self._flow_matching_step(
@@ -620,19 +631,17 @@ class Trainer:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
       raise ValueError(f'`n` must be a positive integer; got {n!r}.')
-    kwargs = {}
     if self.model.num_classes:
       if labels is None:
         labels = np.random.default_rng(seed).choice(self.data.train_labels, n)
       elif np.ndim(labels) == 0:
         labels = np.full([n], int(labels))
-      labels = self._labels(labels, n)
-      kwargs = {'bijector_kwargs': {
-          'ffjord': self.model.context_kwargs(tf.constant(labels))}}
+      labels = tf.constant(self._labels(labels, n))
     elif labels is not None:
       raise ValueError('`labels` given, but this model is not conditional.')
+    kwargs = self.model.bijector_kwargs(labels)
     return tf.function(lambda: self.eval_flow.sample(
-        n, seed=(seed, 1), **kwargs))().numpy()
+        n, seed=(seed, 1), bijector_kwargs=kwargs))().numpy()
 
   def restore(self) -> bool:
     """Restores the latest checkpoint of `out_dir`; False if there is none."""
@@ -821,9 +830,7 @@ class Trainer:
       grid_labels = tf.zeros([len(grid)], tf.int32)
 
     def forward(x, lab):
-      context = self.model.context_kwargs(lab)
-      return self.eval_chain.forward(x, **(
-          {'ffjord': context} if context else {}))
+      return self.eval_chain.forward(x, **self.model.bijector_kwargs(lab))
 
     @tf.function
     def points(grid):
@@ -894,12 +901,8 @@ def fit_adam(loss_fn: Callable[[], tf.Tensor], variables: Sequence[tf.Variable],
   def step():
     with tf.GradientTape() as tape:
       loss = loss_fn()
-    grads = tape.gradient(loss, variables)
-    def update():
-      optimizer.apply(grads, variables)
-      return tf.constant(True)
-
-    tf.cond(tf.math.is_finite(loss), update, lambda: tf.constant(False))
+    _apply_if_finite(optimizer, loss, tape.gradient(loss, variables),
+                     variables)
     return loss
 
   losses = []

@@ -1,4 +1,4 @@
-"""The `tfp-ffjord` command line: train, sample, evaluate, plot.
+"""The `tfp-ffjord` command line: train, sample, evaluate, plot, export.
 
     tfp-ffjord train --out runs/moons            # the seed moons model
     tfp-ffjord train --dataset 8gaussians --epochs 20 --out runs/8g
@@ -6,6 +6,7 @@
     tfp-ffjord sample runs/moons -n 1000 --out samples.npy
     tfp-ffjord evaluate runs/moons points.csv
     tfp-ffjord plot runs/moons
+    tfp-ffjord export runs/moons --out moons_model   # SavedModel
 
 Arguments are checked before TensorFlow is imported, and every error is one
 line on stderr (`tfp-ffjord: error: ...`) with a non-zero exit status:
@@ -33,6 +34,7 @@ ACTIVATIONS = ('tanh', 'softplus', 'elu', 'swish')
 FIXED_ON_RESUME = ('dataset', 'num_train', 'num_test', 'batch_size', 'blocks',
                    'hidden', 'activation', 'base_scale', 'seed', 'conditional')
 EXIT_USAGE, EXIT_FAILURE = 2, 1
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as shells report Ctrl-C
 
 
 class UsageError(Exception):
@@ -152,6 +154,13 @@ def build_parser():
   plot = sub.add_parser('plot', help='draw the figures of a trained flow')
   plot.add_argument('run', help='a training output directory')
   plot.add_argument('--out', default=None, help='default: RUN')
+
+  export = sub.add_parser(
+      'export', help='save a trained flow as a SavedModel (log_prob, sample)')
+  export.add_argument('run', help='a training output directory')
+  export.add_argument('--out', default=None,
+                      help='a new or empty directory; default: '
+                      'RUN/saved_model')
   return parser
 
 
@@ -388,8 +397,25 @@ def cmd_plot(args):
   return 0
 
 
+def cmd_export(args):
+  out = args.out or os.path.join(args.run, 'saved_model')
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise UsageError(f'--out: {out} already exists and is not an empty '
+                     'directory')
+  trainer = _load_run(args.run)
+  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+  path = training.export_saved_model(trainer, out)
+  inputs = 'x [N, %d] float32' % trainer.data.dim
+  if trainer.model.num_classes:
+    inputs += ', labels [N] int32'
+  print(f'wrote the SavedModel {path}: log_prob({inputs}), sample(n, seed'
+        + (', label' if trainer.model.num_classes else '') + '); load it with '
+        'tf.saved_model.load')
+  return 0
+
+
 COMMANDS = {'train': cmd_train, 'sample': cmd_sample,
-            'evaluate': cmd_evaluate, 'plot': cmd_plot}
+            'evaluate': cmd_evaluate, 'plot': cmd_plot, 'export': cmd_export}
 
 
 def main(argv=None):
@@ -409,9 +435,11 @@ def _run(args):
   except UsageError as e:
     print(f'{PROG}: error: {e}', file=sys.stderr)
     return EXIT_USAGE
-  except KeyboardInterrupt:
-    print(f'{PROG}: interrupted', file=sys.stderr)
-    return 130
+  except KeyboardInterrupt as e:
+    # TrainingInterrupted says where it stopped and what it saved.
+    print(f'{PROG}: {e}' if str(e) else f'{PROG}: interrupted',
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
     if isinstance(e, (ValueError, FileNotFoundError, OSError,

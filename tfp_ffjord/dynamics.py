@@ -21,6 +21,25 @@ def _check_arguments(hidden_sizes, output_size, activation):
   return sizes
 
 
+def _check_state(module, z):
+  """`z` as a floating Tensor whose last axis is the module's state size.
+
+  Checked before the first call builds the layers, so a mismatched first
+  call cannot leave the module built for the wrong size.
+  """
+  z = tf.convert_to_tensor(z)
+  if not z.dtype.is_floating:
+    raise TypeError(f'{module.name}: the state `z` must be floating; got '
+                    f'dtype {z.dtype.name}.')
+  if z.shape.rank == 0 or (z.shape[-1] is not None
+                           and z.shape[-1] != module.output_size):
+    raise ValueError(
+        f'{module.name}: the state `z` must have shape [..., '
+        f'{module.output_size}] (`output_size`={module.output_size}); got '
+        f'shape {z.shape}. Does the data dimension match the dynamics?')
+  return z
+
+
 def _time_column(t, x):
   """`t` (a scalar, or broadcastable to it) as a `[..., 1]` column like `x`."""
   shape = tf.concat([tf.shape(x)[:-1], [1]], 0)
@@ -91,7 +110,7 @@ class MLPODE(snt.Module):
     return tf.concat(parts, -1)
 
   def __call__(self, t, z, **kwargs):
-    z = tf.convert_to_tensor(z)
+    z = _check_state(self, z)
     h = self._inputs(t, z, kwargs)
     for layer in self._hidden:
       h = self._activation(_linear(layer, h))
@@ -157,7 +176,7 @@ class ConcatSquashMLPODE(snt.Module):
 
   def __call__(self, t, z, **kwargs):
     del kwargs
-    h = tf.convert_to_tensor(z)
+    h = _check_state(self, z)
     for layer in self._layers[:-1]:
       h = self._activation(layer(t, h))
     return self._layers[-1](t, h)

@@ -13,10 +13,15 @@ checkpoint (`tf.train.CheckpointManager`: model, optimizer state, epoch),
 continues from the last checkpoint with the same optimizer state.
 """
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
+import signal
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,9 +38,10 @@ from tfp_ffjord import trace as trace_lib
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
-__all__ = ['TrainConfig', 'FlowModel', 'Trainer', 'TrainingError', 'fit_adam',
+__all__ = ['TrainConfig', 'FlowModel', 'Trainer', 'TrainingError',
+           'TrainingInterrupted', 'fit_adam',
            'fit_lbfgs', 'total_variation', 'load_run', 'time_train_step',
-           'ot_pairing',
+           'ot_pairing', 'export_saved_model',
            'SOLVERS', 'ACTIVATIONS', 'make_solver']
 
 SOLVERS = {
@@ -64,6 +70,10 @@ METRICS_FILE = 'metrics.json'
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 LOG_DIR = 'logs'
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """Training stopped by SIGINT (Ctrl-C) after saving a checkpoint."""
 
 
 class TrainingError(RuntimeError):
@@ -271,10 +281,13 @@ class FlowModel(snt.Module):
     solve = solver.solve if hasattr(solver, 'solve') else solver
     # tfb.Chain applies its last bijector first: reverse, so that the
     # forward map goes through dynamics_0 first.
+    # Fixed salts per block: the noise for a seed is the same in every
+    # process and for every Trainer (determinism, resumes).
     chain = tfb.Chain([
         bijector_lib.FFJORD(d, ode_solve_fn=solve,
-                            trace_augmentation_fn=trace_fn, dtype=self.dtype)
-        for d in self.dynamics][::-1], name='ffjord_chain')
+                            trace_augmentation_fn=trace_fn, dtype=self.dtype,
+                            seed_salt=f'tfp_ffjord.training.block{i}')
+        for i, d in enumerate(self.dynamics)][::-1], name='ffjord_chain')
     return tfd.TransformedDistribution(self.base_distribution(), chain), chain
 
   def bijector_kwargs(self, labels=None, seed=None) -> Dict:
@@ -388,6 +401,42 @@ def ot_pairing(base, data) -> np.ndarray:
   return order
 
 
+def _solver_failure(error) -> Optional[str]:
+  """The solver's own line of a failed-solve error, or None if not one."""
+  for line in str(error.message).splitlines():
+    line = line.strip()
+    if ' failed: ' in line and 'time reached' in line:
+      if line.startswith('assertion failed:'):   # tf.debugging.Assert's form
+        line = ' '.join(re.findall(r'\[([^\]]*)\]', line))
+      return line.rstrip('.')
+  return None
+
+
+@contextlib.contextmanager
+def _sigint_flag():
+  """Turns the first SIGINT into a flag (`flag[0]`), the second into ^C.
+
+  Only in the main thread (Python delivers signals there); elsewhere the flag
+  never rises and SIGINT keeps its usual effect.
+  """
+  flag = [False]
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+
+  def handler(signum, frame):
+    del signum, frame
+    if flag[0]:
+      raise KeyboardInterrupt
+    flag[0] = True
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def _cosine(config, epoch):
   progress = epoch / max(config.epochs - 1, 1)
   return config.learning_rate * (
@@ -453,7 +502,9 @@ class Trainer:
     self.num_traces = 0
     # Labels are always an input (ignored by unconditional models), so both
     # kinds of model share one compiled signature.
-    self._train_step = tf.function(
+    # checked_function: a failed solve raises after the call even under XLA
+    # (which compiles assertions away); the update was then not applied.
+    self._train_step = ode.checked_function(
         self._train_step_fn, jit_compile=config.jit_compile,
         input_signature=[
             tf.TensorSpec([config.batch_size, self.data.dim], tf.float32),
@@ -465,7 +516,7 @@ class Trainer:
             tf.TensorSpec([config.batch_size, self.data.dim], tf.float32),
             tf.TensorSpec([config.batch_size, 1], tf.float32),
             tf.TensorSpec([config.batch_size], tf.int32)])
-    self._eval_step = tf.function(
+    self._eval_step = ode.checked_function(
         self._eval_step_fn, jit_compile=config.jit_compile,
         input_signature=[
             tf.TensorSpec([config.eval_batch_size, self.data.dim],
@@ -570,8 +621,16 @@ class Trainer:
       loss, nfe, kinetic, frobenius = self._flow_matching_step(
           batch, tf.constant(base), tf.constant(tau), tf.constant(labels))
     else:
-      loss, nfe, kinetic, frobenius = self._train_step(batch,
-                                                       tf.constant(labels))
+      try:
+        loss, nfe, kinetic, frobenius = self._train_step(batch,
+                                                         tf.constant(labels))
+      except tf.errors.InvalidArgumentError as e:
+        failure = _solver_failure(e)
+        if failure is None:
+          raise
+        raise TrainingError(
+            f'The ODE solver failed in training step {int(self.step) + 1}: '
+            f'{failure}; the step was not applied.') from None
     self.last_regularizers = (float(kinetic), float(frobenius))
     return float(loss), int(nfe)
 
@@ -644,10 +703,25 @@ class Trainer:
         n, seed=(seed, 1), bijector_kwargs=kwargs))().numpy()
 
   def restore(self) -> bool:
-    """Restores the latest checkpoint of `out_dir`; False if there is none."""
-    if self.manager is None or self.manager.latest_checkpoint is None:
+    """Restores the latest checkpoint of `out_dir`; False if there is none.
+
+    A checkpoint that cannot be read (truncated or deleted files) is
+    skipped with a warning in favour of the previous one.
+    """
+    if self.manager is None or not self.manager.checkpoints:
       return False
-    self.checkpoint.restore(self.manager.latest_checkpoint).assert_consumed()
+    for path in reversed(self.manager.checkpoints):
+      try:
+        self.checkpoint.restore(path).assert_consumed()
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        # Truncated files surface as OpError, IndexError, ValueError...
+        logging.getLogger('tfp_ffjord').warning(
+            'Cannot restore %s (%s); trying the previous checkpoint.', path,
+            str(e).splitlines()[0] if str(e) else type(e).__name__)
+    else:
+      raise TrainingError(
+          f'No checkpoint in {self.manager.directory} can be restored.')
     self._restored = True
     path = os.path.join(self.out_dir, METRICS_FILE)
     if os.path.exists(path):
@@ -661,8 +735,13 @@ class Trainer:
     """Trains until `config.epochs`, resuming from `out_dir` if possible.
 
     Returns the per-epoch history (also in `metrics.json`). Raises
-    `TrainingError` if the loss becomes non-finite; the last checkpoint is
-    then the last good epoch.
+    `TrainingError` if the loss becomes non-finite or a solve fails; the
+    weights are then those of the last good step and the last checkpoint is
+    the last good epoch. The first SIGINT (Ctrl-C) stops after the current
+    step, saves a checkpoint there and raises `TrainingInterrupted`; a
+    resumed `fit()` skips the batches of that epoch already trained on, so
+    it continues exactly where the interrupted run was (a second SIGINT
+    interrupts at once, without saving).
     """
     import tqdm  # pylint: disable=g-import-not-at-top
     config = self.config
@@ -672,60 +751,121 @@ class Trainer:
         json.dump(config.to_dict(), f, indent=2)
       if not self._restored:
         self.restore()
+      self._restored = True   # from here on the weights are this run's
       self.writer = tf.summary.create_file_writer(
           os.path.join(self.out_dir, LOG_DIR))
     first_epoch = int(self.epoch)
+    steps_per_epoch = len(self.data.train) // config.batch_size
+    # Batches of `first_epoch` applied before an interruption.
+    skip = int(self.step) - first_epoch * steps_per_epoch
+    if not 0 <= skip < steps_per_epoch:
+      skip = 0
     elapsed = self.history[-1]['wall_time'] if self.history else 0.
     start = time.perf_counter() - elapsed
     bar = tqdm.trange(first_epoch, config.epochs, initial=first_epoch,
                       total=config.epochs, desc=config.dataset,
                       disable=not progress)
-    for epoch in bar:
-      if config.lr_schedule == 'cosine':
-        self.learning_rate.assign(_cosine(config, epoch))
-      losses, nfes, regs = [], [], []
-      # Each epoch's order depends only on (seed, epoch), so a resumed run
-      # sees the batches an uninterrupted one would have.
-      conditional = bool(self.model.num_classes)
-      for item in self.data.train_dataset(config.batch_size,
-                                          seed=config.seed + epoch,
-                                          with_labels=conditional):
-        batch, labels = item if conditional else (item, None)
-        loss, nfe = self.train_step(batch, labels)
-        if not math.isfinite(loss):
-          raise TrainingError(
-              f'The training loss became {loss} at epoch {epoch + 1}, step '
-              f'{int(self.step)}; the weights of the last good step are kept'
-              + (f' and the last checkpoint ({self.manager.latest_checkpoint})'
-                 ' is the last good epoch' if self.manager else '')
-              + '. Try a lower learning rate, --clip-norm or a tighter '
-              'tolerance.')
-        losses.append(loss)
-        nfes.append(nfe)
-        regs.append(self.last_regularizers)
-        bar.set_postfix(loss=f'{loss:.3f}', nfe=nfe, refresh=False)
-      evaluation = self.evaluate()
-      record = dict(epoch=epoch + 1, learning_rate=float(self.learning_rate),
-                    train_loss=float(np.mean(losses)),
-                    test_nll=evaluation['nll'],
-                    nfe_per_step=float(np.mean(nfes)),
-                    eval_nfe=evaluation['nfe'],
-                    wall_time=time.perf_counter() - start)
-      if 'bits_per_dim' in evaluation:
-        record['test_bits_per_dim'] = evaluation['bits_per_dim']
-      if config.regularized:
-        record['kinetic_energy'] = float(np.mean([r[0] for r in regs]))
-        record['jacobian_frobenius'] = float(np.mean([r[1] for r in regs]))
-      self.history.append(record)
-      self.epoch.assign(epoch + 1)
-      bar.set_postfix(loss=f'{record["train_loss"]:.3f}',
-                      test_nll=f'{record["test_nll"]:.3f}',
-                      nfe=f'{record["nfe_per_step"]:.0f}')
-      self._log(record)
-      if callback is not None:
-        callback(record)
-    bar.close()
+    with _sigint_flag() as interrupted, contextlib.closing(bar):
+      for epoch in bar:
+        self._fit_epoch(epoch, skip, interrupted, bar, start, callback)
+        skip = 0
     return self.history
+
+  def _fit_epoch(self, epoch, skip, interrupted, bar, start, callback):
+    config = self.config
+    if config.lr_schedule == 'cosine':
+      self.learning_rate.assign(_cosine(config, epoch))
+    losses, nfes, regs = [], [], []
+    # Each epoch's order depends only on (seed, epoch), so a resumed run
+    # sees the batches an uninterrupted one would have.
+    conditional = bool(self.model.num_classes)
+    batches = self.data.train_dataset(config.batch_size,
+                                      seed=config.seed + epoch,
+                                      with_labels=conditional).skip(skip)
+    for item in batches:
+      if interrupted[0]:
+        self._stop_interrupted(epoch)
+      batch, labels = item if conditional else (item, None)
+      try:
+        loss, nfe = self.train_step(batch, labels)
+      except TrainingError as e:
+        raise TrainingError(
+            f'Epoch {epoch + 1}: {str(e).rstrip(".")}{self._kept()}') from None
+      if not math.isfinite(loss):
+        raise TrainingError(
+            f'The training loss became {loss} at epoch {epoch + 1}, step '
+            f'{int(self.step) + 1}; the weights of the last good step are '
+            f'kept{self._kept()} Try a lower learning rate, --clip-norm or a '
+            'tighter tolerance.')
+      losses.append(loss)
+      nfes.append(nfe)
+      regs.append(self.last_regularizers)
+      bar.set_postfix(loss=f'{loss:.3f}', nfe=nfe, refresh=False)
+    if interrupted[0]:
+      self._stop_interrupted(epoch)
+    try:
+      evaluation = self.evaluate()
+    except tf.errors.InvalidArgumentError as e:
+      failure = _solver_failure(e)
+      if failure is None:
+        raise
+      raise TrainingError(
+          f'The ODE solver failed in the held-out evaluation after epoch '
+          f'{epoch + 1}: {failure}{self._kept()} Evaluate with a looser '
+          'tolerance or more `max_num_steps`.') from None
+    record = dict(epoch=epoch + 1, learning_rate=float(self.learning_rate),
+                  train_loss=float(np.mean(losses)) if losses else None,
+                  test_nll=evaluation['nll'],
+                  nfe_per_step=float(np.mean(nfes)) if nfes else None,
+                  eval_nfe=evaluation['nfe'],
+                  wall_time=time.perf_counter() - start)
+    if 'bits_per_dim' in evaluation:
+      record['test_bits_per_dim'] = evaluation['bits_per_dim']
+    if config.regularized and regs:
+      record['kinetic_energy'] = float(np.mean([r[0] for r in regs]))
+      record['jacobian_frobenius'] = float(np.mean([r[1] for r in regs]))
+    self.history.append(record)
+    self.epoch.assign(epoch + 1)
+    bar.set_postfix(loss=f'{record["train_loss"] or float("nan"):.3f}',
+                    test_nll=f'{record["test_nll"]:.3f}',
+                    nfe=f'{record["nfe_per_step"] or 0:.0f}')
+    self._log(record)
+    if callback is not None:
+      callback(record)
+
+  def _kept(self) -> str:
+    """How the last checkpoint stands, for error messages."""
+    if self.manager is None or self.manager.latest_checkpoint is None:
+      return '.'
+    return (f'; the last checkpoint ({self.manager.latest_checkpoint}) is '
+            'the last good state.')
+
+  def _stop_interrupted(self, epoch):
+    """Saves a mid-epoch checkpoint and raises `TrainingInterrupted`."""
+    where = f'epoch {epoch + 1}, step {int(self.step)}'
+    if self.manager is None:
+      raise TrainingInterrupted(f'Interrupted at {where} (no out_dir: '
+                                'nothing saved).')
+    path = self.save()
+    raise TrainingInterrupted(
+        f'Interrupted at {where}; saved {path}. Continue with --resume '
+        '(`Trainer.fit()` on the same out_dir).')
+
+  def save(self) -> Optional[str]:
+    """Writes a checkpoint numbered by the global step (if not written yet).
+
+    Checkpoints are atomic: TensorFlow writes the files under a temporary
+    name and renames them, then rewrites the `checkpoint` index file
+    atomically, so a crash during a save leaves the previous checkpoint as
+    the latest one.
+    """
+    if self.manager is None:
+      return None
+    number = int(self.step)
+    latest = self.manager.latest_checkpoint
+    if latest is not None and latest.endswith(f'-{number}'):
+      return latest
+    return self.manager.save(checkpoint_number=number)
 
   def _log(self, record):
     if self.out_dir is None:
@@ -735,7 +875,7 @@ class Trainer:
         if key != 'epoch':
           tf.summary.scalar(key, value)
     self.writer.flush()
-    self.manager.save(checkpoint_number=record['epoch'])
+    self.save()
     self.write_metrics()
 
   def metrics(self) -> Dict:
@@ -869,6 +1009,79 @@ def load_run(run_dir: str) -> Trainer:
   if not trainer.restore():
     raise FileNotFoundError(f'{run_dir} has no checkpoint yet.')
   return trainer
+
+
+class _ExportModule(tf.Module):
+  """What `export_saved_model` saves: the variables and two functions."""
+
+  def __init__(self, trainer: 'Trainer'):
+    super().__init__(name='tfp_ffjord_flow')
+    model, flow = trainer.model, trainer.eval_flow
+    dim, classes = trainer.data.dim, model.num_classes
+    self.model = model   # tracks the variables
+    # Variables, because a SavedModel keeps trackables, not constants.
+    self.dim = tf.Variable(dim, trainable=False, dtype=tf.int32)
+    self.num_classes = tf.Variable(classes, trainable=False, dtype=tf.int32)
+    self.config_json = tf.Variable(json.dumps(trainer.config.to_dict()),
+                                   trainable=False)
+    points = tf.TensorSpec([None, dim], tf.float32, name='x')
+    count = tf.TensorSpec([], tf.int32, name='n')
+    seed = tf.TensorSpec([2], tf.int32, name='seed')
+    if classes:
+      label_spec = tf.TensorSpec([None], tf.int32, name='labels')
+
+      @tf.function(input_signature=[points, label_spec])
+      def log_prob(x, labels):
+        return {'log_prob': flow.log_prob(
+            x, bijector_kwargs=model.bijector_kwargs(labels))}
+
+      @tf.function(input_signature=[count, seed,
+                                    tf.TensorSpec([], tf.int32, name='label')])
+      def sample(n, seed, label):
+        kwargs = model.bijector_kwargs(tf.fill([n], label))
+        return {'samples': flow.sample(n, seed=seed, bijector_kwargs=kwargs)}
+    else:
+      @tf.function(input_signature=[points])
+      def log_prob(x):
+        return {'log_prob': flow.log_prob(x)}
+
+      @tf.function(input_signature=[count, seed])
+      def sample(n, seed):
+        return {'samples': flow.sample(n, seed=seed)}
+    self.log_prob = log_prob
+    self.sample = sample
+
+
+def export_saved_model(trainer: 'Trainer', path: str) -> str:
+  """Saves the trained flow as a SavedModel with `log_prob` and `sample`.
+
+  The SavedModel needs only TensorFlow to load (`tf.saved_model.load(path)`,
+  no tfp_ffjord or TFP import), and runs the held-out evaluation's solver
+  and exact trace:
+
+  * `log_prob(x)`: `x` float32 `[N, D]` -> `{'log_prob': [N]}`;
+  * `sample(n, seed)`: int32 scalar and int32 `[2]` -> `{'samples': [n, D]}`,
+    the same points for the same seed (stateless sampling);
+  * conditional models take `labels` (`[N]` int32) in `log_prob` and one
+    `label` (int32 scalar) in `sample`.
+
+  Both are also `signatures` (for TF Serving and `saved_model_cli`), and
+  the module has `dim`, `num_classes` and `config_json` constants. The
+  directory is written under a temporary name and renamed, so a crash
+  never leaves a half-written SavedModel at `path`.
+  """
+  module = _ExportModule(trainer)
+  path = os.path.abspath(path)
+  if os.path.exists(path) and os.listdir(path):
+    raise FileExistsError(f'{path} already exists and is not empty.')
+  tmp = f'{path}.tmp-{os.getpid()}'
+  tf.saved_model.save(module, tmp, signatures={
+      'log_prob': module.log_prob, 'sample': module.sample,
+      'serving_default': module.log_prob})
+  if os.path.exists(path):
+    os.rmdir(path)
+  os.replace(tmp, path)
+  return path
 
 
 # ------------------------------------------------- small-model optimisation

@@ -80,6 +80,10 @@ def test_argument_error_is_one_line_without_traceback():
     (['train', '--hidden', '8,x'], 'argument --hidden: expected layer sizes'),
     (['train', '--colour', 'red'], 'unrecognized arguments: --colour red'),
     (['fly'], "invalid choice: 'fly'"),
+    (['train', '--strategy', 'multi-worker'], 'needs TF_CONFIG'),
+    (['train', '--strategy', 'gpus'], "argument --strategy: invalid choice"),
+    (['train', '--cpu-devices', '0'], 'argument --cpu-devices: expected a '
+     'positive'),
     ([], 'the following arguments are required: COMMAND'),
 ])
 def test_bad_arguments_give_one_line(capsys, argv, match):

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import threading
@@ -29,6 +30,7 @@ DATASETS = ('2spirals', '8gaussians', 'checkerboard', 'circles', 'digits',
             'gaussian1d', 'moons', 'pinwheel', 'rings', 'swissroll')
 SOLVERS = ('tsit5', 'dopri5', 'rk4', 'midpoint', 'euler')
 ACTIVATIONS = ('tanh', 'softplus', 'elu', 'swish')
+STRATEGIES = ('default', 'mirrored', 'multi-worker', 'tpu')
 # Options of `train` that define the model or the data: a resumed run must
 # not change them.
 FIXED_ON_RESUME = ('dataset', 'num_train', 'num_test', 'batch_size', 'blocks',
@@ -136,6 +138,16 @@ def build_parser():
   a('--overwrite', action='store_true',
     help='delete a previous run in OUT and start afresh')
   a('--no-progress', action='store_true', help='no progress bar')
+  a('--strategy', choices=STRATEGIES, default='default',
+    help='tf.distribute strategy: default (one device), mirrored (all GPUs, '
+    'or --cpu-devices CPU devices), multi-worker (cluster from TF_CONFIG), '
+    'tpu; default: default')
+  a('--cpu-devices', type=_positive_int, default=None,
+    help='split the CPU into this many logical devices (for --strategy '
+    'mirrored without GPUs)')
+  a('--collective-timeout', type=_positive_float, default=300.,
+    help='multi-worker: seconds before a collective waiting for a dead '
+    'worker fails; default: 300')
 
   sample = sub.add_parser('sample', help='draw samples from a trained flow')
   sample.add_argument('run', help='a training output directory')
@@ -286,6 +298,7 @@ def _train_config(args):
       'kinetic_weight',
       'jacobian_weight', 'base_scale', 'num_train',
       'num_test', 'seed', 'jit_compile') if getattr(args, k) is not None}
+  chief = _chief_of_cluster(args)   # also checks TF_CONFIG
   config_path = os.path.join(args.out, training.CONFIG_FILE)
   ckpt_dir = os.path.join(args.out, training.CHECKPOINT_DIR)
   has_run = os.path.exists(config_path) or os.path.isdir(ckpt_dir)
@@ -305,6 +318,9 @@ def _train_config(args):
             'train a different model')
     saved.update(given)
     return training.TrainConfig.from_dict(saved)
+  if has_run and not chief:
+    # Another worker's chief owns OUT (and may just have written it).
+    return training.TrainConfig(**given)
   if has_run:
     if not args.overwrite:
       raise UsageError(f'{args.out} already holds a run; pass --resume to '
@@ -316,6 +332,31 @@ def _train_config(args):
       if os.path.exists(os.path.join(args.out, name)):
         os.remove(os.path.join(args.out, name))
   return training.TrainConfig(**given)
+
+
+def _chief_of_cluster(args) -> bool:
+  """False only for a non-chief task of a `--strategy multi-worker` run."""
+  if args.strategy != 'multi-worker':
+    return True
+  try:
+    tf_config = json.loads(os.environ.get('TF_CONFIG', '{}'))
+  except ValueError:
+    raise UsageError('--strategy multi-worker: TF_CONFIG is not valid '
+                     'JSON') from None
+  task = tf_config.get('task', {})
+  cluster = tf_config.get('cluster', {})
+  if not task or not cluster:
+    raise UsageError('--strategy multi-worker needs TF_CONFIG with '
+                     '"cluster" and "task" (see README, Scaling out)')
+  if task.get('type') == 'chief':
+    return True
+  return (task.get('type') == 'worker' and int(task.get('index', 0)) == 0
+          and 'chief' not in cluster)
+
+
+def tf_errors():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.errors
 
 
 def _load_run(run):
@@ -332,20 +373,39 @@ def cmd_train(args):
   args.out = args.out or os.path.join('runs', args.dataset or 'moons')
   config = _train_config(args)
   from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
-  trainer = training.Trainer(config, out_dir=args.out)
+  strategy = training.make_strategy(args.strategy, args.cpu_devices,
+                                    args.collective_timeout)
+  trainer = training.Trainer(config, out_dir=args.out, strategy=strategy)
+  if trainer.distributed:
+    names = {'mirrored': 'MirroredStrategy', 'tpu': 'TPUStrategy',
+             'multi-worker': 'MultiWorkerMirroredStrategy'}
+    print(f'{names[args.strategy]}: {trainer.num_replicas} replicas in '
+          f'sync, global batch {config.batch_size}'
+          + ('' if trainer.is_chief else ' (not the chief)'), flush=True)
   resumed = trainer.restore()
-  if not resumed:
+  if not resumed and trainer.is_chief:
     os.makedirs(args.out, exist_ok=True)
     trainer.plot(tag='first')
-  start_epoch = int(trainer.epoch)
+  start_epoch = int(trainer.epoch.numpy())
   if start_epoch >= config.epochs:
     print(f'{args.out} has already trained {start_epoch} epochs '
           f'(--epochs {config.epochs}); nothing to do')
   try:
     trainer.fit(progress=not args.no_progress)
+  except (tf_errors().UnavailableError, tf_errors().DeadlineExceededError,
+          tf_errors().CancelledError) as e:
+    reason = re.sub(r'\{\{.*?\}\}\s*', '', str(e.message)).strip()
+    raise training.TrainingError(
+        'a worker stopped responding (collective failed: '
+        f'{reason.splitlines()[0][:200]}); the last checkpoint is the last '
+        'good state, continue with --resume') from None
   finally:
     if trainer.history:
       trainer.write_metrics()
+  if not trainer.is_chief:
+    print(f'worker finished {len(trainer.history)} epochs; the chief wrote '
+          f'{args.out}')
+    return 0
   written = trainer.plot(tag='last')
   m = trainer.metrics()
   line = f'final test NLL {m["final_test_nll"]:.4f} nats'

@@ -20,7 +20,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,7 +43,7 @@ tfb, tfd = tfp.bijectors, tfp.distributions
 __all__ = ['TrainConfig', 'FlowModel', 'Trainer', 'TrainingError',
            'TrainingInterrupted', 'fit_adam',
            'fit_lbfgs', 'total_variation', 'load_run', 'time_train_step',
-           'ot_pairing', 'export_saved_model',
+           'ot_pairing', 'export_saved_model', 'make_strategy', 'STRATEGIES',
            'SOLVERS', 'ACTIVATIONS', 'make_solver']
 
 SOLVERS = {
@@ -437,6 +439,74 @@ def _sigint_flag():
     signal.signal(signal.SIGINT, previous)
 
 
+def _is_chief(strategy) -> bool:
+  """Whether this process writes checkpoints, metrics and logs.
+
+  The chief of a multi-worker cluster (task `chief`, or `worker` 0 when the
+  cluster has no `chief`); always true for single-process strategies.
+  """
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not getattr(resolver, 'task_type', None):
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  if task_type == 'chief':
+    return True
+  has_chief = 'chief' in resolver.cluster_spec().as_dict()
+  return task_type == 'worker' and task_id == 0 and not has_chief
+
+
+STRATEGIES = ('default', 'mirrored', 'multi-worker', 'tpu')
+
+
+def make_strategy(name: str = 'default', cpu_devices: Optional[int] = None,
+                  timeout_seconds: Optional[float] = 300.):
+  """A `tf.distribute` strategy by name; `None` for 'default'.
+
+  Args:
+    name: 'default' (one device: returns None), 'mirrored' (all GPUs of this
+      host, or `cpu_devices` logical CPU devices), 'multi-worker'
+      (`MultiWorkerMirroredStrategy`, cluster from the `TF_CONFIG`
+      environment variable) or 'tpu' (`TPUStrategy` on the TPU named by
+      the usual resolver environment; not tested here).
+    cpu_devices: split the host CPU into this many logical devices first
+      (must run before TensorFlow initialises its devices); for 'mirrored'
+      without GPUs, the strategy then mirrors over them.
+    timeout_seconds: 'multi-worker': a collective that waits longer than
+      this (a dead worker) fails instead of hanging.
+  """
+  if name not in STRATEGIES:
+    raise ValueError(f'`strategy` must be one of {", ".join(STRATEGIES)}; '
+                     f'got {name!r}.')
+  if cpu_devices is not None:
+    if isinstance(cpu_devices, bool) or not isinstance(
+        cpu_devices, int) or cpu_devices < 1:
+      raise ValueError('`cpu_devices` must be a positive int; got '
+                       f'{cpu_devices!r}.')
+    cpu = tf.config.list_physical_devices('CPU')[0]
+    try:
+      tf.config.set_logical_device_configuration(
+          cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+    except RuntimeError as e:
+      raise RuntimeError('`cpu_devices` must be set before TensorFlow '
+                         f'initialises its devices: {e}') from None
+  if name == 'default':
+    return None
+  if name == 'mirrored':
+    devices = None
+    if not tf.config.list_physical_devices('GPU'):
+      devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+    return tf.distribute.MirroredStrategy(devices)
+  if name == 'multi-worker':
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=timeout_seconds)
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=options)
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+  tf.config.experimental_connect_to_cluster(resolver)
+  tf.tpu.experimental.initialize_tpu_system(resolver)
+  return tf.distribute.TPUStrategy(resolver)
+
+
 def _cosine(config, epoch):
   progress = epoch / max(config.epochs - 1, 1)
   return config.learning_rate * (
@@ -455,10 +525,25 @@ class Trainer:
   """
 
   def __init__(self, config: TrainConfig, out_dir: Optional[str] = None,
-               data: Optional[datasets.Dataset] = None):
+               data: Optional[datasets.Dataset] = None,
+               strategy: Optional[tf.distribute.Strategy] = None):
     config.validate()
     self.config = config
     self.out_dir = out_dir
+    # `strategy=None` is TensorFlow's default (one device) strategy.
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.distributed = strategy is not None
+    self.num_replicas = self.strategy.num_replicas_in_sync
+    self.is_chief = _is_chief(self.strategy)
+    if self.distributed:
+      if config.objective != 'maximum-likelihood':
+        raise ValueError('Training under a tf.distribute strategy supports '
+                         "`objective='maximum-likelihood'` only; got "
+                         f'{config.objective!r}.')
+      if config.batch_size % self.num_replicas:
+        raise ValueError(
+            f'`batch_size` ({config.batch_size}) is the global batch: it must '
+            f'be divisible by the {self.num_replicas} replicas.')
     self.data = data or datasets.load(config.dataset, config.num_train,
                                       config.num_test, seed=config.seed)
     if config.batch_size > len(self.data.train):
@@ -472,32 +557,49 @@ class Trainer:
         raise ValueError(f'`conditional=True` but dataset {self.data.name!r} '
                          'has no class labels.')
       num_classes = self.data.num_classes
-    self.model = FlowModel(self.data.dim, config.blocks, config.hidden,
-                           config.activation, config.base_scale,
-                           num_classes=num_classes)
-    self.flow, self.chain = self.model.flow(make_solver(config),
-                                            config.trace)
-    self.eval_flow, self.eval_chain = self.model.flow(
-        make_solver(config, for_eval=True), 'exact')
-    self.variables = list(self.model.trainable_variables)
-    self.learning_rate = tf.Variable(config.learning_rate, trainable=False,
-                                     dtype=tf.float32, name='learning_rate')
-    self.optimizer = snt.optimizers.Adam(self.learning_rate)
-    # Create Adam's moments now: a first call of the step that creates
-    # variables would make tf.function trace it twice.
-    self.optimizer._initialize(self.variables)  # pylint: disable=protected-access
-    self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name='epoch')
-    self.step = tf.Variable(0, trainable=False, dtype=tf.int64, name='step')
+    # Every variable (weights, Adam's moments, counters) is created under
+    # the strategy's scope: mirrored on each replica when distributed.
+    with self.strategy.scope():
+      self.model = FlowModel(self.data.dim, config.blocks, config.hidden,
+                             config.activation, config.base_scale,
+                             num_classes=num_classes)
+      self.flow, self.chain = self.model.flow(make_solver(config),
+                                              config.trace)
+      self.eval_flow, self.eval_chain = self.model.flow(
+          make_solver(config, for_eval=True), 'exact')
+      self.variables = list(self.model.trainable_variables)
+      self.learning_rate = tf.Variable(config.learning_rate, trainable=False,
+                                       dtype=tf.float32, name='learning_rate')
+      self.optimizer = snt.optimizers.Adam(self.learning_rate)
+      # Create Adam's moments now: a first call of the step that creates
+      # variables would make tf.function trace it twice.
+      self.optimizer._initialize(self.variables)  # pylint: disable=protected-access
+      self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64,
+                               name='epoch')
+      self.step = tf.Variable(0, trainable=False, dtype=tf.int64, name='step')
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, epoch=self.epoch,
         step=self.step, learning_rate=self.learning_rate)
     self.manager = None
     self.writer = None
     self.history: List[Dict] = []
+    self._worker_dir = None
     if out_dir is not None:
+      ckpt_dir = os.path.join(out_dir, CHECKPOINT_DIR)
+      keep = config.max_to_keep
+      if not self.is_chief:
+        # Every worker must save (saving may need collectives); only the
+        # chief's checkpoints are kept, the others' go to a scratch dir
+        # (one checkpoint, removed when `fit` ends).
+        self._worker_dir = tempfile.mkdtemp(prefix='tfp_ffjord_worker_')
+        ckpt_dir, keep = self._worker_dir, 1
       self.manager = tf.train.CheckpointManager(
-          self.checkpoint, os.path.join(out_dir, CHECKPOINT_DIR),
-          max_to_keep=config.max_to_keep)
+          self.checkpoint, ckpt_dir, max_to_keep=keep)
+      # Every worker restores the chief's checkpoints.
+      self._read_manager = self.manager if self.is_chief else (
+          tf.train.CheckpointManager(
+              self.checkpoint, os.path.join(out_dir, CHECKPOINT_DIR),
+              max_to_keep=None))
     self._restored = False
     self.num_traces = 0
     # Labels are always an input (ignored by unconditional models), so both
@@ -509,6 +611,10 @@ class Trainer:
         input_signature=[
             tf.TensorSpec([config.batch_size, self.data.dim], tf.float32),
             tf.TensorSpec([config.batch_size], tf.int32)])
+    if self.distributed:
+      self._replica_grads = tf.function(self._replica_grads_fn,
+                                        jit_compile=config.jit_compile)
+      self._distributed_step = tf.function(self._distributed_step_fn)
     self._flow_matching_step = tf.function(
         self._flow_matching_step_fn, jit_compile=config.jit_compile,
         input_signature=[
@@ -544,29 +650,79 @@ class Trainer:
                        f'got values in [{labels.min()}, {labels.max()}].')
     return labels.astype(np.int32)
 
+  def _hutchinson_seed(self, replica_id=None):
+    """Fresh, reproducible probes each step (salted per block), and, when
+    distributed, different on each replica."""
+    if self.config.trace != 'hutchinson':
+      return None
+    seed = tf.stack([tf.constant(self.config.seed % 2**31, tf.int32),
+                     tf.cast(self.step % 2**31, tf.int32)])
+    if replica_id is not None:
+      seed = tf.random.experimental.stateless_fold_in(seed, replica_id)
+    return seed
+
+  def _ml_loss(self, batch, labels, seed):
+    """`(loss, kinetic, frobenius)`, batch means; call under a tape."""
+    config = self.config
+    if not config.regularized:
+      loss = -tf.reduce_mean(self.flow.log_prob(
+          batch, bijector_kwargs=self.model.bijector_kwargs(labels, seed)))
+      return loss, tf.zeros([]), tf.zeros([])
+    log_prob, kinetic, frobenius = self.model.log_prob_and_regularizers(
+        self.chain, batch, seed, labels)
+    kinetic, frobenius = tf.reduce_mean(kinetic), tf.reduce_mean(frobenius)
+    loss = (-tf.reduce_mean(log_prob) + config.kinetic_weight * kinetic
+            + config.jacobian_weight * frobenius)
+    return loss, kinetic, frobenius
+
   def _train_step_fn(self, batch, labels):
     self.num_traces += 1   # Python side effect: runs only when tracing.
-    config = self.config
-    seed = None
-    if config.trace == 'hutchinson':
-      # Fresh, reproducible probes each step (salted per block).
-      seed = tf.stack([tf.constant(config.seed % 2**31, tf.int32),
-                       tf.cast(self.step % 2**31, tf.int32)])
-    kinetic = frobenius = tf.zeros([])
     with tf.GradientTape() as tape:
-      if config.regularized:
-        log_prob, kinetic, frobenius = self.model.log_prob_and_regularizers(
-            self.chain, batch, seed, labels)
-        kinetic, frobenius = (tf.reduce_mean(kinetic),
-                              tf.reduce_mean(frobenius))
-        nll = -tf.reduce_mean(log_prob)
-        loss = (nll + config.kinetic_weight * kinetic
-                + config.jacobian_weight * frobenius)
-      else:
-        loss = -tf.reduce_mean(self.flow.log_prob(
-            batch, bijector_kwargs=self.model.bijector_kwargs(labels, seed)))
+      loss, kinetic, frobenius = self._ml_loss(batch, labels,
+                                               self._hutchinson_seed())
     self._update(loss, tape)
     return loss, self._nfe(self.chain), kinetic, frobenius
+
+  def _replica_grads_fn(self, batch, labels, replica_id):
+    """One replica's share of the step: its loss scaled by its share of the
+    global batch, and the gradient of that (summed over replicas, they
+    give the global-batch mean and its gradient)."""
+    self.num_traces += 1   # Python side effect: runs only when tracing.
+    share = (tf.cast(tf.shape(batch)[0], tf.float32)
+             / float(self.config.batch_size))
+    with tf.GradientTape() as tape:
+      loss, kinetic, frobenius = self._ml_loss(
+          batch, labels, self._hutchinson_seed(replica_id))
+      scaled = loss * share
+    grads = tape.gradient(scaled, self.variables)
+    return (scaled, grads, tf.cast(self._nfe(self.chain), tf.float32),
+            kinetic * share, frobenius * share)
+
+  def _distributed_step_fn(self, batch, labels):
+    """The step under a strategy: replicas compute, all-reduce, one update.
+
+    The update runs in cross-replica context, which assigns the same new
+    values to every copy of each (mirrored) variable.
+    """
+    def replica_fn(batch, labels):
+      ctx = tf.distribute.get_replica_context()
+      rid = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+      loss, grads, nfe, kinetic, frobenius = self._replica_grads(
+          batch, labels, rid)
+      summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                              [loss, kinetic, frobenius] + list(grads))
+      nfe = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, nfe)   # per replica
+      return summed, nfe
+
+    summed, nfe = self.strategy.run(replica_fn, args=(batch, labels))
+    first = lambda v: self.strategy.experimental_local_results(v)[0]
+    summed = [first(v) for v in summed]
+    loss, kinetic, frobenius, grads = (summed[0], summed[1], summed[2],
+                                       summed[3:])
+    if self.config.clip_norm is not None:
+      grads, _ = tf.clip_by_global_norm(grads, self.config.clip_norm)
+    _apply_if_finite(self.optimizer, loss, grads, self.variables, self.step)
+    return loss, tf.cast(tf.round(first(nfe)), tf.int32), kinetic, frobenius
 
   def _flow_matching_step_fn(self, data, base, tau, labels):
     self.num_traces += 1   # Python side effect: runs only when tracing.
@@ -575,6 +731,20 @@ class Trainer:
     self._update(loss, tape)
     zero = tf.zeros([])
     return loss, tf.constant(0), zero, zero
+
+  def _distributed_batches(self, epoch, skip):
+    """The epoch's global batches, split over the replicas (and sharded
+    over the workers) by the strategy."""
+    ds = self.data.train_dataset(self.config.batch_size,
+                                 seed=self.config.seed + epoch,
+                                 with_labels=bool(self.model.num_classes))
+    if not self.model.num_classes:
+      ds = ds.map(lambda x: (x, tf.zeros(tf.shape(x)[:1], tf.int32)))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    ds = ds.skip(skip).with_options(options)
+    return self.strategy.experimental_distribute_dataset(ds)
 
   def _update(self, loss, tape):
     grads = tape.gradient(loss, self.variables)
@@ -616,8 +786,13 @@ class Trainer:
     """
     batch = tf.convert_to_tensor(batch, tf.float32)
     labels = self._labels(labels, int(batch.shape[0]))
+    if self.distributed:
+      # Split the global batch over the replicas as `fit` does.
+      (batch, labels), = self.strategy.experimental_distribute_dataset(
+          tf.data.Dataset.from_tensors((batch, tf.constant(labels))))
+      return self._distributed_train_step(batch, labels)
     if self.config.objective == 'flow-matching':
-      base, tau = self.flow_matching_batch(batch.numpy(), int(self.step))
+      base, tau = self.flow_matching_batch(batch.numpy(), int(self.step.numpy()))
       loss, nfe, kinetic, frobenius = self._flow_matching_step(
           batch, tf.constant(base), tf.constant(tau), tf.constant(labels))
     else:
@@ -629,8 +804,13 @@ class Trainer:
         if failure is None:
           raise
         raise TrainingError(
-            f'The ODE solver failed in training step {int(self.step) + 1}: '
+            f'The ODE solver failed in training step {int(self.step.numpy()) + 1}: '
             f'{failure}; the step was not applied.') from None
+    self.last_regularizers = (float(kinetic), float(frobenius))
+    return float(loss), int(nfe)
+
+  def _distributed_train_step(self, batch, labels):
+    loss, nfe, kinetic, frobenius = self._distributed_step(batch, labels)
     self.last_regularizers = (float(kinetic), float(frobenius))
     return float(loss), int(nfe)
 
@@ -708,9 +888,10 @@ class Trainer:
     A checkpoint that cannot be read (truncated or deleted files) is
     skipped with a warning in favour of the previous one.
     """
-    if self.manager is None or not self.manager.checkpoints:
+    manager = getattr(self, '_read_manager', None)
+    if manager is None or not manager.checkpoints:
       return False
-    for path in reversed(self.manager.checkpoints):
+    for path in reversed(manager.checkpoints):
       try:
         self.checkpoint.restore(path).assert_consumed()
         break
@@ -721,13 +902,13 @@ class Trainer:
             str(e).splitlines()[0] if str(e) else type(e).__name__)
     else:
       raise TrainingError(
-          f'No checkpoint in {self.manager.directory} can be restored.')
+          f'No checkpoint in {manager.directory} can be restored.')
     self._restored = True
     path = os.path.join(self.out_dir, METRICS_FILE)
     if os.path.exists(path):
       with open(path) as f:
         saved = json.load(f).get('epochs', [])
-      self.history = [h for h in saved if h['epoch'] <= int(self.epoch)]
+      self.history = [h for h in saved if h['epoch'] <= int(self.epoch.numpy())]
     return True
 
   def fit(self, progress: bool = True,
@@ -746,18 +927,20 @@ class Trainer:
     import tqdm  # pylint: disable=g-import-not-at-top
     config = self.config
     if self.out_dir is not None:
-      os.makedirs(self.out_dir, exist_ok=True)
-      with open(os.path.join(self.out_dir, CONFIG_FILE), 'w') as f:
-        json.dump(config.to_dict(), f, indent=2)
+      if self.is_chief:
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, CONFIG_FILE), 'w') as f:
+          json.dump(config.to_dict(), f, indent=2)
       if not self._restored:
         self.restore()
       self._restored = True   # from here on the weights are this run's
-      self.writer = tf.summary.create_file_writer(
-          os.path.join(self.out_dir, LOG_DIR))
-    first_epoch = int(self.epoch)
+      if self.is_chief:
+        self.writer = tf.summary.create_file_writer(
+            os.path.join(self.out_dir, LOG_DIR))
+    first_epoch = int(self.epoch.numpy())
     steps_per_epoch = len(self.data.train) // config.batch_size
     # Batches of `first_epoch` applied before an interruption.
-    skip = int(self.step) - first_epoch * steps_per_epoch
+    skip = int(self.step.numpy()) - first_epoch * steps_per_epoch
     if not 0 <= skip < steps_per_epoch:
       skip = 0
     elapsed = self.history[-1]['wall_time'] if self.history else 0.
@@ -765,10 +948,14 @@ class Trainer:
     bar = tqdm.trange(first_epoch, config.epochs, initial=first_epoch,
                       total=config.epochs, desc=config.dataset,
                       disable=not progress)
-    with _sigint_flag() as interrupted, contextlib.closing(bar):
-      for epoch in bar:
-        self._fit_epoch(epoch, skip, interrupted, bar, start, callback)
-        skip = 0
+    try:
+      with _sigint_flag() as interrupted, contextlib.closing(bar):
+        for epoch in bar:
+          self._fit_epoch(epoch, skip, interrupted, bar, start, callback)
+          skip = 0
+    finally:
+      if self._worker_dir is not None:
+        shutil.rmtree(self._worker_dir, ignore_errors=True)
     return self.history
 
   def _fit_epoch(self, epoch, skip, interrupted, bar, start, callback):
@@ -779,22 +966,28 @@ class Trainer:
     # Each epoch's order depends only on (seed, epoch), so a resumed run
     # sees the batches an uninterrupted one would have.
     conditional = bool(self.model.num_classes)
-    batches = self.data.train_dataset(config.batch_size,
-                                      seed=config.seed + epoch,
-                                      with_labels=conditional).skip(skip)
+    if self.distributed:
+      batches = self._distributed_batches(epoch, skip)
+      step_fn = self._distributed_train_step
+    else:
+      batches = self.data.train_dataset(config.batch_size,
+                                        seed=config.seed + epoch,
+                                        with_labels=conditional).skip(skip)
+      step_fn = self.train_step
     for item in batches:
       if interrupted[0]:
         self._stop_interrupted(epoch)
-      batch, labels = item if conditional else (item, None)
+      batch, labels = item if (conditional or self.distributed) else (item,
+                                                                      None)
       try:
-        loss, nfe = self.train_step(batch, labels)
+        loss, nfe = step_fn(batch, labels)
       except TrainingError as e:
         raise TrainingError(
             f'Epoch {epoch + 1}: {str(e).rstrip(".")}{self._kept()}') from None
       if not math.isfinite(loss):
         raise TrainingError(
             f'The training loss became {loss} at epoch {epoch + 1}, step '
-            f'{int(self.step) + 1}; the weights of the last good step are '
+            f'{int(self.step.numpy()) + 1}; the weights of the last good step are '
             f'kept{self._kept()} Try a lower learning rate, --clip-norm or a '
             'tighter tolerance.')
       losses.append(loss)
@@ -813,7 +1006,7 @@ class Trainer:
           f'The ODE solver failed in the held-out evaluation after epoch '
           f'{epoch + 1}: {failure}{self._kept()} Evaluate with a looser '
           'tolerance or more `max_num_steps`.') from None
-    record = dict(epoch=epoch + 1, learning_rate=float(self.learning_rate),
+    record = dict(epoch=epoch + 1, learning_rate=float(self.learning_rate.numpy()),
                   train_loss=float(np.mean(losses)) if losses else None,
                   test_nll=evaluation['nll'],
                   nfe_per_step=float(np.mean(nfes)) if nfes else None,
@@ -842,7 +1035,7 @@ class Trainer:
 
   def _stop_interrupted(self, epoch):
     """Saves a mid-epoch checkpoint and raises `TrainingInterrupted`."""
-    where = f'epoch {epoch + 1}, step {int(self.step)}'
+    where = f'epoch {epoch + 1}, step {int(self.step.numpy())}'
     if self.manager is None:
       raise TrainingInterrupted(f'Interrupted at {where} (no out_dir: '
                                 'nothing saved).')
@@ -861,7 +1054,7 @@ class Trainer:
     """
     if self.manager is None:
       return None
-    number = int(self.step)
+    number = int(self.step.numpy())
     latest = self.manager.latest_checkpoint
     if latest is not None and latest.endswith(f'-{number}'):
       return latest
@@ -870,12 +1063,14 @@ class Trainer:
   def _log(self, record):
     if self.out_dir is None:
       return
+    self.save()   # every worker: saving may need collectives
+    if not self.is_chief:
+      return
     with self.writer.as_default(step=record['epoch']):
       for key, value in record.items():
-        if key != 'epoch':
+        if key != 'epoch' and value is not None:
           tf.summary.scalar(key, value)
     self.writer.flush()
-    self.save()
     self.write_metrics()
 
   def metrics(self) -> Dict:
@@ -894,8 +1089,13 @@ class Trainer:
       out['final_test_bits_per_dim'] = self.history[-1]['test_bits_per_dim']
     return out
 
-  def write_metrics(self) -> str:
-    """Writes `metrics.json` atomically (write a temporary file, rename)."""
+  def write_metrics(self) -> Optional[str]:
+    """Writes `metrics.json` atomically (write a temporary file, rename).
+
+    Only the chief writes (returns None on other workers).
+    """
+    if not self.is_chief:
+      return None
     path = os.path.join(self.out_dir, METRICS_FILE)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
@@ -923,7 +1123,7 @@ class Trainer:
       path = os.path.join(out_dir, f'panels_{tag}.png')
       plotting.plot_panels(path, grid, base, mapped, samples, data,
                            title=f'{self.config.dataset}, epoch '
-                           f'{int(self.epoch)}')
+                           f'{int(self.epoch.numpy())}')
       written.append(path)
       if tag == 'last':
         path = os.path.join(out_dir, 'density.png')

@@ -227,6 +227,34 @@ def test_class_conditional_moons(tmp_path):
     training.TrainConfig(dataset='checkerboard', conditional=True)
 
 
+@pytest.mark.slow
+def test_class_conditional_digits():
+  # 64-D, 10 classes; Hutchinson trace for training, exact for evaluation.
+  config = training.TrainConfig(
+      dataset='digits', conditional=True, blocks=1, hidden=(128,),
+      epochs=12, solver='rk4', num_steps=4, trace='hutchinson',
+      batch_size=128, eval_batch_size=256, eval_rtol=1e-3, eval_atol=1e-3)
+  trainer = training.Trainer(config)
+  history = trainer.fit(progress=False)
+  assert history[-1]['test_nll'] < history[0]['test_nll']
+  data = trainer.data
+  x, y = data.test[:200], data.test_labels[:200]
+  # Bayes' rule with log p(x | c): far above the 10% of chance (measured
+  # 72% after 4 epochs).
+  per_class = np.stack([trainer.log_prob(x, np.full(len(x), c))
+                        for c in range(10)], 1)
+  assert np.mean(per_class.argmax(1) == y) > 0.5
+  # Sampling respects the class: the mean of 200 samples of class c is
+  # nearest to the data mean of class c (10 of 10 measured).
+  means = np.stack([data.train[data.train_labels == c].mean(0)
+                    for c in range(10)])
+  hits = 0
+  for c in range(10):
+    centre = trainer.sample(200, seed=c, labels=c).mean(0)
+    hits += int(np.argmin(((centre[None] - means) ** 2).sum(-1)) == c)
+  assert hits >= 8
+
+
 # ----------------------------------------------------------- flow matching
 
 

@@ -18,19 +18,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfp_ffjord import training  # noqa: E402
+from tests.helpers import tiny_config, weights  # noqa: E402
 
 
 def config(**overrides):
-  kw = dict(dataset='moons', num_train=512, num_test=128, batch_size=64,
-            blocks=1, hidden=(8,), epochs=2, solver='rk4', num_steps=4,
-            eval_batch_size=128, eval_rtol=1e-4, eval_atol=1e-4,
-            learning_rate=2e-2)
-  kw.update(overrides)
-  return training.TrainConfig(**kw)
-
-
-def weights(trainer):
-  return [v.numpy() for v in trainer.model.trainable_variables]
+  overrides.setdefault('num_train', 512)
+  return tiny_config(**overrides)
 
 
 def main():

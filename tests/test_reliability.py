@@ -16,6 +16,7 @@ import tensorflow_probability as tfp
 import tfp_ffjord
 from tfp_ffjord import ode
 from tfp_ffjord import training
+from tests.helpers import tiny_config, weights
 from tests.conftest import RUN_MODES, run_in_mode
 
 tfd = tfp.distributions
@@ -28,19 +29,6 @@ SAVED_MODEL_ATOL = 1e-6
 # Peak-RSS growth allowed between epoch 5 and epoch 20 of a small model: a
 # leak of one batch-sized buffer per step (64 steps an epoch) would exceed it.
 RSS_GROWTH_MIB = 40
-
-
-def tiny_config(**overrides):
-  kw = dict(dataset='moons', num_train=256, num_test=128, batch_size=64,
-            blocks=1, hidden=(8,), epochs=2, solver='rk4', num_steps=4,
-            eval_batch_size=128, eval_rtol=1e-4, eval_atol=1e-4,
-            learning_rate=2e-2)
-  kw.update(overrides)
-  return training.TrainConfig(**kw)
-
-
-def weights(trainer):
-  return [v.numpy() for v in trainer.model.trainable_variables]
 
 
 # ------------------------------------------------------------- bad input

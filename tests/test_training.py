@@ -10,24 +10,12 @@ import tensorflow_probability as tfp
 
 from tfp_ffjord import datasets
 from tfp_ffjord import training
+from tests.helpers import tiny_config, weights
 
 # A resumed run replays the same batches and the same arithmetic as an
 # uninterrupted one; XLA on CPU is deterministic, so weights agree to
 # float32 rounding.
 RESUME_TOLERANCE = 1e-6
-
-
-def tiny_config(**overrides):
-  kw = dict(dataset='moons', num_train=256, num_test=128, batch_size=64,
-            blocks=1, hidden=(8,), epochs=2, solver='rk4', num_steps=4,
-            eval_batch_size=128, eval_rtol=1e-4, eval_atol=1e-4,
-            learning_rate=2e-2)
-  kw.update(overrides)
-  return training.TrainConfig(**kw)
-
-
-def weights(trainer):
-  return [v.numpy() for v in trainer.model.trainable_variables]
 
 
 def optimizer_state(trainer):

@@ -415,6 +415,18 @@ def _solver_failure(error) -> Optional[str]:
 
 
 @contextlib.contextmanager
+def _solver_failures_raise(message: Callable[[str], str]):
+  """Turns a failed-solve error into `TrainingError(message(failure))`."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    failure = _solver_failure(e)
+    if failure is None:
+      raise
+    raise TrainingError(message(failure)) from None
+
+
+@contextlib.contextmanager
 def _sigint_flag():
   """Turns the first SIGINT into a flag (`flag[0]`), the second into ^C.
 
@@ -796,16 +808,12 @@ class Trainer:
       loss, nfe, kinetic, frobenius = self._flow_matching_step(
           batch, tf.constant(base), tf.constant(tau), tf.constant(labels))
     else:
-      try:
+      step = int(self.step.numpy()) + 1
+      with _solver_failures_raise(
+          lambda failure: f'The ODE solver failed in training step {step}: '
+          f'{failure}; the step was not applied.'):
         loss, nfe, kinetic, frobenius = self._train_step(batch,
                                                          tf.constant(labels))
-      except tf.errors.InvalidArgumentError as e:
-        failure = _solver_failure(e)
-        if failure is None:
-          raise
-        raise TrainingError(
-            f'The ODE solver failed in training step {int(self.step.numpy()) + 1}: '
-            f'{failure}; the step was not applied.') from None
     self.last_regularizers = (float(kinetic), float(frobenius))
     return float(loss), int(nfe)
 
@@ -996,16 +1004,11 @@ class Trainer:
       bar.set_postfix(loss=f'{loss:.3f}', nfe=nfe, refresh=False)
     if interrupted[0]:
       self._stop_interrupted(epoch)
-    try:
+    with _solver_failures_raise(
+        lambda failure: 'The ODE solver failed in the held-out evaluation '
+        f'after epoch {epoch + 1}: {failure}{self._kept()} Evaluate with a '
+        'looser tolerance or more `max_num_steps`.'):
       evaluation = self.evaluate()
-    except tf.errors.InvalidArgumentError as e:
-      failure = _solver_failure(e)
-      if failure is None:
-        raise
-      raise TrainingError(
-          f'The ODE solver failed in the held-out evaluation after epoch '
-          f'{epoch + 1}: {failure}{self._kept()} Evaluate with a looser '
-          'tolerance or more `max_num_steps`.') from None
     record = dict(epoch=epoch + 1, learning_rate=float(self.learning_rate.numpy()),
                   train_loss=float(np.mean(losses)) if losses else None,
                   test_nll=evaluation['nll'],

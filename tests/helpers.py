@@ -1,0 +1,18 @@
+"""Small training set-ups shared by the test modules (and mirrored_check)."""
+
+from tfp_ffjord import training
+
+
+def tiny_config(**overrides):
+  """One block, MLP 8, RK4 with 4 steps, 256 moons points: ~1 s an epoch."""
+  kw = dict(dataset='moons', num_train=256, num_test=128, batch_size=64,
+            blocks=1, hidden=(8,), epochs=2, solver='rk4', num_steps=4,
+            eval_batch_size=128, eval_rtol=1e-4, eval_atol=1e-4,
+            learning_rate=2e-2)
+  kw.update(overrides)
+  return training.TrainConfig(**kw)
+
+
+def weights(trainer):
+  """The trainer's trainable weights as NumPy arrays."""
+  return [v.numpy() for v in trainer.model.trainable_variables]

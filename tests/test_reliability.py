@@ -173,11 +173,18 @@ def test_sigint_saves_mid_epoch_and_resume_matches_an_uninterrupted_run(
     return step(batch, labels)
 
   trainer.train_step = interrupting_step
-  with pytest.raises(training.TrainingInterrupted,
-                     match=r'Interrupted at epoch 2, step 6; saved .*ckpt-6'):
-    trainer.fit(progress=False)
-  # The handler is removed again: SIGINT has its usual effect.
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  # Test runners may ignore SIGINT (pytest-xdist workers do): give this
+  # test Python's usual handler, as an interactive run has.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(training.TrainingInterrupted,
+                       match=r'Interrupted at epoch 2, step 6; saved .*'
+                       'ckpt-6'):
+      trainer.fit(progress=False)
+    # The handler is removed again: SIGINT has its usual effect.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, previous)
   assert json.load(open(tmp_path / 'metrics.json'))['epochs'][-1][
       'epoch'] == 1
 
@@ -253,11 +260,18 @@ CLI_RUN = ['--dataset', 'moons', '--num-train', '8192', '--num-test', '256',
            '--solver', 'rk4', '--num-steps', '6', '--no-progress']
 
 
+def _default_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args, **kwargs):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  # The child gets SIGINT's default disposition even when this process
+  # ignores it (pytest-xdist workers do), as a shell would give it.
   return subprocess.Popen([sys.executable, '-m', 'tfp_ffjord', *args],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env, **kwargs)
+                          text=True, env=env, preexec_fn=_default_sigint,
+                          **kwargs)
 
 
 def _epochs_written(out):

@@ -430,11 +430,14 @@ def _solver_failures_raise(message: Callable[[str], str]):
 def _sigint_flag():
   """Turns the first SIGINT into a flag (`flag[0]`), the second into ^C.
 
-  Only in the main thread (Python delivers signals there); elsewhere the flag
-  never rises and SIGINT keeps its usual effect.
+  Only in the main thread (Python delivers signals there) and unless SIGINT
+  is ignored; otherwise the flag never rises and SIGINT keeps its effect.
   """
   flag = [False]
-  if threading.current_thread() is not threading.main_thread():
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+    # Not the main thread, or SIGINT deliberately ignored (a background
+    # job): leave SIGINT alone.
     yield flag
     return
 

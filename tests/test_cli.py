@@ -93,6 +93,16 @@ def test_bad_arguments_give_one_line(capsys, argv, match):
   assert match in err[0]
 
 
+def test_argument_choices_mirror_the_library():
+  # cli keeps copies so that argument errors come before TensorFlow loads.
+  from tfp_ffjord import datasets  # pylint: disable=g-import-not-at-top
+  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+  assert set(cli.DATASETS) == set(datasets.NAMES)
+  assert cli.SOLVERS == tuple(training.SOLVERS)
+  assert cli.ACTIVATIONS == tuple(training.ACTIVATIONS)
+  assert cli.STRATEGIES == training.STRATEGIES
+
+
 def test_run_directory_errors(tmp_path, capsys):
   run = tmp_path / 'run'
   run.mkdir()

@@ -254,19 +254,19 @@ class FFJORD(tfb.Bijector):
     except TypeError:
       dtype = None
     expected = tf.as_dtype(self.dtype)
+    where = f'{self.name}.{method}: `{arg}`'
     if dtype is None or not (dtype.is_floating or dtype.is_integer):
       raise TypeError(
-          f'{self.name}.{method}: `{arg}` must be a floating tensor of dtype '
-          f'{expected.name}; got dtype {getattr(dtype, "name", x.dtype)}.')
-    if tf.is_tensor(x) and dtype != expected:
-      hint = ('build the bijector with `dtype=tf.float64`' if
-              dtype.is_floating else f'cast it with tf.cast(x, tf.{expected.name})')
-      raise TypeError(
-          f'{self.name}.{method}: `{arg}` must have dtype {expected.name} '
-          f'(the bijector\'s `dtype`); got {dtype.name}. Cast it or {hint}.'
-          if dtype.is_floating else
-          f'{self.name}.{method}: `{arg}` must have dtype {expected.name} '
-          f'(the bijector\'s `dtype`); got {dtype.name}: {hint}.')
+          f'{where} must be a floating tensor of dtype {expected.name}; got '
+          f'dtype {getattr(dtype, "name", x.dtype)}.')
+    if not tf.is_tensor(x) or dtype == expected:
+      return
+    mismatch = (f'{where} must have dtype {expected.name} (the bijector\'s '
+                f'`dtype`); got {dtype.name}')
+    if dtype.is_floating:
+      raise TypeError(f'{mismatch}. Cast it or build the bijector with '
+                      '`dtype=tf.float64`.')
+    raise TypeError(f'{mismatch}: cast it with tf.cast(x, tf.{expected.name}).')
 
   def forward(self, x, name='forward', **kwargs):
     self._check_input(x, 'x', 'forward')

@@ -348,15 +348,10 @@ def _chief_of_cluster(args) -> bool:
   if not task or not cluster:
     raise UsageError('--strategy multi-worker needs TF_CONFIG with '
                      '"cluster" and "task" (see README, Scaling out)')
-  if task.get('type') == 'chief':
-    return True
-  return (task.get('type') == 'worker' and int(task.get('index', 0)) == 0
-          and 'chief' not in cluster)
-
-
-def tf_errors():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.errors
+  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+  return training.is_chief(
+      tf.distribute.cluster_resolver.TFConfigClusterResolver())
 
 
 def _load_run(run):
@@ -372,6 +367,7 @@ def _load_run(run):
 def cmd_train(args):
   args.out = args.out or os.path.join('runs', args.dataset or 'moons')
   config = _train_config(args)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
   strategy = training.make_strategy(args.strategy, args.cpu_devices,
                                     args.collective_timeout)
@@ -392,8 +388,8 @@ def cmd_train(args):
           f'(--epochs {config.epochs}); nothing to do')
   try:
     trainer.fit(progress=not args.no_progress)
-  except (tf_errors().UnavailableError, tf_errors().DeadlineExceededError,
-          tf_errors().CancelledError) as e:
+  except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+          tf.errors.CancelledError) as e:
     reason = re.sub(r'\{\{.*?\}\}\s*', '', str(e.message)).strip()
     raise training.TrainingError(
         'a worker stopped responding (collective failed: '

@@ -97,8 +97,9 @@ class Dataset:
     """Converts a mean NLL in nats per example to bits per dimension.
 
     For dequantised data the continuous NLL is first turned into an upper
-    bound on the discrete one by subtracting `D * ln(bin_width)` (the density of a
-    bin is its probability over its volume), as is usual for images.
+    bound on the discrete one by subtracting `D * ln(bin_width)` (the
+    density of a bin is its probability over its volume), as is usual for
+    images.
     """
     nll = float(nll_nats)
     if self.bin_width is not None:

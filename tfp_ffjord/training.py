@@ -44,6 +44,7 @@ __all__ = ['TrainConfig', 'FlowModel', 'Trainer', 'TrainingError',
            'TrainingInterrupted', 'fit_adam',
            'fit_lbfgs', 'total_variation', 'load_run', 'time_train_step',
            'ot_pairing', 'export_saved_model', 'make_strategy', 'STRATEGIES',
+           'is_chief',
            'SOLVERS', 'ACTIVATIONS', 'make_solver']
 
 SOLVERS = {
@@ -454,13 +455,14 @@ def _sigint_flag():
     signal.signal(signal.SIGINT, previous)
 
 
-def _is_chief(strategy) -> bool:
-  """Whether this process writes checkpoints, metrics and logs.
+def is_chief(resolver) -> bool:
+  """Whether the task of a cluster resolver writes checkpoints, metrics, logs.
 
   The chief of a multi-worker cluster (task `chief`, or `worker` 0 when the
-  cluster has no `chief`); always true for single-process strategies.
+  cluster has no `chief`); true without a resolver or task (one process).
+  Used with a strategy's `cluster_resolver`, and by the CLI with
+  `TFConfigClusterResolver` before any strategy exists.
   """
-  resolver = getattr(strategy, 'cluster_resolver', None)
   if resolver is None or not getattr(resolver, 'task_type', None):
     return True
   task_type, task_id = resolver.task_type, resolver.task_id
@@ -549,7 +551,7 @@ class Trainer:
     self.strategy = strategy or tf.distribute.get_strategy()
     self.distributed = strategy is not None
     self.num_replicas = self.strategy.num_replicas_in_sync
-    self.is_chief = _is_chief(self.strategy)
+    self.is_chief = is_chief(getattr(self.strategy, 'cluster_resolver', None))
     if self.distributed:
       if config.objective != 'maximum-likelihood':
         raise ValueError('Training under a tf.distribute strategy supports '
@@ -596,6 +598,7 @@ class Trainer:
         model=self.model, optimizer=self.optimizer, epoch=self.epoch,
         step=self.step, learning_rate=self.learning_rate)
     self.manager = None
+    self._read_manager = None   # where `restore` reads (the chief's dir)
     self.writer = None
     self.history: List[Dict] = []
     self._worker_dir = None
@@ -807,7 +810,8 @@ class Trainer:
           tf.data.Dataset.from_tensors((batch, tf.constant(labels))))
       return self._distributed_train_step(batch, labels)
     if self.config.objective == 'flow-matching':
-      base, tau = self.flow_matching_batch(batch.numpy(), int(self.step.numpy()))
+      base, tau = self.flow_matching_batch(batch.numpy(),
+                                           int(self.step.numpy()))
       loss, nfe, kinetic, frobenius = self._flow_matching_step(
           batch, tf.constant(base), tf.constant(tau), tf.constant(labels))
     else:
@@ -899,7 +903,7 @@ class Trainer:
     A checkpoint that cannot be read (truncated or deleted files) is
     skipped with a warning in favour of the previous one.
     """
-    manager = getattr(self, '_read_manager', None)
+    manager = self._read_manager
     if manager is None or not manager.checkpoints:
       return False
     for path in reversed(manager.checkpoints):
@@ -919,7 +923,8 @@ class Trainer:
     if os.path.exists(path):
       with open(path) as f:
         saved = json.load(f).get('epochs', [])
-      self.history = [h for h in saved if h['epoch'] <= int(self.epoch.numpy())]
+      done = int(self.epoch.numpy())
+      self.history = [h for h in saved if h['epoch'] <= done]
     return True
 
   def fit(self, progress: bool = True,
@@ -998,9 +1003,9 @@ class Trainer:
       if not math.isfinite(loss):
         raise TrainingError(
             f'The training loss became {loss} at epoch {epoch + 1}, step '
-            f'{int(self.step.numpy()) + 1}; the weights of the last good step are '
-            f'kept{self._kept()} Try a lower learning rate, --clip-norm or a '
-            'tighter tolerance.')
+            f'{int(self.step.numpy()) + 1}; the weights of the last good step '
+            f'are kept{self._kept()} Try a lower learning rate, --clip-norm or '
+            'a tighter tolerance.')
       losses.append(loss)
       nfes.append(nfe)
       regs.append(self.last_regularizers)
@@ -1012,7 +1017,8 @@ class Trainer:
         f'after epoch {epoch + 1}: {failure}{self._kept()} Evaluate with a '
         'looser tolerance or more `max_num_steps`.'):
       evaluation = self.evaluate()
-    record = dict(epoch=epoch + 1, learning_rate=float(self.learning_rate.numpy()),
+    record = dict(epoch=epoch + 1,
+                  learning_rate=float(self.learning_rate.numpy()),
                   train_loss=float(np.mean(losses)) if losses else None,
                   test_nll=evaluation['nll'],
                   nfe_per_step=float(np.mean(nfes)) if nfes else None,

@@ -12,6 +12,7 @@ import tensorflow_probability as tfp
 import tfp_ffjord
 from tfp_ffjord import ode, training
 from tests.conftest import RUN_MODES, run_in_mode
+from tests.helpers import tiny_config, weights
 
 tfb = tfp.bijectors
 
@@ -24,6 +25,10 @@ SOLVE_TOL = 1e-10
 EXACT_RTOL = 1e-7
 HUTCHINSON_PROBES = 20000
 HUTCHINSON_RTOL = 0.03
+# A chunk of flow-matching steps and the same steps one call each run the
+# same float32 arithmetic in different compiled programs (XLA may fuse
+# differently): agreement to float32 rounding, a few steps deep.
+CHUNK_TOLERANCE = 1e-5
 
 
 def linear_bijector(trace_fn, dtype=tf.float64):
@@ -295,6 +300,39 @@ def test_flow_matching_loss_of_the_exact_field_is_zero():
   model.dynamics = [Exact(shift / 2.), Exact(shift / 2.)]
   _, chain = model.flow(ode.RK4(num_steps=2))
   np.testing.assert_allclose(chain.forward(base), base + shift, atol=1e-5)
+
+
+@pytest.mark.parametrize('ot', [False, True])
+def test_flow_matching_chunks_train_as_single_steps(ot):
+  # `fit` runs flow-matching steps in compiled chunks; the base samples and
+  # times of each step depend only on (seed, step), so a chunk of 3 steps
+  # and 3 `train_step` calls on the same batches give the same weights.
+  config = tiny_config(objective='flow-matching', ot_pairing=ot,
+                       hidden=(16, 16), steps_per_epoch=5)
+  chunked, stepped = training.Trainer(config), training.Trainer(config)
+  data = chunked.data.train[:3 * 64].reshape(3, 64, 2).astype(np.float32)
+  losses = chunked._flow_matching_chunk(  # pylint: disable=protected-access
+      data, np.zeros((3, 64), np.int32))
+  single = [stepped.train_step(batch)[0] for batch in data]
+  np.testing.assert_allclose(losses, single, rtol=CHUNK_TOLERANCE)
+  for a, b in zip(weights(chunked), weights(stepped)):
+    np.testing.assert_allclose(a, b, atol=CHUNK_TOLERANCE)
+  assert int(chunked.step) == int(stepped.step) == 3
+
+
+def test_flow_matching_resume_matches_an_uninterrupted_run(tmp_path):
+  config = dict(objective='flow-matching', hidden=(16, 16),
+                steps_per_epoch=6, lr_schedule='constant')
+  first = training.Trainer(tiny_config(epochs=1, **config),
+                           out_dir=str(tmp_path / 'a'))
+  first.fit(progress=False)
+  resumed = training.Trainer(tiny_config(epochs=2, **config),
+                             out_dir=str(tmp_path / 'a'))
+  resumed.fit(progress=False)
+  straight = training.Trainer(tiny_config(epochs=2, **config))
+  straight.fit(progress=False)
+  for a, b in zip(weights(resumed), weights(straight)):
+    np.testing.assert_allclose(a, b, atol=CHUNK_TOLERANCE)
 
 
 @pytest.mark.parametrize('ot', [False, True])

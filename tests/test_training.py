@@ -159,6 +159,7 @@ def test_plots_are_written(tmp_path, dataset, expected):
     (dict(rtol=-1e-3), '`rtol` must be a positive number'),
     (dict(clip_norm=0.), '`clip_norm`'),
     (dict(batch_size=1000), 'larger than the 256 training points'),
+    (dict(steps_per_epoch=0), '`steps_per_epoch` must be a positive integer'),
 ])
 def test_bad_configuration(overrides, match):
   with pytest.raises(ValueError, match=match):
@@ -227,3 +228,17 @@ def test_time_train_step_reports_times_and_trains():
   with pytest.raises(ValueError, match='steps'):
     training.time_train_step(trainer.flow, trainer.variables,
                              trainer.data.train[:32], steps=0)
+
+
+@pytest.mark.parametrize('objective', ['maximum-likelihood', 'flow-matching'])
+def test_steps_per_epoch_sets_the_steps_between_evaluations(tmp_path,
+                                                            objective):
+  # 256 points in batches of 64 make 4 steps a pass; 7 steps cross a pass.
+  trainer = training.Trainer(
+      tiny_config(epochs=2, steps_per_epoch=7, objective=objective),
+      out_dir=str(tmp_path))
+  history = trainer.fit(progress=False)
+  assert [h['epoch'] for h in history] == [1, 2]
+  assert int(trainer.step) == 14
+  assert trainer.manager.latest_checkpoint.endswith('ckpt-14')
+  assert all(np.isfinite(h['train_loss']) for h in history)

@@ -34,7 +34,8 @@ STRATEGIES = ('default', 'mirrored', 'multi-worker', 'tpu')
 # Options of `train` that define the model or the data: a resumed run must
 # not change them.
 FIXED_ON_RESUME = ('dataset', 'num_train', 'num_test', 'batch_size', 'blocks',
-                   'hidden', 'activation', 'base_scale', 'seed', 'conditional')
+                   'hidden', 'activation', 'base_scale', 'seed', 'conditional',
+                   'steps_per_epoch')
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, as shells report Ctrl-C
 
@@ -99,6 +100,9 @@ def build_parser():
   a('--dataset', choices=DATASETS, help='default: moons')
   a('--epochs', type=_positive_int, help='default: 40')
   a('--batch-size', type=_positive_int, help='default: 256')
+  a('--steps-per-epoch', type=_positive_int,
+    help='optimizer steps between held-out evaluations and checkpoints; '
+    'default: one pass over the training set')
   a('--blocks', type=_positive_int, help='FFJORD blocks; default: 4')
   a('--hidden', type=_hidden, help='hidden layer sizes; default: 8,8')
   a('--activation', choices=ACTIVATIONS, help='default: tanh')
@@ -291,13 +295,12 @@ def _train_config(args):
   """The run's config: defaults, or OUT's saved config when resuming."""
   from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
   given = {k: getattr(args, k) for k in (
-      'dataset', 'epochs', 'batch_size', 'blocks', 'hidden', 'activation',
-      'solver', 'rtol', 'atol', 'num_steps', 'trace', 'gradient',
-      'learning_rate', 'lr_schedule', 'clip_norm', 'objective', 'ot_pairing',
-      'conditional',
-      'kinetic_weight',
-      'jacobian_weight', 'base_scale', 'num_train',
-      'num_test', 'seed', 'jit_compile') if getattr(args, k) is not None}
+      'dataset', 'epochs', 'batch_size', 'steps_per_epoch', 'blocks',
+      'hidden', 'activation', 'solver', 'rtol', 'atol', 'num_steps', 'trace',
+      'gradient', 'learning_rate', 'lr_schedule', 'clip_norm', 'objective',
+      'ot_pairing', 'conditional', 'kinetic_weight', 'jacobian_weight',
+      'base_scale', 'num_train', 'num_test', 'seed', 'jit_compile')
+      if getattr(args, k) is not None}
   chief = _chief_of_cluster(args)   # also checks TF_CONFIG
   config_path = os.path.join(args.out, training.CONFIG_FILE)
   ckpt_dir = os.path.join(args.out, training.CHECKPOINT_DIR)

@@ -67,6 +67,9 @@ CONTEXT_KEY = 'context'   # the keyword conditional dynamics read
 GRADIENTS = ('adjoint', 'backprop')
 LR_SCHEDULES = ('cosine', 'constant')
 OBJECTIVES = ('maximum-likelihood', 'flow-matching')
+# Flow-matching steps run in one compiled loop per call (no Python between
+# steps); SIGINT is honoured between calls.
+FLOW_MATCHING_CHUNK = 250
 # The cosine schedule decays the learning rate to this fraction of its start.
 COSINE_FLOOR = 0.01
 METRICS_FILE = 'metrics.json'
@@ -97,6 +100,7 @@ class TrainConfig:
   num_test: Optional[int] = None
   epochs: int = 40
   batch_size: int = 256
+  steps_per_epoch: Optional[int] = None   # None: one pass over the data
   blocks: int = 4
   hidden: Tuple[int, ...] = (8, 8)
   activation: str = 'tanh'
@@ -151,7 +155,7 @@ class TrainConfig:
     for name in ('epochs', 'batch_size', 'blocks', 'num_steps',
                  'eval_batch_size', 'max_to_keep'):
       positive_int(name)
-    for name in ('num_train', 'num_test'):
+    for name in ('num_train', 'num_test', 'steps_per_epoch'):
       if getattr(self, name) is not None:
         positive_int(name)
     if not self.hidden or any(isinstance(h, bool) or not isinstance(h, int)
@@ -567,6 +571,10 @@ class Trainer:
       raise ValueError(
           f'`batch_size` ({config.batch_size}) is larger than the '
           f'{len(self.data.train)} training points.')
+    # Optimizer steps per epoch (an epoch ends with the held-out evaluation
+    # and a checkpoint); by default one pass over the training set.
+    self.steps_per_epoch = (config.steps_per_epoch
+                            or len(self.data.train) // config.batch_size)
     tf.random.set_seed(config.seed)
     num_classes = 0
     if config.conditional:
@@ -633,13 +641,20 @@ class Trainer:
       self._replica_grads = tf.function(self._replica_grads_fn,
                                         jit_compile=config.jit_compile)
       self._distributed_step = tf.function(self._distributed_step_fn)
-    self._flow_matching_step = tf.function(
-        self._flow_matching_step_fn, jit_compile=config.jit_compile,
-        input_signature=[
-            tf.TensorSpec([config.batch_size, self.data.dim], tf.float32),
-            tf.TensorSpec([config.batch_size, self.data.dim], tf.float32),
-            tf.TensorSpec([config.batch_size, 1], tf.float32),
-            tf.TensorSpec([config.batch_size], tf.int32)])
+    # Flow matching runs in chunks of steps, one compiled loop each. The
+    # base samples and times come from a stateless RNG keyed by the step,
+    # inside the loop; OT pairing (SciPy) makes them inputs instead.
+    self._fm_chunk = min(FLOW_MATCHING_CHUNK, self.steps_per_epoch)
+    chunk_shape = [self._fm_chunk, config.batch_size]
+    signature = [tf.TensorSpec(chunk_shape + [self.data.dim], tf.float32),
+                 tf.TensorSpec(chunk_shape, tf.int32),
+                 tf.TensorSpec([], tf.int32)]
+    if config.ot_pairing:
+      signature += [tf.TensorSpec(chunk_shape + [self.data.dim], tf.float32),
+                    tf.TensorSpec(chunk_shape + [1], tf.float32)]
+    self._flow_matching_steps = tf.function(
+        self._flow_matching_steps_fn, jit_compile=config.jit_compile,
+        input_signature=signature)
     self._eval_step = ode.checked_function(
         self._eval_step_fn, jit_compile=config.jit_compile,
         input_signature=[
@@ -742,20 +757,46 @@ class Trainer:
     _apply_if_finite(self.optimizer, loss, grads, self.variables, self.step)
     return loss, tf.cast(tf.round(first(nfe)), tf.int32), kinetic, frobenius
 
-  def _flow_matching_step_fn(self, data, base, tau, labels):
+  def _flow_matching_noise(self, step):
+    """`(base, tau)` of a flow-matching step: a stateless function of
+    `(config.seed, step)`, so resumed and repeated runs draw the same."""
+    shape = [self.config.batch_size, self.data.dim]
+    seeds = tf.random.experimental.stateless_split(
+        tf.stack([tf.constant(self.config.seed, tf.int64), step]), 2)
+    base = self.model.base_scale * tf.random.stateless_normal(shape, seeds[0])
+    tau = tf.random.stateless_uniform(shape[:1] + [1], seeds[1])
+    return base, tau
+
+  def _flow_matching_steps_fn(self, data, labels, count, base=None,
+                              tau=None):
+    """The first `count` steps of a chunk (`[chunk, B, ...]` inputs) in
+    one loop: `(losses [chunk], steps run)`. Stops after the first
+    non-finite loss (whose update is not applied)."""
     self.num_traces += 1   # Python side effect: runs only when tracing.
-    with tf.GradientTape() as tape:
-      loss = self.model.flow_matching_loss(data, base, tau, labels)
-    self._update(loss, tape)
-    zero = tf.zeros([])
-    return loss, tf.constant(0), zero, zero
+    losses = tf.zeros([self._fm_chunk])
+
+    def body(i, losses, _):
+      if base is None:
+        base_i, tau_i = self._flow_matching_noise(self.step.read_value())
+      else:
+        base_i, tau_i = base[i], tau[i]
+      with tf.GradientTape() as tape:
+        loss = self.model.flow_matching_loss(data[i], base_i, tau_i,
+                                             labels[i])
+      self._update(loss, tape)
+      losses = tf.tensor_scatter_nd_update(losses, [[i]], [loss])
+      return i + 1, losses, tf.math.is_finite(loss)
+
+    i, losses, _ = tf.while_loop(
+        lambda i, _, finite: (i < count) & finite, body,
+        (tf.constant(0), losses, tf.constant(True)),
+        maximum_iterations=self._fm_chunk)
+    return losses, i
 
   def _distributed_batches(self, epoch, skip):
     """The epoch's global batches, split over the replicas (and sharded
     over the workers) by the strategy."""
-    ds = self.data.train_dataset(self.config.batch_size,
-                                 seed=self.config.seed + epoch,
-                                 with_labels=bool(self.model.num_classes))
+    ds = self._epoch_dataset(epoch, bool(self.model.num_classes))
     if not self.model.num_classes:
       ds = ds.map(lambda x: (x, tf.zeros(tf.shape(x)[:1], tf.int32)))
     options = tf.data.Options()
@@ -771,11 +812,11 @@ class Trainer:
     _apply_if_finite(self.optimizer, loss, grads, self.variables, self.step)
 
   def flow_matching_batch(self, data, step: int):
-    """`(base, tau)` for a flow-matching step on `data`, seeded by the step.
+    """`(base, tau)` for an OT-paired flow-matching step on `data`.
 
-    With `ot_pairing`, the base samples are matched to the data points by an
-    exact minibatch optimal-transport assignment (squared distances;
-    Tong et al., 2023), which straightens the learned paths.
+    The base samples (NumPy, seeded by the step) are matched to the data
+    points by an exact minibatch optimal-transport assignment (squared
+    distances; Tong et al., 2023), which straightens the learned paths.
     """
     rng = np.random.default_rng([self.config.seed % 2**32, step])
     n, dim = data.shape
@@ -810,10 +851,9 @@ class Trainer:
           tf.data.Dataset.from_tensors((batch, tf.constant(labels))))
       return self._distributed_train_step(batch, labels)
     if self.config.objective == 'flow-matching':
-      base, tau = self.flow_matching_batch(batch.numpy(),
-                                           int(self.step.numpy()))
-      loss, nfe, kinetic, frobenius = self._flow_matching_step(
-          batch, tf.constant(base), tf.constant(tau), tf.constant(labels))
+      losses = self._flow_matching_chunk(batch.numpy()[np.newaxis],
+                                         np.asarray(labels)[np.newaxis])
+      loss, nfe, kinetic, frobenius = losses[0], 0, 0., 0.
     else:
       step = int(self.step.numpy()) + 1
       with _solver_failures_raise(
@@ -954,10 +994,9 @@ class Trainer:
         self.writer = tf.summary.create_file_writer(
             os.path.join(self.out_dir, LOG_DIR))
     first_epoch = int(self.epoch.numpy())
-    steps_per_epoch = len(self.data.train) // config.batch_size
     # Batches of `first_epoch` applied before an interruption.
-    skip = int(self.step.numpy()) - first_epoch * steps_per_epoch
-    if not 0 <= skip < steps_per_epoch:
+    skip = int(self.step.numpy()) - first_epoch * self.steps_per_epoch
+    if not 0 <= skip < self.steps_per_epoch:
       skip = 0
     elapsed = self.history[-1]['wall_time'] if self.history else 0.
     start = time.perf_counter() - elapsed
@@ -985,10 +1024,13 @@ class Trainer:
     if self.distributed:
       batches = self._distributed_batches(epoch, skip)
       step_fn = self._distributed_train_step
+    elif config.objective == 'flow-matching':
+      losses = self._flow_matching_epoch(epoch, skip, interrupted)
+      nfes = [0] * len(losses)
+      regs = [(0., 0.)] * len(losses)
+      batches = ()   # all trained
     else:
-      batches = self.data.train_dataset(config.batch_size,
-                                        seed=config.seed + epoch,
-                                        with_labels=conditional).skip(skip)
+      batches = self._epoch_dataset(epoch, with_labels=conditional).skip(skip)
       step_fn = self.train_step
     for item in batches:
       if interrupted[0]:
@@ -1001,11 +1043,7 @@ class Trainer:
         raise TrainingError(
             f'Epoch {epoch + 1}: {str(e).rstrip(".")}{self._kept()}') from None
       if not math.isfinite(loss):
-        raise TrainingError(
-            f'The training loss became {loss} at epoch {epoch + 1}, step '
-            f'{int(self.step.numpy()) + 1}; the weights of the last good step '
-            f'are kept{self._kept()} Try a lower learning rate, --clip-norm or '
-            'a tighter tolerance.')
+        raise self._non_finite(loss, epoch)
       losses.append(loss)
       nfes.append(nfe)
       regs.append(self.last_regularizers)
@@ -1037,6 +1075,76 @@ class Trainer:
     self._log(record)
     if callback is not None:
       callback(record)
+
+  def _epoch_dataset(self, epoch, with_labels):
+    """The epoch's `steps_per_epoch` batches; the order depends only on
+    `(seed, epoch)`, so a resumed run sees what an uninterrupted one would.
+    """
+    ds = self.data.train_dataset(self.config.batch_size,
+                                 seed=self.config.seed + epoch,
+                                 with_labels=with_labels)
+    if self.config.steps_per_epoch is not None:
+      # Each pass over the data is reshuffled (deterministically).
+      ds = ds.repeat().take(self.steps_per_epoch)
+    return ds
+
+  def _flow_matching_epoch(self, epoch, skip, interrupted):
+    """The epoch's flow-matching steps after the first `skip`,
+    `FLOW_MATCHING_CHUNK` per compiled call; their losses.
+
+    Batches are drawn by NumPy permutations seeded by `(seed, epoch)` (a
+    tf.data pipeline per epoch would cost more than the steps); each step's
+    base samples and times depend only on `(seed, step)`, so `fit` and
+    repeated `train_step` calls train the same weights.
+    """
+    size, n = self.config.batch_size, len(self.data.train)
+    rng = np.random.default_rng([self.config.seed % 2**32, epoch])
+    per_pass = n // size * size   # whole batches of each pass
+    passes = -(-self.steps_per_epoch * size // per_pass)
+    order = np.concatenate([rng.permutation(n)[:per_pass]
+                            for _ in range(passes)])
+    order = order[:self.steps_per_epoch * size].reshape(-1, size)[skip:]
+    labels = (self.data.train_labels if self.model.num_classes
+              else np.zeros(n, np.int32))
+    losses = []
+    for start in range(0, len(order), self._fm_chunk):
+      if interrupted[0]:
+        self._stop_interrupted(epoch)
+      index = order[start:start + self._fm_chunk]
+      chunk_losses = self._flow_matching_chunk(
+          self.data.train[index].astype(np.float32),
+          labels[index].astype(np.int32))
+      if chunk_losses and not np.isfinite(chunk_losses[-1]):
+        raise self._non_finite(chunk_losses[-1], epoch)
+      losses.extend(chunk_losses)
+    return losses
+
+  def _flow_matching_chunk(self, data, labels) -> List[float]:
+    """Flow-matching steps on `data` (`[n <= chunk, B, D]`) in one call;
+    the losses of the steps run (a non-finite one last, if any)."""
+    chunk, count = self._fm_chunk, len(data)
+    extra = []
+    if self.config.ot_pairing:
+      first = int(self.step.numpy())
+      base = np.zeros((chunk,) + data.shape[1:], np.float32)
+      tau = np.zeros((chunk, data.shape[1], 1), np.float32)
+      for i in range(count):
+        base[i], tau[i] = self.flow_matching_batch(data[i], first + i)
+      extra = [base, tau]
+    if count < chunk:   # the compiled loop has a fixed chunk shape
+      pad = ((0, chunk - count),)
+      data = np.pad(data, pad + ((0, 0), (0, 0)))
+      labels = np.pad(labels, pad + ((0, 0),))
+    losses, done = self._flow_matching_steps(data, labels, tf.constant(count),
+                                             *extra)
+    return [float(v) for v in losses.numpy()[:int(done)]]
+
+  def _non_finite(self, loss, epoch) -> 'TrainingError':
+    return TrainingError(
+        f'The training loss became {loss} at epoch {epoch + 1}, step '
+        f'{int(self.step.numpy()) + 1}; the weights of the last good step '
+        f'are kept{self._kept()} Try a lower learning rate, --clip-norm or '
+        'a tighter tolerance.')
 
   def _kept(self) -> str:
     """How the last checkpoint stands, for error messages."""

@@ -39,8 +39,8 @@ CONFIGS = {
     'moons': dict(
         ml=dict(),
         fm=dict(objective='flow-matching', blocks=1, hidden=(64, 64, 64),
-                activation='swish', learning_rate=1e-2, batch_size=512,
-                steps_per_epoch=250, epochs=48)),
+                activation='swish', learning_rate=3e-2, batch_size=512,
+                steps_per_epoch=250, epochs=40)),
     'digits': dict(
         ml=dict(blocks=2, hidden=(64, 64), trace='hutchinson', batch_size=128,
                 epochs=100),

@@ -632,15 +632,20 @@ class Trainer:
     # kinds of model share one compiled signature.
     # checked_function: a failed solve raises after the call even under XLA
     # (which compiles assertions away); the update was then not applied.
+    # autograph=False: the traced code uses explicit control flow, and
+    # converting it (Sonnet, TFP and our modules) cost 3 s of the first
+    # flow-matching call.
     self._train_step = ode.checked_function(
-        self._train_step_fn, jit_compile=config.jit_compile,
+        self._train_step_fn, jit_compile=config.jit_compile, autograph=False,
         input_signature=[
             tf.TensorSpec([config.batch_size, self.data.dim], tf.float32),
             tf.TensorSpec([config.batch_size], tf.int32)])
     if self.distributed:
       self._replica_grads = tf.function(self._replica_grads_fn,
-                                        jit_compile=config.jit_compile)
-      self._distributed_step = tf.function(self._distributed_step_fn)
+                                        jit_compile=config.jit_compile,
+                                        autograph=False)
+      self._distributed_step = tf.function(self._distributed_step_fn,
+                                           autograph=False)
     # Flow matching runs in chunks of steps, one compiled loop each. The
     # base samples and times come from a stateless RNG keyed by the step,
     # inside the loop; OT pairing (SciPy) makes them inputs instead.
@@ -654,9 +659,9 @@ class Trainer:
                     tf.TensorSpec(chunk_shape + [1], tf.float32)]
     self._flow_matching_steps = tf.function(
         self._flow_matching_steps_fn, jit_compile=config.jit_compile,
-        input_signature=signature)
+        autograph=False, input_signature=signature)
     self._eval_step = ode.checked_function(
-        self._eval_step_fn, jit_compile=config.jit_compile,
+        self._eval_step_fn, jit_compile=config.jit_compile, autograph=False,
         input_signature=[
             tf.TensorSpec([config.eval_batch_size, self.data.dim],
                           tf.float32),

@@ -85,8 +85,10 @@ def main(argv=None):
     sys.path.insert(0, HERE)
     from bench_training_step import write_section  # pylint: disable=g-import-not-at-top
     extra = (' -- ' + ' '.join(args.extra)) if args.extra else ''
+    model = f' ({" ".join(args.extra)})' if args.extra else ''
     write_section(args.out, (
-        '## RNODE regularisation: NFE and wall time vs held-out NLL\n\n'
+        f'## RNODE regularisation: NFE and wall time vs held-out NLL{model}'
+        '\n\n'
         'Produced by `python benchmarks/bench_rnode.py --datasets '
         f'{" ".join(args.datasets)} --weights '
         f'{" ".join(format(w, "g") for w in args.weights)} --epochs '

@@ -14,9 +14,9 @@ Configurations (`tfp_ffjord.training.TrainConfig` fields):
   * digits ML: 2 blocks of MLP 64-64 tanh, Tsit5, Hutchinson trace,
     batch 128, 100 epochs (its NLL has levelled off);
   * FM: 1 block, MLP swish (64-64-64 on moons, 256-256 on digits),
-    independent pairing, Adam with cosine decay per epoch, 250 or 500
-    steps per epoch (an FM step costs no ODE solve; `fit` runs them in
-    compiled chunks).
+    independent pairing, Adam with cosine decay per epoch (3e-2 on moons,
+    3e-3 on digits), 40 epochs of 250 steps (an FM step costs no ODE
+    solve; `fit` runs them in compiled chunks).
 
 Usage:
   python benchmarks/bench_flow_matching.py [--datasets moons digits]

@@ -1,6 +1,19 @@
-"""Small training set-ups shared by the test modules (and mirrored_check)."""
+"""Helpers shared by the test modules (and mirrored_check): run modes, small
+training set-ups."""
+
+import tensorflow as tf
 
 from tfp_ffjord import training
+
+# How a function under test is run: eagerly, traced, or traced and compiled.
+RUN_MODES = ('eager', 'function', 'xla')
+
+
+def run_in_mode(fn, mode):
+  """Wraps `fn` for `mode` in RUN_MODES."""
+  if mode == 'eager':
+    return fn
+  return tf.function(fn, jit_compile=(mode == 'xla'), reduce_retracing=True)
 
 
 def tiny_config(**overrides):

@@ -11,7 +11,7 @@ import tensorflow_probability as tfp
 
 import tfp_ffjord
 from tfp_ffjord import ode, training
-from tests.conftest import RUN_MODES, run_in_mode
+from tests.helpers import RUN_MODES, run_in_mode
 from tests.helpers import tiny_config, weights
 
 tfb = tfp.bijectors

@@ -9,7 +9,7 @@ import tensorflow_probability as tfp
 
 import tfp_ffjord
 from tfp_ffjord import ode
-from tests.conftest import RUN_MODES, run_in_mode
+from tests.helpers import RUN_MODES, run_in_mode
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

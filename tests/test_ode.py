@@ -9,7 +9,7 @@ import tensorflow_probability as tfp
 
 from tfp_ffjord import ode
 from tfp_ffjord.ode import tableaus
-from tests.conftest import RUN_MODES, run_in_mode
+from tests.helpers import RUN_MODES, run_in_mode
 
 tfb = tfp.bijectors
 
@@ -413,7 +413,7 @@ def test_status_only_mode_does_not_raise():
 @pytest.mark.parametrize('kwargs,match', [
     (dict(rtol=-1.), '`rtol` must be a positive finite number'),
     (dict(atol=0.), '`atol` must be a positive finite number'),
-    (dict(max_num_steps=0), '`max_num_steps` must be a positive int'),
+    (dict(max_num_steps=0), '`max_num_steps` must be None .no bound. or a positive int'),
     (dict(gradient='magic'), '`gradient` must be one of'),
     (dict(min_step_factor=2.), '`min_step_factor` must be < 1'),
     (dict(safety_factor=1.5), '`safety_factor` must be in'),

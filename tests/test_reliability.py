@@ -17,7 +17,7 @@ import tfp_ffjord
 from tfp_ffjord import ode
 from tfp_ffjord import training
 from tests.helpers import tiny_config, weights
-from tests.conftest import RUN_MODES, run_in_mode
+from tests.helpers import RUN_MODES, run_in_mode
 
 tfd = tfp.distributions
 

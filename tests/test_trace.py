@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tfp_ffjord
-from tests.conftest import RUN_MODES, run_in_mode
+from tests.helpers import RUN_MODES, run_in_mode
 
 tfb = tfp.bijectors
 

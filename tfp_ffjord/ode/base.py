@@ -27,6 +27,15 @@ __all__ = [
 ]
 
 
+# With `gradient='backprop'` the forward pass records every accepted step.
+# Outside XLA the record grows as needed; XLA needs a buffer of static size,
+# so there an unbounded solver (`max_num_steps=None`) records at most this
+# many steps and then fails with MAX_NUM_STEPS_EXCEEDED, whose message names
+# `max_num_steps` as the argument to raise. FFJORD's solves take tens of
+# steps; the buffer costs this many copies of the state.
+XLA_BACKPROP_MAX_NUM_STEPS = 1000
+
+
 class Status:
   """Integer codes of `Diagnostics.status`."""
   SUCCEEDED = 0

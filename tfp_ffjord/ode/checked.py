@@ -84,11 +84,17 @@ def checked_function(fn=None, **function_kwargs):
     for (name, max_steps), (status, t, n) in zip(meta['records'], statuses):
       status = int(np.asarray(status))
       if status != base.Status.SUCCEEDED:
+        hint = ''
+        if status == base.Status.MAX_NUM_STEPS_EXCEEDED:
+          hint = ('; pass a larger `max_num_steps` to the solver'
+                  + (' (backprop gradients under XLA record at most '
+                     f'{base.XLA_BACKPROP_MAX_NUM_STEPS} steps when it is None)'
+                     if max_steps is None else ''))
         raise tf.errors.InvalidArgumentError(
             None, None,
             f'{name} failed: {base.status_message(status)}; time reached '
             f'{float(np.asarray(t)):g} after {int(np.asarray(n))} step '
-            f'attempts (max_num_steps={max_steps}).')
+            f'attempts (max_num_steps={max_steps}{hint}).')
     return outputs
 
   wrapper.python_function = fn

@@ -72,7 +72,8 @@ def put_stage(stages, s, values):
   """
   out = []
   for st, v in zip(stages, values):
-    one_hot = tf.one_hot(s, tf.shape(st)[0], dtype=st.dtype)
+    one_hot = tf.cast(
+        tf.one_hot(s, tf.shape(st)[0], dtype=st.dtype.real_dtype), st.dtype)
     out.append(st + tf.reshape(one_hot, [-1] + [1] * v.shape.rank)
                * v[tf.newaxis])
   return out
@@ -148,32 +149,45 @@ def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1=None,
   return stages
 
 
+def is_finite(x):
+  """Elementwise finiteness; for complex `x`, of both parts."""
+  if x.dtype.is_complex:
+    return tf.math.is_finite(tf.math.real(x)) & tf.math.is_finite(
+        tf.math.imag(x))
+  return tf.math.is_finite(x)
+
+
 def _all_finite(tensors):
   return tf.reduce_all(
-      tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in tensors]))
+      tf.stack([tf.reduce_all(is_finite(x)) for x in tensors]))
 
 
 def error_norm(y, y_new, err, rtol, atol, mask):
-  """Scaled RMS norm (Hairer et al.) over the components selected by `mask`."""
+  """Scaled RMS norm (Hairer et al.) over the components selected by `mask`.
+
+  Complex components are measured by their magnitude.
+  """
   total = None
   count = 0
   for y_i, n_i, e_i, use in zip(y, y_new, err, mask):
     if not use:
       continue
     scale = atol + rtol * tf.maximum(tf.abs(y_i), tf.abs(n_i))
-    sq = tf.reduce_sum(tf.square(e_i / scale))
+    sq = tf.reduce_sum(tf.square(tf.abs(e_i) / scale))
     total = sq if total is None else total + sq
     count += tf.size(e_i)
   if total is None:  # Nothing to control: accept every step.
-    return tf.zeros([], y[0].dtype)
+    return tf.zeros([], y[0].dtype.real_dtype)
   return tf.sqrt(total / tf.maximum(tf.cast(count, total.dtype), 1.))
 
 
 def rms(tensors, mask):
-  parts = [tf.reduce_sum(tf.square(x)) for x, m in zip(tensors, mask) if m]
+  """Root mean square magnitude over the leaves selected by `mask`."""
+  parts = [tf.reduce_sum(tf.square(tf.abs(x)))
+           for x, m in zip(tensors, mask) if m]
   count = sum(tf.size(x) for x, m in zip(tensors, mask) if m)
   if not parts:
-    return tf.zeros([], tensors[0].dtype)
+    return tf.zeros([], tensors[0].dtype.real_dtype)
   return tf.sqrt(tf.add_n(parts) / tf.cast(tf.maximum(count, 1), parts[0].dtype))
 
 
@@ -181,15 +195,15 @@ def initial_step_size(fn, t0, y0, f0, order, rtol, atol, mask, span):
   """Hairer, Norsett & Wanner (1993), II.4: a starting step size (1 NFE)."""
   dtype = t0.dtype
   scale = [atol + rtol * tf.abs(y) for y in y0]
-  d0 = rms([y / s for y, s in zip(y0, scale)], mask)
-  d1 = rms([f / s for f, s in zip(f0, scale)], mask)
+  d0 = rms([tf.abs(y) / s for y, s in zip(y0, scale)], mask)
+  d1 = rms([tf.abs(f) / s for f, s in zip(f0, scale)], mask)
   small = tf.constant(1e-5, dtype)
   h0 = tf.where((d0 < small) | (d1 < small), tf.constant(1e-6, dtype),
                 0.01 * d0 / tf.maximum(d1, small))
   h0 = tf.minimum(h0, span)
-  y1 = [y + h0 * f for y, f in zip(y0, f0)]
+  y1 = [y + tf.cast(h0, y.dtype) * f for y, f in zip(y0, f0)]
   f1 = fn(t0 + h0, y1)
-  d2 = rms([(b - a) / s for a, b, s in zip(f0, f1, scale)], mask) / h0
+  d2 = rms([tf.abs(b - a) / s for a, b, s in zip(f0, f1, scale)], mask) / h0
   dmax = tf.maximum(d1, d2)
   h1 = tf.where(dmax <= 1e-15, tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
                 tf.pow(0.01 / tf.maximum(dmax, 1e-15), 1. / (order + 1.)))
@@ -216,11 +230,17 @@ def integrate(fn: Callable,
               t0: tf.Tensor,
               y0: Sequence[tf.Tensor],
               ts: tf.Tensor,
-              max_num_steps: int,
+              max_num_steps: Optional[int],
               error_mask: Sequence[bool],
-              on_output: Optional[Callable] = None,
-              record_steps: bool = False) -> LoopResult:
+              record_steps: bool = False,
+              first_step: Optional[tf.Tensor] = None,
+              record_capacity: int = 1000) -> LoopResult:
   """Integrates `dy/dt = fn(t, y)` from `t0` through the increasing times `ts`.
+
+  The loop body holds no `tf.cond`: whether a step is accepted, and which
+  solution times it reaches, only select values. That keeps the loop
+  vectorisable by `tf.vectorized_map` / pfor (batch Jacobians through the
+  adjoint, whose step sizes differ per Jacobian row).
 
   Args:
     fn: `fn(t, y) -> dy` on flat lists of Tensors.
@@ -229,15 +249,16 @@ def integrate(fn: Callable,
     t0: scalar start time.
     y0: flat list of Tensors.
     ts: `[T]` non-decreasing times, each `>= t0`.
-    max_num_steps: static bound on the number of step attempts.
+    max_num_steps: bound on the number of step attempts, or `None` for no
+      bound.
     error_mask: one bool per leaf of `y0`: does it enter the error norm.
-    on_output: optional `on_output(hit_mask, y) -> y` called whenever one or
-      more solution times are reached (`hit_mask` is a `[T]` bool Tensor).
-      The adjoint uses it to add cotangents. Forces `fn` to be re-evaluated
-      after it, so FSAL stays valid.
     record_steps: also return the accepted steps (start time, size, start
       state, number of outputs written after the step), for the backward
-      pass of `gradient='backprop'`.
+      pass of `gradient='backprop'` and for dense output.
+    first_step: optional scalar Tensor, the first step of an adaptive
+      method (overrides `control.first_step_size` and the estimate).
+    record_capacity: with `record_steps` and no `max_num_steps`, the steps
+      a record holds under XLA (elsewhere it grows without bound).
 
   Returns:
     A `LoopResult`.
@@ -258,7 +279,9 @@ def integrate(fn: Callable,
     nfe = tf.constant(0, tf.int32)
   span = ts[-1] - t0
   if adaptive:
-    if control.first_step_size is not None:
+    if first_step is not None:
+      h = tf.cast(first_step, dtype)
+    elif control.first_step_size is not None:
       h = tf.constant(control.first_step_size, dtype)
     else:
       h = initial_step_size(fn, t0, y0, k1, tableau.order, control.rtol,
@@ -274,12 +297,8 @@ def integrate(fn: Callable,
 
   # Solution times equal to t0 are written before the first step.
   hit0 = ts <= t0
-  y_init = on_output(hit0, y0) if on_output is not None else y0
-  if on_output is not None and (tableau.fsal or adaptive):
-    k1 = tf.cond(tf.reduce_any(hit0), lambda: fn(t0, y_init), lambda: k1)
-    nfe += tf.cast(tf.reduce_any(hit0), tf.int32)
   outputs = []
-  for y_i in y_init:
+  for y_i in y0:
     buf = tf.zeros(tf.concat([[tf.shape(ts)[0]], tf.shape(y_i)], 0), y_i.dtype)
     mask = tf.reshape(hit0, [-1] + [1] * y_i.shape.rank)
     outputs.append(tf.where(mask, y_i[tf.newaxis], buf))
@@ -287,11 +306,20 @@ def integrate(fn: Callable,
   out_index_initial = out_index
 
   if record_steps:
-    steps_t = tf.TensorArray(dtype, size=max_num_steps, element_shape=[])
-    steps_h = tf.TensorArray(dtype, size=max_num_steps, element_shape=[])
-    steps_out = tf.TensorArray(tf.int32, size=max_num_steps, element_shape=[])
-    steps_y = [tf.TensorArray(y_i.dtype, size=max_num_steps,
-                              element_shape=y_i.shape) for y_i in y0]
+    # A bounded loop records into a buffer of its bound. An unbounded one
+    # starts with `record_capacity` slots and grows as needed; under XLA it
+    # cannot grow (the buffer has a static size), which the loop notices
+    # below and reports as MAX_NUM_STEPS_EXCEEDED rather than overwrite.
+    growing = max_num_steps is None
+    size = record_capacity if growing else max_num_steps
+
+    def new_array(element_dtype, element_shape):
+      return tf.TensorArray(element_dtype, size=size, dynamic_size=growing,
+                            element_shape=element_shape)
+    steps_t = new_array(dtype, [])
+    steps_h = new_array(dtype, [])
+    steps_out = new_array(tf.int32, [])
+    steps_y = [new_array(y_i.dtype, y_i.shape) for y_i in y0]
   else:
     steps_t = steps_h = steps_out = tf.zeros([], dtype)
     steps_y = [tf.zeros([], y_i.dtype) for y_i in y0]
@@ -301,12 +329,14 @@ def integrate(fn: Callable,
   k_order = float((tableau.embedded_order or tableau.order) + 1)
   eps = tf.constant(tf.experimental.numpy.finfo(dtype.as_numpy_dtype).eps,
                     dtype)
+  succeeded = tf.constant(Status.SUCCEEDED, tf.int32)
 
   def cond(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
            n_rej, status, steps_t, steps_h, steps_out, steps_y):
     del step, t, h, y, k1, prev_err, outputs, nfe, n_acc, n_rej
     del steps_t, steps_h, steps_out, steps_y
-    return (out_index < num_outputs) & (status == Status.SUCCEEDED)
+    # tf.equal, never `==`: a Tensor's `==` is an identity test in TF1 graphs.
+    return (out_index < num_outputs) & tf.equal(status, succeeded)
 
   def body(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
            n_rej, status, steps_t, steps_h, steps_out, steps_y):
@@ -349,14 +379,15 @@ def integrate(fn: Callable,
       prev_err = tf.where(accept, e_safe, prev_err)
       underflow = (~accept) & (h_next <= 8. * eps * tf.maximum(
           tf.abs(t), tf.ones([], dtype)))
+      non_finite = ~k1_finite
     else:
       accept = new_finite
       h_next = h
       underflow = tf.constant(False)
+      non_finite = ~(k1_finite & new_finite)
 
     status = tf.where(
-        ~k1_finite | ((~accept) & (not adaptive)),
-        Status.NON_FINITE_STATE,
+        non_finite, Status.NON_FINITE_STATE,
         tf.where(underflow, Status.STEP_SIZE_UNDERFLOW, Status.SUCCEEDED))
     accept = accept & k1_finite
 
@@ -366,13 +397,6 @@ def integrate(fn: Callable,
       k1 = [tf.where(accept, a[-1], b) for a, b in zip(stages, k1)]
 
     hit = (accept & clipped) & (ts <= t_new) & (out_range >= out_index)
-    any_hit = tf.reduce_any(hit)
-    if on_output is not None:
-      y_next = tf.cond(any_hit, lambda: on_output(hit, y_next),
-                       lambda: list(y_next))
-      if tableau.fsal:
-        k1 = tf.cond(any_hit, lambda: fn(t_new, y_next), lambda: list(k1))
-        nfe = nfe + tf.cast(any_hit, tf.int32)
     new_outputs = []
     for buf, y_i in zip(outputs, y_next):
       mask = tf.reshape(hit, [-1] + [1] * y_i.shape.rank)
@@ -386,21 +410,26 @@ def integrate(fn: Callable,
       steps_h = steps_h.write(n_acc, h_step)
       steps_out = steps_out.write(n_acc, new_out_index)
       steps_y = [ta.write(n_acc, y_i) for ta, y_i in zip(steps_y, y)]
+      if growing:
+        full = steps_t.size() <= n_acc
+        status = tf.where(full & tf.equal(status, succeeded),
+                          Status.MAX_NUM_STEPS_EXCEEDED, status)
 
     n_acc = n_acc + tf.cast(accept, tf.int32)
     n_rej = n_rej + tf.cast(~accept, tf.int32)
     step = step + 1
-    status = tf.where(
-        (status == Status.SUCCEEDED) & (step >= max_num_steps)
-        & (new_out_index < num_outputs),
-        Status.MAX_NUM_STEPS_EXCEEDED, status)
+    if max_num_steps is not None:
+      status = tf.where(
+          tf.equal(status, succeeded) & (step >= max_num_steps)
+          & (new_out_index < num_outputs),
+          Status.MAX_NUM_STEPS_EXCEEDED, status)
     return (step, t_new, h_next, y_next, k1, prev_err, new_outputs,
             new_out_index, nfe, n_acc, n_rej, status, steps_t, steps_h,
             steps_out, steps_y)
 
-  loop_vars = (tf.constant(0), t0, h, list(y_init), list(k1),
+  loop_vars = (tf.constant(0), t0, h, list(y0), list(k1),
                tf.ones([], dtype), outputs, out_index, nfe,
-               tf.constant(0), tf.constant(0), tf.constant(Status.SUCCEEDED),
+               tf.constant(0), tf.constant(0), succeeded,
                steps_t, steps_h, steps_out, steps_y)
   (_, t, _, _, _, _, outputs, _, nfe, n_acc, n_rej, status, steps_t, steps_h,
    steps_out, steps_y) = tf.while_loop(

@@ -22,9 +22,13 @@ respect to the times are not computed (they are `None`).
 """
 
 import math
+import numbers
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+from tensorflow_probability.python.math.ode import base as tfp_ode
 
 from tfp_ffjord.ode import base
 from tfp_ffjord.ode import checked
@@ -44,17 +48,73 @@ __all__ = [
 
 GRADIENT_MODES = ('adjoint', 'backprop')
 
+XLA_BACKPROP_MAX_NUM_STEPS = base.XLA_BACKPROP_MAX_NUM_STEPS
+
+
+def in_xla_context() -> bool:
+  """Whether ops built here will be compiled by XLA (`jit_compile=True`)."""
+  graph = tf.compat.v1.get_default_graph()
+  return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def _static_number(name, value):
+  """`value` as a Python number: numbers, NumPy scalars, constant Tensors."""
+  if tf.is_tensor(value) or isinstance(value, np.ndarray):
+    static = tf.get_static_value(value)
+    if static is None or np.ndim(static) != 0:
+      raise ValueError(
+          f'`{name}` must be a Python number or a constant scalar; got '
+          f'{value!r}.')
+    value = static.item()
+  elif isinstance(value, np.generic):
+    value = value.item()
+  return value
+
 
 def _check_positive(name, value, allow_none=False):
+  """Returns `value` as a positive finite float (or None if allowed)."""
   if value is None and allow_none:
-    return
-  if (isinstance(value, bool) or not isinstance(value, (int, float))
+    return None
+  value = _static_number(name, value)
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
       or not math.isfinite(value) or value <= 0):
     raise ValueError(f'`{name}` must be a positive finite number; got {value!r}.')
+  return float(value)
+
+
+def _check_step_count(name, value):
+  """Returns `value` as a positive int, or None (no bound)."""
+  if value is None:
+    return None
+  value = _static_number(name, value)
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or value < 1):
+    raise ValueError(
+        f'`{name}` must be None (no bound) or a positive int; got {value!r}.')
+  return int(value)
+
+
+def _alias(ours, ours_value, tfps, tfps_value, default):
+  """One setting that TFP spells `tfps` and this package `ours`."""
+  if ours_value is None and tfps_value is None:
+    return default
+  if ours_value is None:
+    return tfps_value
+  if tfps_value is not None and _static_number(tfps, tfps_value) != (
+      _static_number(ours, ours_value)):
+    raise ValueError(
+        f'`{ours}` and `{tfps}` (TFP\'s name for it) disagree: got '
+        f'{ours_value!r} and {tfps_value!r}; pass one of them.')
+  return ours_value
 
 
 def _is_float(x):
   return x.dtype.is_floating or x.dtype.is_complex
+
+
+def _all_finite(tensors):
+  return tf.reduce_all(tf.stack(
+      [tf.reduce_all(runge_kutta.is_finite(x)) for x in tensors]))
 
 
 class Solver:
@@ -64,35 +124,66 @@ class Solver:
   """
   tableau: tableaus.ButcherTableau = None
 
-  def __init__(self, gradient='adjoint', max_num_steps=1000,
+  def __init__(self, gradient='adjoint', max_num_steps=None,
                error_components=None, raise_on_failure=True,
-               unroll_stages=False, name=None):
+               unroll_stages=False, make_adjoint_solver_fn=None,
+               validate_args=False, name=None):
     if gradient not in GRADIENT_MODES:
       raise ValueError(
           f'`gradient` must be one of {GRADIENT_MODES}; got {gradient!r}.')
-    if (isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int)
-        or max_num_steps < 1):
-      raise ValueError(
-          f'`max_num_steps` must be a positive int; got {max_num_steps!r}.')
+    max_num_steps = _check_step_count('max_num_steps', max_num_steps)
     if error_components is not None and (
         isinstance(error_components, bool)
         or not isinstance(error_components, int) or error_components < 1):
       raise ValueError('`error_components` must be None or a positive int; '
                        f'got {error_components!r}.')
+    if make_adjoint_solver_fn is not None:
+      if not callable(make_adjoint_solver_fn):
+        raise TypeError('`make_adjoint_solver_fn` must be None or a callable '
+                        'that returns a solver; got '
+                        f'{make_adjoint_solver_fn!r}.')
+      if gradient != 'adjoint':
+        raise ValueError(
+            '`make_adjoint_solver_fn` sets the solver of the adjoint\'s '
+            'backward solve, so it needs gradient=\'adjoint\'; got '
+            f'gradient={gradient!r}.')
     self.gradient = gradient
     self.max_num_steps = max_num_steps
     self.error_components = error_components
     self.raise_on_failure = bool(raise_on_failure)
     self.unroll_stages = bool(unroll_stages)
+    self.make_adjoint_solver_fn = make_adjoint_solver_fn
+    self.validate_args = bool(validate_args)
     self.name = name or type(self).__name__
 
   # Subclasses provide the step-size settings.
   def _control(self) -> runge_kutta.StepControl:
     raise NotImplementedError
 
-  def _max_iterations(self, t0, ts) -> int:
+  def _max_iterations(self, t0, ts) -> Optional[int]:
+    """Bound on step attempts for a solve through `ts`; None: unbounded."""
     del t0, ts
     return self.max_num_steps
+
+  def _chosen_times(self, t0, final_time):
+    """Explicit times equivalent to `ChosenBySolver(final_time)`, or None.
+
+    None means the times are known only after the solve (adaptive steps).
+    """
+    del t0, final_time
+    return None
+
+  def _adjoint_solver(self):
+    """The solver of the adjoint's backward solve (`make_adjoint_solver_fn`)."""
+    if self.make_adjoint_solver_fn is None:
+      return self
+    solver = self.make_adjoint_solver_fn()
+    if not isinstance(solver, Solver):
+      raise TypeError(
+          f'{self.name}: `make_adjoint_solver_fn` must return a tfp_ffjord.ode '
+          f'solver (e.g. `lambda: tfp_ffjord.ode.Tsit5(rtol=1e-5)`); got '
+          f'{solver!r}.')
+    return solver
 
   def __repr__(self):
     return f'{self.name}(gradient={self.gradient!r})'
@@ -106,9 +197,15 @@ class Solver:
     Args:
       ode_fn: `ode_fn(t, y, **constants)` returning a structure like `y`.
       initial_time: scalar float.
-      initial_state: Tensor or nested structure of floating Tensors.
+      initial_state: Tensor or nested structure of floating or complex
+        Tensors (time stays real; error norms use magnitudes).
       solution_times: 1-D floating Tensor (or list), sorted in the direction
         of integration; may be below `initial_time` to integrate backwards.
+        Or `tfp.math.ode.ChosenBySolver(final_time)`: the results then hold
+        the initial time, the end of every accepted step and `final_time`
+        (fixed-step methods: the grid of their steps, which XLA can
+        compile; adaptive methods: not under XLA, whose results need a
+        length known before the solve).
       jacobian_fn: ignored (explicit methods need no Jacobian); accepted for
         compatibility with `tfp.math.ode.Solver.solve`.
       jacobian_sparsity: ignored, as above.
@@ -125,21 +222,21 @@ class Solver:
       `tfp_ffjord.ode.Results`.
 
     Raises:
-      ValueError: for malformed `solution_times`.
-      tf.errors.InvalidArgumentError: (at run time, eager or `tf.function`)
-        when the solver fails and `raise_on_failure=True`. Under XLA the
-        check cannot run inside the compiled function: failed solves return
-        NaN states and `diagnostics.status != 0`; wrap the compiled function
-        with `tfp_ffjord.ode.checked_function` to raise there too.
+      ValueError: for malformed `solution_times`, or an adaptive
+        `ChosenBySolver` solve under XLA.
+      tf.errors.InvalidArgumentError: (at run time, eager, `tf.function` or
+        a TF1 `Session`) when the solver fails and `raise_on_failure=True`,
+        or, with `validate_args=True`, for non-finite or unsorted inputs.
+        Under XLA the check cannot run inside the compiled function: failed
+        solves return NaN states and `diagnostics.status != 0`; wrap the
+        compiled function with `tfp_ffjord.ode.checked_function` to raise
+        there too. With `raise_on_failure=False` a failed solve returns NaN
+        states (never a partial solution) and its status.
     """
     del jacobian_fn, jacobian_sparsity, batch_ndims
     del previous_solver_internal_state
     if not callable(ode_fn):
       raise TypeError(f'`ode_fn` must be callable; got {ode_fn!r}.')
-    if type(solution_times).__name__ == 'ChosenBySolver':
-      raise ValueError(
-          f'{self.name}: `solution_times` must be explicit times; '
-          '`tfp.math.ode.ChosenBySolver` is not supported.')
     constants = dict(constants or {})
     with tf.name_scope(self.name):
       y0_struct = initial_state
@@ -148,21 +245,44 @@ class Solver:
         raise ValueError('`initial_state` must contain at least one Tensor.')
       dtype = y0[0].dtype
       for x in y0:
-        if not x.dtype.is_floating:
-          raise TypeError('`initial_state` must hold floating Tensors; got '
-                          f'dtype {x.dtype.name}.')
+        if not _is_float(x):
+          raise TypeError('`initial_state` must hold floating or complex '
+                          f'Tensors; got dtype {x.dtype.name}.')
+        if x.dtype.real_dtype != dtype.real_dtype:
+          raise TypeError(
+              '`initial_state` must hold Tensors of one precision; got '
+              f'{dtype.name} and {x.dtype.name}.')
       t_dtype = dtype.real_dtype
       t0 = base.as_float(initial_time, t_dtype)
-      ts = base.as_float(solution_times, t_dtype)
       if t0.shape.rank not in (0, None):
         raise ValueError('`initial_time` must be a scalar; got shape '
                          f'{t0.shape}.')
+      t0 = tf.reshape(t0, [])
+      dense = False
+      if isinstance(solution_times, tfp_ode.ChosenBySolver):
+        final_time = base.as_float(solution_times.final_time, t_dtype)
+        if final_time.shape.rank not in (0, None):
+          raise ValueError('`ChosenBySolver.final_time` must be a scalar; got '
+                           f'shape {final_time.shape}.')
+        final_time = tf.reshape(final_time, [])
+        solution_times = self._chosen_times(t0, final_time)
+        if solution_times is None:
+          if in_xla_context():
+            raise ValueError(
+                f'{self.name}: `tfp.math.ode.ChosenBySolver` returns one state '
+                'per accepted step, a number known only after the solve, '
+                'which XLA (jit_compile=True) cannot compile. Under XLA pass '
+                'explicit `solution_times` (e.g. tf.linspace(t0, t1, n)) or '
+                'use a fixed-step solver (RK4(num_steps=n) gives n + 1 '
+                'times); outside XLA ChosenBySolver works as in TFP.')
+          dense = True
+          solution_times = final_time[tf.newaxis]
+      ts = base.as_float(solution_times, t_dtype)
       if ts.shape.rank != 1:
         raise ValueError('`solution_times` must be a 1-D Tensor; got shape '
                          f'{ts.shape}.')
       if ts.shape[0] == 0:
         raise ValueError('`solution_times` must not be empty.')
-      t0 = tf.reshape(t0, [])
 
       const_keys = sorted(constants)
       const_vals = [tf.convert_to_tensor(constants[k]) for k in const_keys]
@@ -192,10 +312,12 @@ class Solver:
                            -tf.ones([], t_dtype))
       s0, ss = direction * t0, direction * ts
       self._check_sorted(ss, s0)
+      if self.validate_args:
+        y0 = self._validated(y0, t0, ts, s0, ss)
 
       def g(s, y_flat, c_flat):
         dy = user_fn(direction * s, y_flat, c_flat)
-        return [direction * d for d in dy]
+        return [tf.cast(direction, d.dtype) * d for d in dy]
 
       limits = [k for k in (self.error_components, error_components)
                 if k is not None]
@@ -206,7 +328,9 @@ class Solver:
       n_y = len(y0)
       control = self._control()
       max_iter = self._max_iterations(t0, ts)
-      record = self.gradient == 'backprop'
+      record = self.gradient == 'backprop' or dense
+      adjoint_solver = (self._adjoint_solver() if self.gradient == 'adjoint'
+                        else None)
       solver = self
 
       @tf.custom_gradient
@@ -215,21 +339,32 @@ class Solver:
         c_flat = list(args[n_y:])
         res = runge_kutta.integrate(
             lambda s, y: g(s, y, c_flat), solver.tableau, control, s0, y_init,
-            ss, max_iter, error_mask, record_steps=record)
+            ss, max_iter, error_mask, record_steps=record,
+            record_capacity=XLA_BACKPROP_MAX_NUM_STEPS)
         outputs = list(res.outputs)
+        steps, out_s = res.steps, ss
+        if dense:
+          # The start of every accepted step, then the final time.
+          count = res.num_accepted
+          outputs = [tf.concat([y_steps[:count], o[-1:]], 0)
+                     for y_steps, o in zip(steps['y'], outputs)]
+          out_s = tf.concat([steps['t'][:count], ss[-1:]], 0)
+          steps = dict(steps, out=tf.range(count) + 2,
+                       out_initial=tf.constant(1))
 
         def grad_fn(*dys, variables=None):
           dys = [tf.zeros_like(o) if d is None else d
                  for d, o in zip(dys[:n_y], outputs)]
           variables = list(variables or [])
-          if record:
+          if solver.gradient == 'backprop':
             grads = _backprop_gradients(
-                g, solver.tableau, res.steps, y_init, c_flat, variables, dys,
-                ss, max_iter, control.unroll_stages)
+                g, solver.tableau, steps, y_init, c_flat, variables, dys,
+                out_s, max_iter, control.unroll_stages)
           else:
-            grads = _adjoint_gradients(
-                g, solver.tableau, control, s0, ss, outputs, c_flat,
-                variables, dys, max_iter, error_mask)
+            first_steps = steps['h'] if dense else None
+            grads = solver._adjoint_gradients(
+                adjoint_solver, g, s0, out_s, outputs, c_flat, variables, dys,
+                error_mask, first_steps)
           dy0, dc, dv = grads
           input_grads = list(dy0) + list(dc)
           if variables:
@@ -237,22 +372,24 @@ class Solver:
           return input_grads
 
         diag = [res.t, res.num_fn_evals, res.num_accepted, res.num_rejected,
-                res.status]
+                res.status, out_s]
         return tuple(outputs + diag), grad_fn
 
       flat = solve_flat(*(y0 + const_vals))
       outputs = list(flat[:n_y])
-      t_reached, nfe, n_acc, n_rej, status = flat[n_y:]
+      t_reached, nfe, n_acc, n_rej, status, out_s = flat[n_y:]
       t_reached = direction * t_reached
-      outputs = self._check_status(outputs, status, t_reached, n_acc + n_rej)
+      outputs = self._check_status(outputs, status, t_reached, n_acc + n_rej,
+                                   max_iter, record)
       zero = tf.constant(0, tf.int32)
       diagnostics = base.Diagnostics(
           num_ode_fn_evaluations=nfe, num_jacobian_evaluations=zero,
           num_matrix_factorizations=zero, num_accepted_steps=n_acc,
           num_rejected_steps=n_rej, status=status, final_time=t_reached)
       states = tf.nest.pack_sequence_as(y0_struct, outputs)
-      return base.Results(times=ts, states=states, diagnostics=diagnostics,
-                          solver_internal_state=None)
+      times = direction * tf.stop_gradient(out_s) if dense else ts
+      return base.Results(times=times, states=states,
+                          diagnostics=diagnostics, solver_internal_state=None)
 
   def _check_sorted(self, ss, s0):
     static = tf.get_static_value(ss)
@@ -263,7 +400,50 @@ class Solver:
             f'{self.name}: `solution_times` must be sorted in the direction '
             'of integration, starting at or after `initial_time`.')
 
-  def _check_status(self, outputs, status, t_reached, num_steps):
+  def _validated(self, y0, t0, ts, s0, ss):
+    """`validate_args=True`: run-time checks of the inputs (not under XLA)."""
+    checks = [
+        tf.debugging.Assert(tf.math.is_finite(t0), [
+            f'{self.name}: `initial_time` must be finite; got', t0]),
+        tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(ts)), [
+            f'{self.name}: `solution_times` must be finite; got', ts]),
+        tf.debugging.Assert(
+            tf.reduce_all(ss[1:] >= ss[:-1]) & tf.reduce_all(ss >= s0), [
+                f'{self.name}: `solution_times` must be sorted in the '
+                'direction of integration, starting at or after '
+                '`initial_time`; got', ts, 'from initial_time', t0]),
+    ]
+    for i, x in enumerate(y0):
+      checks.append(tf.debugging.Assert(_all_finite([x]), [
+          f'{self.name}: `initial_state` (leaf {i}) must be finite; it holds '
+          'NaN or Inf']))
+    with tf.control_dependencies(checks):
+      return [tf.identity(x) for x in y0]
+
+  def _failure_assertions(self, status, t_reached, num_steps, bound, what,
+                          recorded=False):
+    """`tf.debugging.Assert`s that fire for each failing `status` code."""
+    if bound is None and recorded:
+      hint = (f': backprop gradients under XLA record at most '
+              f'{XLA_BACKPROP_MAX_NUM_STEPS} steps; pass a larger '
+              f'`max_num_steps` to {type(self).__name__}(...)')
+    else:
+      hint = (f': pass a larger `max_num_steps` to {type(self).__name__}(...) '
+              'if the solve needs more steps')
+    checks = []
+    for code in (base.Status.MAX_NUM_STEPS_EXCEEDED,
+                 base.Status.STEP_SIZE_UNDERFLOW,
+                 base.Status.NON_FINITE_STATE):
+      suffix = hint if code == base.Status.MAX_NUM_STEPS_EXCEEDED else ''
+      checks.append(tf.debugging.Assert(
+          tf.not_equal(status, code),
+          [f'{self.name} failed{what}: {base.status_message(code)}; time '
+           'reached', t_reached, 'step attempts', num_steps,
+           f'(max_num_steps={bound}{suffix})']))
+    return checks
+
+  def _check_status(self, outputs, status, t_reached, num_steps, bound,
+                    recorded):
     """Raises on failure (eager, graph); poisons the states with NaN always.
 
     XLA compiles but drops assertions, and a nested `tf.function` cannot
@@ -271,23 +451,38 @@ class Solver:
     from XLA-compatible ops only, and a failed solve always returns NaN
     states: under XLA `diagnostics.status` says why.
     """
-    if not self.raise_on_failure:
-      return outputs
-    checked.register(self.name, self.max_num_steps, status, t_reached,
-                     num_steps)
-    failed = status != base.Status.SUCCEEDED
+    failed = tf.not_equal(status, base.Status.SUCCEEDED)
     checks = []
-    for code in (base.Status.MAX_NUM_STEPS_EXCEEDED,
-                 base.Status.STEP_SIZE_UNDERFLOW,
-                 base.Status.NON_FINITE_STATE):
-      checks.append(tf.debugging.Assert(
-          tf.not_equal(status, code),
-          [f'{self.name} failed: {base.status_message(code)}; time reached',
-           t_reached, 'step attempts', num_steps,
-           f'(max_num_steps={self.max_num_steps})']))
+    if self.raise_on_failure:
+      checked.register(self.name, bound, status, t_reached, num_steps)
+      checks = self._failure_assertions(status, t_reached, num_steps, bound,
+                                        '', recorded)
     with tf.control_dependencies(checks):
       return [tf.where(failed, tf.constant(float('nan'), o.dtype), o)
               for o in outputs]
+
+  def _adjoint_gradients(self, adjoint_solver, g, s0, ss, outputs, c_flat,
+                         variables, dys, error_mask, first_steps):
+    """The adjoint's gradients, NaN (and raising) if its backward solve fails."""
+    bound = adjoint_solver._max_iterations(-ss[-1], -s0[tf.newaxis])
+    dy0, dc, dv, status, u_reached, num_steps = _adjoint_gradients(
+        g, adjoint_solver.tableau, adjoint_solver._control(), s0, ss,
+        outputs, c_flat, variables, dys, bound, error_mask, first_steps)
+    failed = tf.not_equal(status, base.Status.SUCCEEDED)
+    checks = []
+    if self.raise_on_failure:
+      checked.register(f'{self.name} (adjoint backward solve)', bound, status,
+                       -u_reached, num_steps)
+      checks = self._failure_assertions(
+          status, -u_reached, num_steps, bound, ' in the adjoint backward solve')
+
+    def poison(grads):
+      return [None if x is None else
+              tf.where(failed, tf.constant(float('nan'), x.dtype), x)
+              for x in grads]
+
+    with tf.control_dependencies(checks):
+      return poison(dy0), poison(dc), poison(dv)
 
 
 def _gradient(tape, target, sources, output_gradients):
@@ -393,25 +588,32 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
 
 
 def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
-                       variables, dys, max_iter, error_mask):
+                       variables, dys, max_iter, error_mask, first_steps=None):
   """Solves the adjoint ODE backwards through the solution times.
 
   With `u = -s`, the augmented state `(y, a, a_c, a_v)` obeys
   `dy/du = -g`, `da/du = a^T dg/dy`, `da_c/du = a^T dg/dc`,
-  `da_v/du = a^T dg/dv`, starting from `y(s_T)` and `a = dL/dy(s_T)`; every
-  earlier solution time adds its cotangent to `a` and resets `y` to the
-  forward value there.
+  `da_v/du = a^T dg/dv`, starting from `y(s_T)` and `a = dL/dy(s_T)`. The
+  solve runs one segment per solution time (from `s_k` back to `s_{k-1}`,
+  the last back to `s0`); between segments the cotangent of `s_{k-1}` is
+  added to `a` and `y` is reset to its forward value there. Segments keep
+  the loop free of `tf.cond`, so pfor can vectorise it (batch Jacobians).
+
+  Args:
+    first_steps: optional `[T - 1]` first step sizes of segments `1..T-1`
+      (dense output: the forward's accepted steps); `None` estimates them.
+
+  Returns:
+    `(dy0, dc, dv, status, u_reached, num_steps)`: the gradients, and the
+    backward solve's status, the time `u` where it stopped and its step
+    attempts.
   """
   n = len(outputs)
   float_c = [c for c in c_flat if _is_float(c)]
   float_idx = [i for i, c in enumerate(c_flat) if _is_float(c)]
-  nc, nv = len(float_c), len(variables)
+  nc = len(float_c)
   num_t = tf.shape(ss)[0]
-  # Reversed solution times, then the initial time: increasing in u.
-  us = tf.concat([-tf.reverse(ss, [0]), [-s0]], 0)
-  dys_rev = [tf.concat([tf.reverse(d, [0]), tf.zeros_like(d[:1])], 0)
-             for d in dys]
-  ys_rev = [tf.concat([tf.reverse(o, [0]), o[:1]], 0) for o in outputs]
+  mask = list(error_mask) * 2 + [False] * (nc + len(variables))
 
   def aug_fn(u, state):
     y, a = state[:n], state[n:2 * n]
@@ -419,30 +621,53 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
     gc = [gc[i] for i in float_idx]
     return [-o for o in out] + list(gy) + gc + list(gv)
 
-  def on_output(hit, state):
-    y, a, rest = state[:n], state[n:2 * n], state[2 * n:]
-    first = tf.argmax(tf.cast(hit, tf.int32), output_type=tf.int32)
-    new_a = [a_i + tf.reduce_sum(tf.where(
-        tf.reshape(hit, [-1] + [1] * a_i.shape.rank), d,
-        tf.zeros_like(d)), axis=0) for a_i, d in zip(a, dys_rev)]
-    new_y = [tf.where(first < num_t, yr[first], y_i)
-             for y_i, yr in zip(y, ys_rev)]
-    return new_y + new_a + list(rest)
+  def segment(k, state):
+    """Integrates from `u = -ss[k]` to `-ss[k - 1]` (or `-s0` when k = 0)."""
+    u_start = -tf.gather(ss, k)
+    u_end = -tf.where(k > 0, tf.gather(ss, tf.maximum(k - 1, 0)), s0)
+    first = None
+    if first_steps is not None:
+      first = tf.gather(first_steps, tf.maximum(k - 1, 0))
+    res = runge_kutta.integrate(aug_fn, tableau, control, u_start, state,
+                                u_end[tf.newaxis], max_iter, mask,
+                                first_step=first)
+    state = [o[-1] for o in res.outputs]
+    # Reaching s_{k-1}: its cotangent joins `a`, `y` restarts from the
+    # forward solution (no drift from integrating y backwards).
+    j = tf.maximum(k - 1, 0)
+    earlier = k > 0
+    y = [tf.where(earlier, tf.gather(o, j), y_i)
+         for o, y_i in zip(outputs, state[:n])]
+    a = [tf.where(earlier, a_i + tf.gather(d, j), a_i)
+         for d, a_i in zip(dys, state[n:2 * n])]
+    return (y + a + state[2 * n:], res.status, res.t,
+            res.num_accepted + res.num_rejected)
 
-  u0 = -ss[-1]
-  state0 = ([o[-1] for o in outputs] + [tf.zeros_like(o[-1]) for o in outputs]
+  state0 = ([o[-1] for o in outputs] + [d[-1] for d in dys]
             + [tf.zeros_like(c) for c in float_c]
             + [tf.zeros_like(v) for v in variables])
-  mask = list(error_mask) * 2 + [False] * (nc + nv)
-  res = runge_kutta.integrate(aug_fn, tableau, control, u0, state0, us,
-                              max_iter, mask, on_output=on_output)
-  final = [o[-1] for o in res.outputs]
-  dy0 = final[n:2 * n]
+  if ss.shape[0] == 1:
+    state, status, u_reached, num_steps = segment(tf.constant(0), state0)
+  else:
+    def cond(k, state, status, u_reached, num_steps):
+      del state, u_reached, num_steps
+      return (k >= 0) & tf.equal(status, base.Status.SUCCEEDED)
+
+    def body(k, state, status, u_reached, num_steps):
+      del status, u_reached
+      state, status, u_reached, steps_k = segment(k, state)
+      return k - 1, state, status, u_reached, num_steps + steps_k
+
+    _, state, status, u_reached, num_steps = tf.while_loop(
+        cond, body,
+        (num_t - 1, state0, tf.constant(base.Status.SUCCEEDED),
+         -ss[-1], tf.constant(0)))
+  dy0 = state[n:2 * n]
   dc = [None] * len(c_flat)
-  for i, grad in zip(float_idx, final[2 * n:2 * n + nc]):
+  for i, grad in zip(float_idx, state[2 * n:2 * n + nc]):
     dc[i] = grad
-  dv = final[2 * n + nc:]
-  return dy0, dc, dv
+  dv = state[2 * n + nc:]
+  return dy0, dc, dv, status, u_reached, num_steps
 
 
 class FixedStepSolver(Solver):
@@ -453,28 +678,45 @@ class FixedStepSolver(Solver):
   Either way a step that would cross a solution time is shortened to end on
   it. The number of steps is known when the solve is traced, which makes the
   solver fully static (and cheap) under XLA.
+
+  Args:
+    step_size: the step length, or
+    num_steps: the number of steps from `initial_time` to the last solution
+      time.
+    gradient: `'backprop'` (default) or `'adjoint'`; see the module docs.
+    max_num_steps: optional bound on the steps; default `None`, the count
+      the step size implies (no bound when that is unknown at trace time,
+      except under XLA with backprop gradients, which records at most
+      `XLA_BACKPROP_MAX_NUM_STEPS` steps).
+    raise_on_failure: as for `AdaptiveSolver`.
+    unroll_stages: as for `AdaptiveSolver`.
+    make_adjoint_solver_fn: as for `AdaptiveSolver`.
+    validate_args: as for `AdaptiveSolver`.
+    name: defaults to the class name.
   """
 
   def __init__(self, step_size=None, num_steps=None, gradient='backprop',
                max_num_steps=None, raise_on_failure=True, unroll_stages=False,
-               name=None):
+               make_adjoint_solver_fn=None, validate_args=False, name=None):
     if (step_size is None) == (num_steps is None):
       raise ValueError(
           f'{name or type(self).__name__}: give exactly one of `step_size` '
           f'and `num_steps`; got step_size={step_size!r}, '
           f'num_steps={num_steps!r}.')
-    if num_steps is not None and (isinstance(num_steps, bool) or
-                                  not isinstance(num_steps, int)
-                                  or num_steps < 1):
-      raise ValueError(f'`num_steps` must be a positive int; got {num_steps!r}.')
-    _check_positive('step_size', step_size, allow_none=True)
-    self.step_size = step_size
+    if num_steps is not None:
+      num_steps = _static_number('num_steps', num_steps)
+      if (isinstance(num_steps, bool) or
+          not isinstance(num_steps, numbers.Integral) or num_steps < 1):
+        raise ValueError(
+            f'`num_steps` must be a positive int; got {num_steps!r}.')
+      num_steps = int(num_steps)
+    self.step_size = _check_positive('step_size', step_size, allow_none=True)
     self.num_steps = num_steps
-    super().__init__(gradient=gradient,
-                     max_num_steps=max_num_steps or 100_000,
+    super().__init__(gradient=gradient, max_num_steps=max_num_steps,
                      raise_on_failure=raise_on_failure,
-                     unroll_stages=unroll_stages, name=name)
-    self._max_num_steps_given = max_num_steps
+                     unroll_stages=unroll_stages,
+                     make_adjoint_solver_fn=make_adjoint_solver_fn,
+                     validate_args=validate_args, name=name)
 
   def _control(self):
     return runge_kutta.StepControl(adaptive=False, step_size=self.step_size,
@@ -484,43 +726,86 @@ class FixedStepSolver(Solver):
   def _max_iterations(self, t0, ts):
     """Static step count: steps plus one per solution time (shortened steps)."""
     num_times = ts.shape[0] or 1
+    bound = None
     if self.num_steps is not None:
       bound = self.num_steps + num_times
     else:
       t0_v, ts_v = tf.get_static_value(t0), tf.get_static_value(ts)
-      if t0_v is None or ts_v is None:
-        bound = self.max_num_steps
-      else:
-        span = abs(float(ts_v[-1]) - float(t0_v))
+      if t0_v is not None and ts_v is not None:
+        span = abs(float(np.reshape(ts_v, [-1])[-1]) - float(t0_v))
         bound = int(math.ceil(span / self.step_size)) + num_times + 1
-    if self._max_num_steps_given is not None:
-      bound = min(bound, self._max_num_steps_given)
-    return max(bound, 1)
+    if self.max_num_steps is not None:
+      bound = (self.max_num_steps if bound is None
+               else min(bound, self.max_num_steps))
+    return bound
+
+  def _chosen_times(self, t0, final_time):
+    """The grid of the steps: `num_steps + 1` times, or `t0 + k * step_size`."""
+    dtype = t0.dtype
+    if self.num_steps is not None:
+      k = tf.range(self.num_steps, dtype=dtype) / self.num_steps
+      return tf.concat([t0 + (final_time - t0) * k, final_time[tf.newaxis]],
+                       0)
+    span = final_time - t0
+    h = tf.constant(self.step_size, dtype)
+    # A last step shorter than 1e-9 of a step is rounding: end on final_time.
+    count = tf.cast(tf.math.ceil(tf.abs(span) / h - 1e-9), tf.int32)
+    count = tf.maximum(count, 1)
+    static = tf.get_static_value(count)
+    if static is None and in_xla_context():
+      raise ValueError(
+          f'{self.name}: with `step_size` and a `ChosenBySolver.final_time` '
+          'that is not a constant, the number of steps is known only at run '
+          'time, which XLA (jit_compile=True) cannot compile; give '
+          '`num_steps` instead, or explicit `solution_times`.')
+    if static is not None:
+      count = int(static)
+    k = tf.cast(tf.range(count), dtype)
+    grid = t0 + tf.sign(span) * h * k
+    return tf.concat([grid, final_time[tf.newaxis]], 0)
 
 
 class AdaptiveSolver(Solver):
   """An embedded Runge-Kutta pair with PI step-size control.
 
   The error of each step is measured as the RMS over the controlled state
-  components of `err / (atol + rtol * max(|y|, |y_new|))`; a step is
+  components of `|err| / (atol + rtol * max(|y|, |y_new|))`; a step is
   accepted when it is <= 1. The next step is the current one times
   `safety_factor * e_n^(-pi_alpha/k) * e_{n-1}^(pi_beta/k)` (k is the
   embedded order plus one), clipped to `[min_step_factor, max_step_factor]`.
   `pi_beta=0` gives the classical integral controller.
 
+  The positional arguments are those of `tfp.math.ode.DormandPrince`, and
+  TFP's keyword names are accepted too (`min_step_size_factor`,
+  `max_step_size_factor`); the rest are keyword-only.
+
   Args:
     rtol: relative tolerance. Default 1e-3.
     atol: absolute tolerance. Default 1e-6.
     first_step_size: initial step; `None` (default) estimates it from the
-      dynamics (Hairer et al., 1993), which costs one evaluation.
+      dynamics (Hairer et al., 1993), which costs one evaluation. (TFP's
+      default is 1e-3.)
     safety_factor: default 0.9.
-    min_step_factor: default 0.2.
-    max_step_factor: default 10.
+    min_step_factor: smallest factor between consecutive steps; default 0.2
+      (TFP's `DormandPrince` uses 0.1). TFP's name: `min_step_size_factor`.
+    max_step_factor: largest factor; default 10. TFP's name:
+      `max_step_size_factor`.
+    max_num_steps: bound on step attempts (accepted + rejected); exceeding
+      it is a failure. Default `None`: no bound, as in TFP, except for
+      backprop gradients under XLA, whose record of the steps needs a
+      static size: there the bound is `XLA_BACKPROP_MAX_NUM_STEPS` (1000)
+      and the failure message says to raise `max_num_steps`.
+    make_adjoint_solver_fn: `None` (default) or a callable with no
+      arguments returning a tfp_ffjord solver used for the adjoint's
+      backward solve (its method, tolerances and step bound), as in TFP.
+      Only with `gradient='adjoint'`.
+    validate_args: check at run time that the initial state, the initial
+      time and the solution times are finite and that the times are sorted
+      (eager, `tf.function`, TF1 graphs; XLA drops such checks).
+      Default False.
+    name: defaults to the class name.
     pi_alpha: default 0.7.
     pi_beta: default 0.4.
-    max_num_steps: bound on step attempts (accepted + rejected); exceeding
-      it is a failure. Default 1000. With `gradient='backprop'` the forward
-      pass reserves this many state copies.
     error_components: `None` (default) puts every leaf of the (flattened)
       state in the error norm. An int `k` uses only the first `k` leaves;
       `FFJORD`'s state is `(z, log_det)`, so `error_components=1` controls
@@ -528,46 +813,62 @@ class AdaptiveSolver(Solver):
       keeps the log-det accurate, which `log_prob` needs.
     gradient: `'adjoint'` (default) or `'backprop'`; see the module docs.
     raise_on_failure: raise (or, under XLA, return NaN states) when the
-      solve fails; `False` only reports `diagnostics.status`. Default True.
+      solve fails; `False` returns NaN states and `diagnostics.status`
+      without raising, so that an optimizer's line search can back off.
+      Default True.
     unroll_stages: `False` (default) computes the stages of a step in a
       `tf.while_loop`, so the dynamics appear once in the graph: tracing and
       XLA compilation take about half as long (measured on the seed moons
       model). `True` builds every stage in the graph: slower to trace and
       compile, but no per-stage loop overhead when steps run.
-    name: defaults to the class name.
+    min_step_size_factor: TFP's name for `min_step_factor`.
+    max_step_size_factor: TFP's name for `max_step_factor`.
   """
 
   def __init__(self, rtol=1e-3, atol=1e-6, first_step_size=None,
-               safety_factor=0.9, min_step_factor=0.2, max_step_factor=10.,
-               pi_alpha=0.7, pi_beta=0.4, max_num_steps=1000,
+               safety_factor=0.9, min_step_factor=None, max_step_factor=None,
+               max_num_steps=None, make_adjoint_solver_fn=None,
+               validate_args=False, name=None, *, pi_alpha=0.7, pi_beta=0.4,
                error_components=None, gradient='adjoint',
-               raise_on_failure=True, unroll_stages=False, name=None):
-    _check_positive('rtol', rtol)
-    _check_positive('atol', atol)
-    _check_positive('first_step_size', first_step_size, allow_none=True)
-    _check_positive('safety_factor', safety_factor)
-    _check_positive('min_step_factor', min_step_factor)
-    _check_positive('max_step_factor', max_step_factor)
-    if not min_step_factor < 1. < max_step_factor:
+               raise_on_failure=True, unroll_stages=False,
+               min_step_size_factor=None, max_step_size_factor=None):
+    min_step_factor = _alias('min_step_factor', min_step_factor,
+                             'min_step_size_factor', min_step_size_factor, 0.2)
+    max_step_factor = _alias('max_step_factor', max_step_factor,
+                             'max_step_size_factor', max_step_size_factor, 10.)
+    self.rtol = _check_positive('rtol', rtol)
+    self.atol = _check_positive('atol', atol)
+    self.first_step_size = _check_positive('first_step_size', first_step_size,
+                                           allow_none=True)
+    self.safety_factor = _check_positive('safety_factor', safety_factor)
+    self.min_step_factor = _check_positive('min_step_factor', min_step_factor)
+    self.max_step_factor = _check_positive('max_step_factor', max_step_factor)
+    if not self.min_step_factor < 1. < self.max_step_factor:
       raise ValueError(
           '`min_step_factor` must be < 1 < `max_step_factor`; got '
           f'{min_step_factor!r} and {max_step_factor!r}.')
-    if not 0. < safety_factor <= 1.:
+    if not 0. < self.safety_factor <= 1.:
       raise ValueError(
           f'`safety_factor` must be in (0, 1]; got {safety_factor!r}.')
     for label, v in (('pi_alpha', pi_alpha), ('pi_beta', pi_beta)):
       if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
         raise ValueError(f'`{label}` must be a non-negative number; got {v!r}.')
-    self.rtol, self.atol = float(rtol), float(atol)
-    self.first_step_size = first_step_size
-    self.safety_factor = float(safety_factor)
-    self.min_step_factor = float(min_step_factor)
-    self.max_step_factor = float(max_step_factor)
     self.pi_alpha, self.pi_beta = float(pi_alpha), float(pi_beta)
     super().__init__(gradient=gradient, max_num_steps=max_num_steps,
                      error_components=error_components,
                      raise_on_failure=raise_on_failure,
-                     unroll_stages=unroll_stages, name=name)
+                     unroll_stages=unroll_stages,
+                     make_adjoint_solver_fn=make_adjoint_solver_fn,
+                     validate_args=validate_args, name=name)
+
+  # TFP's attribute names, read by code written for tfp.math.ode.
+  @property
+  def min_step_size_factor(self):
+    return self.min_step_factor
+
+  @property
+  def max_step_size_factor(self):
+    return self.max_step_factor
 
   def _control(self):
     return runge_kutta.StepControl(

@@ -1,0 +1,565 @@
+"""Drop-in conformance with `tfp.math.ode` and `tfb.FFJORD`.
+
+What code written for TFP relies on: TF1 graph mode (`tf.Graph` +
+`tf.compat.v1.Session`), `ChosenBySolver`, complex states, TFP's solver
+constructor arguments, vectorised Jacobians through the adjoint, and no step
+limit that TFP does not have. Every value is checked against a closed form
+(`exp`, `expm`), never against our own solver.
+"""
+
+import inspect
+
+import numpy as np
+import pytest
+import scipy.linalg
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability.python.math import gradient as tfp_gradient
+
+import tfp_ffjord
+from tfp_ffjord import ode
+from tests.helpers import RUN_MODES, run_in_mode
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+SOLVER_NAMES = ('Euler', 'Midpoint', 'RK4', 'DormandPrince', 'Tsit5')
+ADAPTIVE = ('DormandPrince', 'Tsit5')
+GRADIENTS = ('adjoint', 'backprop')
+FLOATS = (tf.float32, tf.float64)
+
+# Fixed-step methods take FIXED_STEPS steps over the unit interval; adaptive
+# ones run at TIGHT tolerances. Errors of the closed-form problems below
+# (rate <= 1, span 1) stay within these (global error ~ C h^p, float32
+# rounding over ~100 steps ~ 1e-6 relative).
+FIXED_STEPS = 64
+TIGHT = {tf.float32: 1e-6, tf.float64: 1e-10}
+METHOD_ERROR = {'Euler': 2e-2, 'Midpoint': 2e-4, 'RK4': 1e-8,
+                'DormandPrince': 1e-8, 'Tsit5': 1e-8}
+FLOAT_FLOOR = {tf.float32: 2e-5, tf.float64: 1e-12,
+               tf.complex64: 2e-5, tf.complex128: 1e-12}
+# A coarse adjoint solver (Euler, 2 steps) gets the decay gradient wrong by
+# ~20%; a right one is within METHOD_ERROR. The test asserts the coarse one
+# is off by more than this, so a silently ignored `make_adjoint_solver_fn`
+# fails it.
+COARSE_ADJOINT_MIN_ERROR = 0.05
+
+
+def make_solver(name, dtype=tf.float64, **kwargs):
+  if name in ADAPTIVE:
+    tol = TIGHT[dtype if dtype in TIGHT else dtype.real_dtype]
+    return getattr(ode, name)(rtol=tol, atol=tol, **kwargs)
+  return getattr(ode, name)(num_steps=FIXED_STEPS, **kwargs)
+
+
+def tolerance(name, dtype):
+  return max(METHOD_ERROR[name], FLOAT_FLOOR[dtype])
+
+
+def run_in_graph(build):
+  """`build()` in a TF1 `tf.Graph`, its fetches run by a `Session`."""
+  graph = tf.Graph()
+  with graph.as_default():
+    fetches = build()
+    with tf.compat.v1.Session(graph=graph) as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      return sess.run(fetches)
+
+
+# --------------------------------------------------- 1. TF1 graph mode
+
+DECAY_Y0 = (1.0, -2.0)
+DECAY_W = (0.7, 0.4)
+DECAY_RATE = 0.8
+DECAY_TIMES = (0.5, 1.0)
+
+
+def decay_closed_form():
+  """`y' = -k y`: states, and dL/dy0, dL/dk of `L = sum_i sum_j w_j y_j(t_i)`."""
+  y0, w = np.array(DECAY_Y0), np.array(DECAY_W)
+  ts = np.array(DECAY_TIMES)
+  decay = np.exp(-DECAY_RATE * ts)
+  states = decay[:, None] * y0
+  d_y0 = w * decay.sum()
+  d_k = -np.sum(ts * decay * np.dot(w, y0))
+  return states, d_y0, d_k
+
+
+def decay_problem(solver, dtype):
+  """The solve and its gradients, built in the current graph / eagerly."""
+  y0 = tf.constant(DECAY_Y0, dtype)
+  w = tf.constant(DECAY_W, dtype)
+  k = tf.Variable(DECAY_RATE, dtype=dtype)
+  with tf.GradientTape() as tape:
+    tape.watch(y0)
+    res = solver.solve(lambda t, y: -k * y, 0., y0, list(DECAY_TIMES))
+    loss = tf.reduce_sum(res.states * w)
+  d_y0, d_k = tape.gradient(loss, [y0, k])
+  return (res.states, d_y0, d_k, res.diagnostics.status,
+          res.diagnostics.num_accepted_steps)
+
+
+@pytest.mark.parametrize('dtype', FLOATS)
+@pytest.mark.parametrize('gradient', GRADIENTS)
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_graph_mode_solve_and_gradients_match_closed_form(name, gradient,
+                                                          dtype):
+  solver = make_solver(name, dtype, gradient=gradient)
+  states, d_y0, d_k, status, accepted = run_in_graph(
+      lambda: decay_problem(solver, dtype))
+  want_states, want_y0, want_k = decay_closed_form()
+  tol = tolerance(name, dtype)
+  assert status == ode.Status.SUCCEEDED
+  assert accepted >= len(DECAY_TIMES)
+  np.testing.assert_allclose(states, want_states, rtol=tol, atol=tol)
+  np.testing.assert_allclose(d_y0, want_y0, rtol=tol, atol=tol)
+  np.testing.assert_allclose(d_k, want_k, rtol=tol, atol=tol)
+
+
+def test_graph_mode_failure_raises_in_session():
+  solver = ode.DormandPrince(max_num_steps=5)
+
+  def build():
+    return solver.solve(lambda t, y: -50. * y, 0., tf.constant([1.0]),
+                        [10.]).states
+
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match='DormandPrince failed.*max_num_steps'):
+    run_in_graph(build)
+
+
+class LinearDynamics(tf.Module):
+  """`f(t, z) = z A^T`: the flow is `x expm(A (t1 - t0))^T`, log-det `tr(A)`."""
+
+  def __init__(self, a):
+    super().__init__()
+    self.a = tf.Variable(a)
+
+  def __call__(self, t, z):
+    return tf.matmul(z, self.a, transpose_b=True)
+
+
+LINEAR_A = ((-0.3, 0.8), (-0.5, 0.2))
+FLOW_X = ((0.5, -1.0), (1.5, 0.3), (-0.7, 0.9))
+FLOW_TOL = 1e-7  # Tsit5 at rtol=atol=1e-10, float64
+
+
+def flow_closed_form():
+  """forward, fldj, log_prob(forward) and d mean log_prob / dA (by expm)."""
+  a = tf.constant(LINEAR_A, tf.float64)
+  x = tf.constant(FLOW_X, tf.float64)
+  base = tfd.MultivariateNormalDiag(loc=tf.zeros([2], tf.float64))
+  with tf.GradientTape() as tape:
+    tape.watch(a)
+    y = tf.matmul(x, tf.linalg.expm(a), transpose_b=True)
+    y_fixed = tf.stop_gradient(y)
+    z = tf.matmul(y_fixed, tf.linalg.expm(-a), transpose_b=True)
+    log_prob = base.log_prob(z) - tf.linalg.trace(a)
+    loss = tf.reduce_mean(log_prob)
+  grad = tape.gradient(loss, a)
+  fldj = tf.fill([len(FLOW_X)], tf.linalg.trace(a))
+  return y.numpy(), fldj.numpy(), log_prob.numpy(), grad.numpy()
+
+
+def flow_problem(bijector_cls, gradient):
+  solver = ode.Tsit5(rtol=1e-10, atol=1e-10, gradient=gradient)
+  dynamics = LinearDynamics(tf.constant(LINEAR_A, tf.float64))
+  trace_fn = (tfp_ffjord.trace_jacobian_exact if bijector_cls is
+              tfp_ffjord.FFJORD else tfb.ffjord.trace_jacobian_exact)
+  bijector = bijector_cls(dynamics, ode_solve_fn=solver.solve,
+                          trace_augmentation_fn=trace_fn, dtype=tf.float64)
+  flow = tfd.TransformedDistribution(
+      tfd.MultivariateNormalDiag(loc=tf.zeros([2], tf.float64)), bijector)
+  x = tf.constant(FLOW_X, tf.float64)
+  y = bijector.forward(x)
+  fldj = bijector.forward_log_det_jacobian(x, event_ndims=1)
+  y_fixed = tf.constant(flow_closed_form()[0])
+  with tf.GradientTape() as tape:
+    log_prob = flow.log_prob(y_fixed)
+    loss = tf.reduce_mean(log_prob)
+  return y, fldj, log_prob, tape.gradient(loss, dynamics.a)
+
+
+@pytest.mark.parametrize('gradient', GRADIENTS)
+@pytest.mark.parametrize('bijector_cls', [tfp_ffjord.FFJORD, tfb.FFJORD],
+                         ids=['ours', 'tfb.FFJORD'])
+def test_graph_mode_ffjord_forward_log_prob_and_gradient(bijector_cls,
+                                                         gradient):
+  got = run_in_graph(lambda: flow_problem(bijector_cls, gradient))
+  for g, want in zip(got, flow_closed_form()):
+    np.testing.assert_allclose(g, want, rtol=FLOW_TOL, atol=FLOW_TOL)
+
+
+# ----------------------------------------------- 2. ChosenBySolver
+
+
+@pytest.mark.parametrize('mode', ['eager', 'function'])
+@pytest.mark.parametrize('gradient', GRADIENTS)
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_chosen_by_solver_times_states_and_gradients(name, gradient, mode):
+  solver = make_solver(name, gradient=gradient)
+  rate = DECAY_RATE
+  y0 = tf.constant(DECAY_Y0, tf.float64)
+  k = tf.Variable(rate, dtype=tf.float64)
+
+  def run(y0):
+    with tf.GradientTape() as tape:
+      tape.watch(y0)
+      res = solver.solve(lambda t, y: -k * y, 0.25, y0,
+                         tfp.math.ode.ChosenBySolver(1.25))
+      loss = tf.reduce_sum(res.states)
+    return (res.times, res.states, res.diagnostics.num_accepted_steps,
+            *tape.gradient(loss, [y0, k]))
+
+  times, states, accepted, d_y0, d_k = [
+      np.asarray(v) for v in run_in_mode(run, mode)(y0)]
+  tol = tolerance(name, tf.float64)
+  assert times[0] == 0.25 and times[-1] == 1.25
+  assert np.all(np.diff(times) > 0)
+  # The initial time, then the end of every accepted step.
+  assert len(times) == accepted + 1
+  if name not in ADAPTIVE:
+    assert len(times) == FIXED_STEPS + 1
+  decay = np.exp(-rate * (times - 0.25))
+  np.testing.assert_allclose(states, decay[:, None] * np.array(DECAY_Y0),
+                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(d_y0, [decay.sum()] * 2, rtol=tol, atol=tol)
+  want_k = -np.sum((times - 0.25) * decay) * np.sum(DECAY_Y0)
+  np.testing.assert_allclose(d_k, want_k, rtol=tol, atol=tol)
+
+
+def test_chosen_by_solver_matches_tfp_layout_and_runs_backwards():
+  # TFP's own DormandPrince: the initial time first, the final time last.
+  tfp_res = tfp.math.ode.DormandPrince().solve(
+      lambda t, y: -y, 0., tf.constant([1.0], tf.float64),
+      tfp.math.ode.ChosenBySolver(1.))
+  assert float(tfp_res.times[0]) == 0. and float(tfp_res.times[-1]) == 1.
+  res = ode.Tsit5(rtol=1e-10, atol=1e-10).solve(
+      lambda t, y: -y, 1., tf.constant([1.0], tf.float64),
+      tfp.math.ode.ChosenBySolver(0.))
+  times = res.times.numpy()
+  assert times[0] == 1. and times[-1] == 0. and np.all(np.diff(times) < 0)
+  np.testing.assert_allclose(res.states.numpy()[:, 0], np.exp(1. - times),
+                             rtol=1e-8)
+
+
+def test_chosen_by_solver_under_xla():
+  @tf.function(jit_compile=True)
+  def adaptive(y0):
+    return ode.Tsit5().solve(lambda t, y: -y, 0., y0,
+                             tfp.math.ode.ChosenBySolver(1.)).states
+
+  with pytest.raises(ValueError,
+                     match=r'ChosenBySolver.*XLA.*explicit `solution_times`'):
+    adaptive(tf.constant([1.0]))
+
+  @tf.function(jit_compile=True)
+  def fixed(y0):
+    res = ode.RK4(num_steps=8).solve(lambda t, y: -y, 0., y0,
+                                     tfp.math.ode.ChosenBySolver(1.))
+    return res.times, res.states
+
+  times, states = fixed(tf.constant([1.0], tf.float64))
+  np.testing.assert_allclose(times.numpy(), np.linspace(0., 1., 9),
+                             atol=1e-15)
+  np.testing.assert_allclose(states.numpy()[:, 0], np.exp(-times.numpy()),
+                             rtol=1e-6)
+
+
+# ------------------------------------------------------ 3. complex states
+
+COMPLEX_A = ((-0.2 + 1.0j, 0.5), (-0.5j, -0.1 - 0.7j))
+COMPLEX_Y0 = ((1.0 - 0.5j, 0.3j), (-0.2 + 0.1j, 0.8))
+COMPLEX_W = (0.6 - 0.2j, -0.4 + 0.9j)
+COMPLEX_SCALE = 0.9
+
+
+def complex_closed_form(dtype):
+  """`y' = s y A^T`: y(1), and d/dy0, d/ds of `real(sum(w y(1)))` by expm."""
+  a = tf.constant(COMPLEX_A, dtype)
+  y0 = tf.constant(COMPLEX_Y0, dtype)
+  w = tf.constant(COMPLEX_W, dtype)
+  s = tf.constant(COMPLEX_SCALE, dtype.real_dtype)
+  with tf.GradientTape() as tape:
+    tape.watch([y0, s])
+    y1 = tf.matmul(y0, tf.linalg.expm(tf.cast(s, dtype) * a), transpose_b=True)
+    loss = tf.math.real(tf.reduce_sum(w * y1))
+  d_y0, d_s = tape.gradient(loss, [y0, s])
+  return y1.numpy(), d_y0.numpy(), d_s.numpy()
+
+
+@pytest.mark.parametrize('mode', RUN_MODES)
+@pytest.mark.parametrize('dtype', [tf.complex64, tf.complex128])
+@pytest.mark.parametrize('gradient', GRADIENTS)
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_complex_states_and_gradients(name, gradient, dtype, mode):
+  if mode == 'xla' and (dtype == tf.complex64 or name not in ('RK4', 'Tsit5')):
+    pytest.skip('XLA: one fixed-step and one adaptive method, complex128')
+  solver = make_solver(name, dtype, gradient=gradient)
+  a = tf.constant(COMPLEX_A, dtype)
+  w = tf.constant(COMPLEX_W, dtype)
+  s = tf.Variable(COMPLEX_SCALE, dtype=dtype.real_dtype)
+
+  def run(y0):
+    with tf.GradientTape() as tape:
+      tape.watch(y0)
+      res = solver.solve(
+          lambda t, y: tf.matmul(y, tf.cast(s, dtype) * a, transpose_b=True),
+          0., y0, [1.])
+      loss = tf.math.real(tf.reduce_sum(w * res.states[-1]))
+    return (res.states[-1], *tape.gradient(loss, [y0, s]))
+
+  got = run_in_mode(run, mode)(tf.constant(COMPLEX_Y0, dtype))
+  tol = tolerance(name, dtype) * 10  # |A| ~ 1.2: a larger error constant
+  for g, want in zip(got, complex_closed_form(dtype)):
+    np.testing.assert_allclose(np.asarray(g), want, rtol=tol, atol=tol)
+
+
+# --------------------------------------- 4. TFP's constructor arguments
+
+
+def test_every_tfp_dormand_prince_argument_is_accepted():
+  tfp_params = [p for p in inspect.signature(
+      tfp.math.ode.DormandPrince.__init__).parameters if p != 'self']
+  ours = inspect.signature(ode.DormandPrince.__init__).parameters
+  assert [p for p in tfp_params if p not in ours] == []
+  # TFP's positional order: the same call builds the same solver.
+  args = (1e-5, 1e-7, 1e-3, 0.8, 0.1, 5., 500)
+  tfp.math.ode.DormandPrince(*args)
+  for cls in (ode.DormandPrince, ode.Tsit5):
+    solver = cls(*args, make_adjoint_solver_fn=None, validate_args=True,
+                 name='dp')
+    assert (solver.rtol, solver.atol, solver.first_step_size,
+            solver.safety_factor, solver.min_step_factor,
+            solver.max_step_factor, solver.max_num_steps) == args
+    assert solver.validate_args and solver.name == 'dp'
+
+
+def test_tfp_step_factor_names_alias_ours():
+  solver = ode.Tsit5(min_step_size_factor=0.1, max_step_size_factor=5.)
+  assert (solver.min_step_factor, solver.max_step_factor) == (0.1, 5.)
+  assert (solver.min_step_size_factor, solver.max_step_size_factor) == (
+      0.1, 5.)
+  ode.Tsit5(min_step_factor=0.3, min_step_size_factor=0.3)  # agree: fine
+  with pytest.raises(ValueError, match='`min_step_factor` and '
+                     '`min_step_size_factor`.*disagree'):
+    ode.Tsit5(min_step_factor=0.3, min_step_size_factor=0.1)
+  with pytest.raises(ValueError, match='`max_step_factor` and '
+                     '`max_step_size_factor`.*disagree'):
+    ode.DormandPrince(max_step_factor=4., max_step_size_factor=5.)
+  # TFP allows constant Tensors for the settings.
+  solver = ode.DormandPrince(rtol=tf.constant(1e-4), max_num_steps=tf.constant(7))
+  assert solver.rtol == pytest.approx(1e-4) and solver.max_num_steps == 7
+
+
+def _validation_cases():
+  def nan_state(solver):
+    return solver.solve(lambda t, y: -y, 0.,
+                        tf.constant([1.0, np.nan], tf.float64), [1.]).states
+
+  def unsorted_times(solver):
+    # Times fed at run time: the static check cannot see them.
+    times = tf.compat.v1.placeholder_with_default(
+        tf.constant([0.5, 0.2, 1.0], tf.float64), shape=[None])
+    return solver.solve(lambda t, y: -y, 0., tf.constant([1.0], tf.float64),
+                        times).states
+
+  return [(nan_state, '`initial_state`'), (unsorted_times, '`solution_times`')]
+
+
+@pytest.mark.parametrize('case', [0, 1], ids=['nan-state', 'unsorted-times'])
+@pytest.mark.parametrize('mode', ['eager', 'function', 'graph'])
+@pytest.mark.parametrize('name', ['RK4', 'Tsit5'])
+def test_validate_args_checks_inputs_at_run_time(name, mode, case):
+  build, match = _validation_cases()[case]
+  checked = make_solver(name, validate_args=True)
+  unchecked = make_solver(name, validate_args=False)
+  if mode == 'graph':
+    run = lambda solver: run_in_graph(lambda: build(solver))
+  elif mode == 'function':
+    run = lambda solver: tf.function(lambda: build(solver))()
+  else:
+    if case == 1:
+      pytest.skip('placeholder_with_default is constant in eager mode')
+    run = build
+  with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+    run(checked)
+  if case == 1:
+    # Without validation the unsorted times are not caught before the solve.
+    try:
+      run(unchecked)
+    except tf.errors.InvalidArgumentError as e:
+      assert '`solution_times` must be sorted' not in str(e)
+
+
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_make_adjoint_solver_fn_sets_the_backward_solver(name):
+  y0 = tf.constant(DECAY_Y0, tf.float64)
+  _, want_y0, want_k = decay_closed_form()
+
+  def gradients(make):
+    solver = make_solver(name, gradient='adjoint', make_adjoint_solver_fn=make)
+    return [g.numpy() for g in decay_problem(solver, tf.float64)[1:3]]
+
+  fine = gradients(lambda: ode.Tsit5(rtol=1e-11, atol=1e-11))
+  coarse = gradients(lambda: ode.Euler(num_steps=2))
+  tol = tolerance(name, tf.float64)
+  np.testing.assert_allclose(fine[0], want_y0, rtol=tol)
+  np.testing.assert_allclose(fine[1], want_k, rtol=tol)
+  assert abs(coarse[1] / want_k - 1.) > COARSE_ADJOINT_MIN_ERROR
+
+
+def test_make_adjoint_solver_fn_errors():
+  with pytest.raises(ValueError, match="needs gradient='adjoint'"):
+    ode.RK4(num_steps=4, make_adjoint_solver_fn=lambda: ode.RK4(num_steps=4))
+  with pytest.raises(TypeError, match='`make_adjoint_solver_fn` must be'):
+    ode.Tsit5(make_adjoint_solver_fn='Tsit5')
+  solver = ode.Tsit5(make_adjoint_solver_fn=tfp.math.ode.DormandPrince)
+  with pytest.raises(TypeError, match='must return a tfp_ffjord.ode solver'):
+    decay_problem(solver, tf.float64)
+
+
+# ---------------------------------- 5. vectorised Jacobians (pfor)
+
+JAC_A = ((-0.5, 1.0), (-1.0, -0.3))
+JAC_Y0 = ((0.3, -1.2), (1.0, 0.4), (-0.6, 0.7))
+JAC_T = 1.5
+
+
+@pytest.mark.parametrize('mode', ['eager', 'function'])
+@pytest.mark.parametrize('gradient', GRADIENTS)
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+def test_batch_jacobian_and_jacobian_through_the_solve(name, gradient, mode):
+  a = tf.constant(JAC_A, tf.float64)
+  solver = make_solver(name, gradient=gradient)
+
+  def solve(y0):
+    return solver.solve(lambda t, y: tf.matmul(y, a, transpose_b=True), 0.,
+                        y0, [JAC_T]).states[-1]
+
+  def run(y0):
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(y0)
+      out = solve(y0)
+    batch = tape.batch_jacobian(out, y0)
+    full = tape.jacobian(out, y0)
+    via_tfp = tfp_gradient.batch_jacobian(solve, y0)
+    return batch, full, via_tfp
+
+  batch, full, via_tfp = [np.asarray(v) for v in
+                          run_in_mode(run, mode)(tf.constant(JAC_Y0,
+                                                             tf.float64))]
+  expm = scipy.linalg.expm(np.array(JAC_A) * JAC_T)
+  n = len(JAC_Y0)
+  tol = tolerance(name, tf.float64) * 10  # span 1.5, |A| ~ 1.2
+  for b in (batch, via_tfp):
+    np.testing.assert_allclose(b, np.broadcast_to(expm, (n, 2, 2)), rtol=tol,
+                               atol=tol)
+  want_full = np.zeros((n, 2, n, 2))
+  for i in range(n):
+    want_full[i, :, i, :] = expm
+  np.testing.assert_allclose(full, want_full, rtol=tol, atol=tol)
+
+
+# -------------------------------------- 6. no step limit TFP does not have
+
+# y'' = -w^2 y over many periods: more than a thousand steps at rtol 1e-6.
+OSCILLATOR_W = 20.
+OSCILLATOR_T = 60.
+OSCILLATOR_TOL = 1e-6
+OSCILLATOR_ERROR = 5e-3  # global error after ~190 periods
+
+
+def oscillator(y):
+  return tf.stack([y[1], -OSCILLATOR_W ** 2 * y[0]])
+
+
+def test_default_max_num_steps_is_unbounded_like_tfp():
+  for name in SOLVER_NAMES:
+    assert make_solver(name).max_num_steps is None
+  assert tfp.math.ode.DormandPrince()._max_num_steps is None
+
+
+@pytest.mark.parametrize('gradient', GRADIENTS)
+def test_long_solve_runs_past_a_thousand_steps(gradient):
+  solver = ode.Tsit5(rtol=OSCILLATOR_TOL, atol=OSCILLATOR_TOL,
+                     gradient=gradient)
+
+  @tf.function
+  def run(y0):
+    with tf.GradientTape() as tape:
+      tape.watch(y0)
+      res = solver.solve(lambda t, y: oscillator(y), 0., y0, [OSCILLATOR_T])
+      y_end = res.states[-1]
+    return y_end, res.diagnostics, tape.gradient(y_end[0], y0)
+
+  y_end, diagnostics, grad = run(tf.constant([1.0, 0.0], tf.float64))
+  wt = OSCILLATOR_W * OSCILLATOR_T
+  assert int(diagnostics.num_accepted_steps) > 1000
+  np.testing.assert_allclose(y_end.numpy(),
+                             [np.cos(wt), -OSCILLATOR_W * np.sin(wt)],
+                             atol=OSCILLATOR_ERROR * OSCILLATOR_W)
+  # d y(T) / d y0 = (cos wT, sin(wT) / w).
+  np.testing.assert_allclose(grad.numpy(),
+                             [np.cos(wt), np.sin(wt) / OSCILLATOR_W],
+                             atol=OSCILLATOR_ERROR)
+
+
+def test_backprop_under_xla_names_the_argument_to_raise():
+  def solve(solver):
+    @ode.checked_function(jit_compile=True)
+    def run(y0):
+      with tf.GradientTape() as tape:
+        tape.watch(y0)
+        y_end = solver.solve(lambda t, y: oscillator(y), 0., y0,
+                             [OSCILLATOR_T]).states[-1]
+      return y_end, tape.gradient(y_end[0], y0)
+    return run(tf.constant([1.0, 0.0], tf.float64))
+
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'record at most 1000 steps.*max_num_steps'):
+    solve(ode.Tsit5(rtol=OSCILLATOR_TOL, atol=OSCILLATOR_TOL,
+                    gradient='backprop'))
+  y_end, _ = solve(ode.Tsit5(rtol=OSCILLATOR_TOL, atol=OSCILLATOR_TOL,
+                             gradient='backprop', max_num_steps=5000))
+  wt = OSCILLATOR_W * OSCILLATOR_T
+  np.testing.assert_allclose(y_end.numpy()[0], np.cos(wt),
+                             atol=OSCILLATOR_ERROR)
+
+
+# L-BFGS fits the rate k of y' = -k y to y(1) = exp(-2); a solver allowed
+# only STIFF_MAX_STEPS steps fails for large k, which the first line search
+# probes. With raise_on_failure=False the failed probe is NaN and the line
+# search backs off.
+STIFF_MAX_STEPS = 12
+TARGET_RATE = 2.
+RATE_TOL = 1e-4
+
+
+def test_failed_solves_let_lbfgs_back_off():
+  statuses = []
+
+  def fit(raise_on_failure):
+    solver = ode.Tsit5(rtol=1e-8, atol=1e-8, max_num_steps=STIFF_MAX_STEPS,
+                       raise_on_failure=raise_on_failure)
+    target = np.exp(-TARGET_RATE)
+
+    def value_and_gradient(k):
+      with tf.GradientTape() as tape:
+        tape.watch(k)
+        res = solver.solve(lambda t, y: -k * y, 0.,
+                           tf.constant([1.0], tf.float64), [1.])
+        loss = 1e3 * tf.reduce_sum((res.states[-1] - target) ** 2)
+      statuses.append(int(res.diagnostics.status))
+      return loss, tape.gradient(loss, k)
+
+    return tfp.optimizer.lbfgs_minimize(
+        value_and_gradient, tf.constant([0.1], tf.float64), tolerance=1e-12,
+        max_iterations=50)
+
+  result = fit(raise_on_failure=False)
+  assert ode.Status.MAX_NUM_STEPS_EXCEEDED in statuses
+  assert bool(result.converged)
+  np.testing.assert_allclose(result.position.numpy(), [TARGET_RATE],
+                             rtol=RATE_TOL)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='max_num_steps'):
+    fit(raise_on_failure=True)

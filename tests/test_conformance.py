@@ -8,16 +8,20 @@ limit that TFP does not have. Every value is checked against a closed form
 """
 
 import inspect
+import os
+import sys
 
 import numpy as np
 import pytest
 import scipy.linalg
 import tensorflow as tf
 import tensorflow_probability as tfp
+from tensorflow.python.framework import tensor as tensor_lib
 from tensorflow_probability.python.math import gradient as tfp_gradient
 
 import tfp_ffjord
 from tfp_ffjord import ode
+from tfp_ffjord import training
 from tests.helpers import RUN_MODES, run_in_mode
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -37,11 +41,11 @@ METHOD_ERROR = {'Euler': 2e-2, 'Midpoint': 2e-4, 'RK4': 1e-8,
                 'DormandPrince': 1e-8, 'Tsit5': 1e-8}
 FLOAT_FLOOR = {tf.float32: 2e-5, tf.float64: 1e-12,
                tf.complex64: 2e-5, tf.complex128: 1e-12}
-# A coarse adjoint solver (Euler, 2 steps) gets the decay gradient wrong by
-# ~20%; a right one is within METHOD_ERROR. The test asserts the coarse one
-# is off by more than this, so a silently ignored `make_adjoint_solver_fn`
-# fails it.
-COARSE_ADJOINT_MIN_ERROR = 0.05
+# A coarse adjoint solver (Euler, 2 steps a segment) moves the decay
+# gradient d/dk by ~3.6% from what the solver's own adjoint gives (<= 0.5%
+# even for Euler with 64 steps). A silently ignored `make_adjoint_solver_fn`
+# moves it by 0.
+COARSE_ADJOINT_MIN_CHANGE = 1e-2
 
 
 def make_solver(name, dtype=tf.float64, **kwargs):
@@ -172,7 +176,8 @@ def flow_problem(bijector_cls, gradient):
   x = tf.constant(FLOW_X, tf.float64)
   y = bijector.forward(x)
   fldj = bijector.forward_log_det_jacobian(x, event_ndims=1)
-  y_fixed = tf.constant(flow_closed_form()[0])
+  y_fixed = tf.constant(
+      np.array(FLOW_X) @ scipy.linalg.expm(np.array(LINEAR_A)).T)
   with tf.GradientTape() as tape:
     log_prob = flow.log_prob(y_fixed)
     loss = tf.reduce_mean(log_prob)
@@ -261,8 +266,9 @@ def test_chosen_by_solver_under_xla():
   times, states = fixed(tf.constant([1.0], tf.float64))
   np.testing.assert_allclose(times.numpy(), np.linspace(0., 1., 9),
                              atol=1e-15)
+  # RK4 with h = 1/8: global error ~ h^4 / 100 ~ 3e-6.
   np.testing.assert_allclose(states.numpy()[:, 0], np.exp(-times.numpy()),
-                             rtol=1e-6)
+                             rtol=1e-5)
 
 
 # ------------------------------------------------------ 3. complex states
@@ -402,10 +408,11 @@ def test_make_adjoint_solver_fn_sets_the_backward_solver(name):
 
   fine = gradients(lambda: ode.Tsit5(rtol=1e-11, atol=1e-11))
   coarse = gradients(lambda: ode.Euler(num_steps=2))
+  own = gradients(None)
   tol = tolerance(name, tf.float64)
   np.testing.assert_allclose(fine[0], want_y0, rtol=tol)
   np.testing.assert_allclose(fine[1], want_k, rtol=tol)
-  assert abs(coarse[1] / want_k - 1.) > COARSE_ADJOINT_MIN_ERROR
+  assert abs(coarse[1] - own[1]) > COARSE_ADJOINT_MIN_CHANGE * abs(want_k)
 
 
 def test_make_adjoint_solver_fn_errors():
@@ -490,7 +497,8 @@ def test_long_solve_runs_past_a_thousand_steps(gradient):
       tape.watch(y0)
       res = solver.solve(lambda t, y: oscillator(y), 0., y0, [OSCILLATOR_T])
       y_end = res.states[-1]
-    return y_end, res.diagnostics, tape.gradient(y_end[0], y0)
+      position = y_end[0]
+    return y_end, res.diagnostics, tape.gradient(position, y0)
 
   y_end, diagnostics, grad = run(tf.constant([1.0, 0.0], tf.float64))
   wt = OSCILLATOR_W * OSCILLATOR_T
@@ -512,54 +520,228 @@ def test_backprop_under_xla_names_the_argument_to_raise():
         tape.watch(y0)
         y_end = solver.solve(lambda t, y: oscillator(y), 0., y0,
                              [OSCILLATOR_T]).states[-1]
-      return y_end, tape.gradient(y_end[0], y0)
+        position = y_end[0]
+      return y_end, tape.gradient(position, y0)
     return run(tf.constant([1.0, 0.0], tf.float64))
 
   with pytest.raises(tf.errors.InvalidArgumentError,
-                     match=r'record at most 1000 steps.*max_num_steps'):
+                     match=r'larger `max_num_steps`.*record at most 1000 steps'):
     solve(ode.Tsit5(rtol=OSCILLATOR_TOL, atol=OSCILLATOR_TOL,
                     gradient='backprop'))
   y_end, _ = solve(ode.Tsit5(rtol=OSCILLATOR_TOL, atol=OSCILLATOR_TOL,
-                             gradient='backprop', max_num_steps=5000))
+                             gradient='backprop', max_num_steps=20000))
   wt = OSCILLATOR_W * OSCILLATOR_T
   np.testing.assert_allclose(y_end.numpy()[0], np.cos(wt),
                              atol=OSCILLATOR_ERROR)
 
 
-# L-BFGS fits the rate k of y' = -k y to y(1) = exp(-2); a solver allowed
-# only STIFF_MAX_STEPS steps fails for large k, which the first line search
-# probes. With raise_on_failure=False the failed probe is NaN and the line
-# search backs off.
-STIFF_MAX_STEPS = 12
+# L-BFGS fits the rate k of y' = -k y to log y(1) = -2 from k = 0.1. A
+# solver allowed STIFF_MAX_STEPS steps fails for k > ~10, where the first
+# line search lands (k ~ 3800). With raise_on_failure=False the failed
+# probe's loss is +inf (a NaN would stop TFP's Hager-Zhang line search; +inf
+# makes it bisect back, 9 times here), and L-BFGS converges to k = 2. The
+# tiny atol keeps y(1) = exp(-k) relatively accurate for large k.
+STIFF_MAX_STEPS = 40
+SOLVER_RTOL, SOLVER_ATOL = 1e-6, 1e-14
 TARGET_RATE = 2.
 RATE_TOL = 1e-4
 
 
+def _decay_fit_loss(solver, k):
+  # k reaches ode_fn through `constants`, as TFP documents for gradients.
+  res = solver.solve(lambda t, y, k: -k * y, 0.,
+                     tf.constant([1.0], tf.float64), [1.], constants={'k': k})
+  loss = 1e3 * tf.reduce_sum((tf.math.log(res.states[-1]) + TARGET_RATE) ** 2)
+  return loss, res.diagnostics.status
+
+
+def _stiff_limited_solver(raise_on_failure):
+  return ode.Tsit5(rtol=SOLVER_RTOL, atol=SOLVER_ATOL,
+                   max_num_steps=STIFF_MAX_STEPS,
+                   raise_on_failure=raise_on_failure)
+
+
 def test_failed_solves_let_lbfgs_back_off():
-  statuses = []
-
   def fit(raise_on_failure):
-    solver = ode.Tsit5(rtol=1e-8, atol=1e-8, max_num_steps=STIFF_MAX_STEPS,
-                       raise_on_failure=raise_on_failure)
-    target = np.exp(-TARGET_RATE)
+    solver = _stiff_limited_solver(raise_on_failure)
+    failures = tf.Variable(0)
 
+    @tf.function  # traced once, however often the line search calls it
     def value_and_gradient(k):
       with tf.GradientTape() as tape:
         tape.watch(k)
-        res = solver.solve(lambda t, y: -k * y, 0.,
-                           tf.constant([1.0], tf.float64), [1.])
-        loss = 1e3 * tf.reduce_sum((res.states[-1] - target) ** 2)
-      statuses.append(int(res.diagnostics.status))
+        loss, status = _decay_fit_loss(solver, k)
+        # The documented pattern: a failed solve is an infinitely bad point.
+        failed = tf.not_equal(status, ode.Status.SUCCEEDED)
+        loss = tf.where(failed, tf.constant(np.inf, loss.dtype), loss)
+      failures.assign_add(tf.cast(failed, tf.int32))
       return loss, tape.gradient(loss, k)
 
-    return tfp.optimizer.lbfgs_minimize(
+    result = tfp.optimizer.lbfgs_minimize(
         value_and_gradient, tf.constant([0.1], tf.float64), tolerance=1e-12,
         max_iterations=50)
+    return result, int(failures.numpy())
 
-  result = fit(raise_on_failure=False)
-  assert ode.Status.MAX_NUM_STEPS_EXCEEDED in statuses
-  assert bool(result.converged)
+  result, failures = fit(raise_on_failure=False)
+  assert failures > 0
+  assert bool(result.converged) and not bool(result.failed)
   np.testing.assert_allclose(result.position.numpy(), [TARGET_RATE],
                              rtol=RATE_TOL)
   with pytest.raises(tf.errors.InvalidArgumentError, match='max_num_steps'):
     fit(raise_on_failure=True)
+
+
+def test_fit_lbfgs_backs_off_from_failed_solves():
+  solver = _stiff_limited_solver(raise_on_failure=False)
+  k = tf.Variable(0.1, dtype=tf.float64)
+
+  def loss_fn():
+    return _decay_fit_loss(solver, k)[0]
+
+  result = training.fit_lbfgs(loss_fn, [k], max_iterations=50,
+                              tolerance=1e-12)
+  assert bool(result.converged) and not bool(result.failed)
+  np.testing.assert_allclose(k.numpy(), TARGET_RATE, rtol=RATE_TOL)
+
+
+# The DiffEqFlux FFJORD tutorial (seed 002) as a TFP user writes it with the
+# drop-in: Normal(6, 0.7), 100 points, dynamics 1 -> 3 -> 1 tanh without time
+# input, time span (0, 10), Tsit5(rtol=atol=1e-6), Adam(0.01) x 20, then
+# tfp.optimizer.lbfgs_minimize. With a 1000-step limit it died inside L-BFGS.
+# Measured total variation (DiffEqFlux reports 0.031): 0.016, 0.023 and
+# 0.100 for seeds 0-2 (seed 2 ends in a poorer optimum of this 10-parameter
+# model). The flow before training scores ~0.2: every seed must at least
+# halve that, and the run must finish with a finite objective.
+TV_IMPROVEMENT = 0.5
+
+
+def _diffeqflux_tutorial(seed):
+  import tf_keras  # noqa: PLC0415 (the optimizer a TF2 user would pick)
+  from tfp_ffjord import datasets  # noqa: PLC0415
+  data = datasets.load('gaussian1d', num_train=100, seed=seed)
+  x = tf.constant(data.train)
+  tf.random.set_seed(seed)
+  dynamics = tfp_ffjord.MLPODE([3], 1, time_input=False,
+                               output_activation=tf.math.tanh)
+  dynamics(0., tf.zeros([1, 1]))
+  flow = tfd.TransformedDistribution(
+      tfd.MultivariateNormalDiag(loc=[0.], scale_diag=[1.]),
+      tfp_ffjord.FFJORD(
+          dynamics, initial_time=0., final_time=10.,
+          ode_solve_fn=ode.Tsit5(rtol=1e-6, atol=1e-6).solve,
+          trace_augmentation_fn=tfp_ffjord.trace_jacobian_exact))
+  variables = list(dynamics.trainable_variables)
+  true_pdf = tfd.Normal(6., 0.7).prob(x[:, 0]).numpy()
+  untrained_tv = training.total_variation(tf.exp(flow.log_prob(x)), true_pdf)
+
+  adam = tf_keras.optimizers.Adam(0.01)
+
+  @tf.function(jit_compile=True)
+  def adam_step():
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(flow.log_prob(x))
+    adam.apply_gradients(zip(tape.gradient(loss, variables), variables))
+
+  for _ in range(20):
+    adam_step()
+
+  shapes = [v.shape for v in variables]
+  sizes = [int(np.prod(s)) for s in shapes]
+
+  def assign(flat):
+    for v, part, shape in zip(variables, tf.split(flat, sizes), shapes):
+      v.assign(tf.reshape(part, shape))
+
+  @tf.function(jit_compile=True)
+  def value_and_gradient(flat):
+    assign(flat)
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(flow.log_prob(x))
+    grads = tape.gradient(loss, variables)
+    return loss, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+  result = tfp.optimizer.lbfgs_minimize(
+      value_and_gradient, tf.concat([tf.reshape(v, [-1]) for v in variables],
+                                    0), max_iterations=200, tolerance=1e-8)
+  assign(result.position)
+  learned_pdf = tf.exp(flow.log_prob(x)).numpy()
+  return untrained_tv, training.total_variation(learned_pdf, true_pdf), result
+
+
+@pytest.mark.slow
+def test_diffeqflux_tutorial_runs_to_the_end_through_the_drop_in():
+  for seed in range(3):
+    untrained_tv, tv, result = _diffeqflux_tutorial(seed)
+    print(f'seed {seed}: TV {tv:.4f} (untrained {untrained_tv:.4f}), '
+          f'{int(result.num_iterations)} L-BFGS iterations, '
+          f'converged={bool(result.converged)}, '
+          f'failed={bool(result.failed)}, '
+          f'loss {float(result.objective_value):.4f}')
+    assert np.isfinite(float(result.objective_value)), seed
+    assert tv < TV_IMPROVEMENT * untrained_tv, (seed, tv, untrained_tv)
+
+
+class _GraphMLP(tf.Module):
+  """Dynamics with graph-mode variables (Sonnet modules need eager mode)."""
+
+  def __init__(self):
+    super().__init__(name='graph_mlp')
+    self.w1 = tf.Variable(tf.random.normal([3, 8], seed=1) * 0.5)
+    self.w2 = tf.Variable(tf.random.normal([8, 2], seed=2) * 0.5)
+
+  def __call__(self, t, z):
+    h = tf.concat([z, tf.ones_like(z[..., :1]) * t], -1)
+    return tf.matmul(tf.tanh(tf.matmul(h, self.w1)), self.w2)
+
+
+@pytest.mark.slow
+def test_no_python_comparison_of_tensors_in_graph_mode(monkeypatch):
+  """`==` / `!=` on a graph Tensor is an identity test: never in our code.
+
+  Builds every bijector path (log_prob and its gradient, RNODE terms,
+  sampling, trajectories, inverse; exact and Hutchinson traces; adaptive
+  and fixed-step solvers, both gradient modes) in a TF1 graph while any
+  Tensor comparison made from tfp_ffjord's own files is recorded.
+  """
+  offenders = []
+
+  def recording(original):
+    def compare(self, other):
+      caller = sys._getframe(1).f_code
+      if f'tfp_ffjord{os.sep}' in caller.co_filename:
+        offenders.append(f'{caller.co_filename}:{caller.co_name}')
+      return original(self, other)
+    return compare
+
+  monkeypatch.setattr(tensor_lib.Tensor, '__eq__',
+                      recording(tensor_lib.Tensor.__eq__))
+  monkeypatch.setattr(tensor_lib.Tensor, '__ne__',
+                      recording(tensor_lib.Tensor.__ne__))
+
+  def build():
+    fetches = []
+    for trace, solver in (
+        (tfp_ffjord.trace_jacobian_exact, ode.Tsit5()),
+        (tfp_ffjord.trace_jacobian_hutchinson, ode.RK4(num_steps=4)),
+        (tfp_ffjord.trace_jacobian_exact,
+         ode.DormandPrince(gradient='backprop'))):
+      dynamics = _GraphMLP()
+      bijector = tfp_ffjord.FFJORD(dynamics, ode_solve_fn=solver.solve,
+                                   trace_augmentation_fn=trace)
+      flow = tfd.TransformedDistribution(
+          tfd.MultivariateNormalDiag(loc=[0., 0.]), bijector)
+      x = tf.random.normal([5, 2], seed=3)
+      with tf.GradientTape() as tape:
+        log_prob = flow.log_prob(x, bijector_kwargs={'seed': 3})
+        regs = bijector.solve_forward(x, regularize=True)
+        loss = -tf.reduce_mean(log_prob) + tf.reduce_mean(
+            regs.kinetic_energy)
+      fetches += [loss, tape.gradient(loss, dynamics.trainable_variables),
+                  flow.sample(3, seed=(1, 2)),
+                  bijector.trajectory(x, num_times=3)[1],
+                  bijector.inverse(x)]
+    return fetches
+
+  values = run_in_graph(build)
+  assert offenders == []
+  assert all(np.all(np.isfinite(v)) for v in tf.nest.flatten(values))

@@ -1454,11 +1454,18 @@ def fit_adam(loss_fn: Callable[[], tf.Tensor], variables: Sequence[tf.Variable],
 
 def fit_lbfgs(loss_fn: Callable[[], tf.Tensor],
               variables: Sequence[tf.Variable], max_iterations: int = 100,
-              tolerance: float = 1e-8):
+              tolerance: float = 1e-8, jit_compile: bool = False):
   """Minimises `loss_fn()` with `tfp.optimizer.lbfgs_minimize`.
 
   The variables are packed into one vector for the optimizer and hold the
   optimum when this returns (as after `Optim.LBFGS()` in Julia).
+
+  A non-finite loss (e.g. a solve that failed with `raise_on_failure=False`,
+  whose states are NaN) is given to the optimizer as +inf: TFP's Hager-Zhang
+  line search bisects back from +inf, where a NaN would end the search.
+
+  `jit_compile=True` compiles the loss and its gradient with XLA (one
+  compilation; much faster steps for small models).
 
   Returns:
     TFP's `LBfgsOptimizerResults` (`converged`, `num_iterations`,
@@ -1477,6 +1484,8 @@ def fit_lbfgs(loss_fn: Callable[[], tf.Tensor],
     for v, part, shape in zip(variables, tf.split(flat, sizes), shapes):
       v.assign(tf.reshape(part, shape))
 
+  # One trace, however many times the line search calls it.
+  @tf.function(jit_compile=jit_compile)
   def value_and_gradients(flat):
     assign(flat)
     with tf.GradientTape() as tape:
@@ -1484,10 +1493,14 @@ def fit_lbfgs(loss_fn: Callable[[], tf.Tensor],
     grads = tape.gradient(loss, variables)
     grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
              for g, v in zip(grads, variables)]
-    return loss, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+    flat_grad = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+    finite = tf.math.is_finite(loss)
+    loss = tf.where(finite, loss, tf.constant(np.inf, loss.dtype))
+    return loss, tf.where(finite, flat_grad, tf.zeros_like(flat_grad))
 
-  @tf.function
   def run(start):
+    # The optimizer's own loop runs eagerly around the compiled loss: tracing
+    # TFP's line search costs more (~20 s) than running it.
     result = tfp.optimizer.lbfgs_minimize(
         value_and_gradients, start, max_iterations=max_iterations,
         tolerance=tolerance)

@@ -1,12 +1,14 @@
 """ODE solvers for continuous normalizing flows, compatible with `tfp.math.ode`.
 
 Fixed step: `Euler`, `Midpoint`, `RK4`. Adaptive: `DormandPrince`, `Tsit5`.
-All compile under XLA and offer `gradient='adjoint'` or `'backprop'`.
+All compile under XLA, run in TF1 graphs, take complex states and offer
+`gradient='adjoint'` or `'backprop'`.
 """
 
 from tfp_ffjord.ode.base import Diagnostics
 from tfp_ffjord.ode.base import Results
 from tfp_ffjord.ode.base import Status
+from tfp_ffjord.ode.base import XLA_BACKPROP_MAX_NUM_STEPS
 from tfp_ffjord.ode.base import status_message
 from tfp_ffjord.ode.checked import checked_function
 from tfp_ffjord.ode.solvers import AdaptiveSolver
@@ -32,6 +34,7 @@ __all__ = [
     'Solver',
     'Status',
     'Tsit5',
+    'XLA_BACKPROP_MAX_NUM_STEPS',
     'checked_function',
     'status_message',
 ]

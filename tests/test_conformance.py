@@ -22,7 +22,7 @@ from tensorflow_probability.python.math import gradient as tfp_gradient
 import tfp_ffjord
 from tfp_ffjord import ode
 from tfp_ffjord import training
-from tests.helpers import RUN_MODES, run_in_mode
+from tests.helpers import run_in_mode
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -197,14 +197,19 @@ def test_graph_mode_ffjord_forward_log_prob_and_gradient(bijector_cls,
 # ----------------------------------------------- 2. ChosenBySolver
 
 
+CHOSEN_CASES = ([(name, tf.float64) for name in SOLVER_NAMES]
+                + [('RK4', tf.float32), ('Tsit5', tf.float32)])
+
+
 @pytest.mark.parametrize('mode', ['eager', 'function'])
 @pytest.mark.parametrize('gradient', GRADIENTS)
-@pytest.mark.parametrize('name', SOLVER_NAMES)
-def test_chosen_by_solver_times_states_and_gradients(name, gradient, mode):
-  solver = make_solver(name, gradient=gradient)
+@pytest.mark.parametrize('name,dtype', CHOSEN_CASES)
+def test_chosen_by_solver_times_states_and_gradients(name, dtype, gradient,
+                                                     mode):
+  solver = make_solver(name, dtype, gradient=gradient)
   rate = DECAY_RATE
-  y0 = tf.constant(DECAY_Y0, tf.float64)
-  k = tf.Variable(rate, dtype=tf.float64)
+  y0 = tf.constant(DECAY_Y0, dtype)
+  k = tf.Variable(rate, dtype=dtype)
 
   def run(y0):
     with tf.GradientTape() as tape:
@@ -216,8 +221,8 @@ def test_chosen_by_solver_times_states_and_gradients(name, gradient, mode):
             *tape.gradient(loss, [y0, k]))
 
   times, states, accepted, d_y0, d_k = [
-      np.asarray(v) for v in run_in_mode(run, mode)(y0)]
-  tol = tolerance(name, tf.float64)
+      np.asarray(v, np.float64) for v in run_in_mode(run, mode)(y0)]
+  tol = tolerance(name, dtype)
   assert times[0] == 0.25 and times[-1] == 1.25
   assert np.all(np.diff(times) > 0)
   # The initial time, then the end of every accepted step.
@@ -293,13 +298,18 @@ def complex_closed_form(dtype):
   return y1.numpy(), d_y0.numpy(), d_s.numpy()
 
 
-@pytest.mark.parametrize('mode', RUN_MODES)
-@pytest.mark.parametrize('dtype', [tf.complex64, tf.complex128])
+# Every solver in complex128 traced; the other modes and complex64 for one
+# fixed-step and one adaptive method (the loop is shared by all methods).
+COMPLEX_CASES = (
+    [(name, tf.complex128, 'function') for name in SOLVER_NAMES]
+    + [(name, dtype, mode) for name in ('RK4', 'Tsit5')
+       for dtype, mode in ((tf.complex128, 'eager'), (tf.complex128, 'xla'),
+                           (tf.complex64, 'function'))])
+
+
 @pytest.mark.parametrize('gradient', GRADIENTS)
-@pytest.mark.parametrize('name', SOLVER_NAMES)
-def test_complex_states_and_gradients(name, gradient, dtype, mode):
-  if mode == 'xla' and (dtype == tf.complex64 or name not in ('RK4', 'Tsit5')):
-    pytest.skip('XLA: one fixed-step and one adaptive method, complex128')
+@pytest.mark.parametrize('name,dtype,mode', COMPLEX_CASES)
+def test_complex_states_and_gradients(name, dtype, mode, gradient):
   solver = make_solver(name, dtype, gradient=gradient)
   a = tf.constant(COMPLEX_A, dtype)
   w = tf.constant(COMPLEX_W, dtype)

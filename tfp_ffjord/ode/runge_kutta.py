@@ -157,7 +157,8 @@ def is_finite(x):
   return tf.math.is_finite(x)
 
 
-def _all_finite(tensors):
+def all_finite(tensors):
+  """Whether every element of every Tensor in `tensors` is finite."""
   return tf.reduce_all(
       tf.stack([tf.reduce_all(is_finite(x)) for x in tensors]))
 
@@ -353,8 +354,8 @@ def integrate(fn: Callable,
                        unroll=control.unroll_stages)
     y_new = combine(y, h_step, stages, b_coef)
     nfe = nfe + stages_per_step
-    k1_finite = _all_finite(k1)
-    new_finite = _all_finite(y_new)
+    k1_finite = all_finite(k1)
+    new_finite = all_finite(y_new)
 
     if adaptive:
       err = combine([tf.zeros_like(x) for x in y], h_step, stages, b_err_coef)

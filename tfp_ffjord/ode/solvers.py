@@ -48,8 +48,6 @@ __all__ = [
 
 GRADIENT_MODES = ('adjoint', 'backprop')
 
-XLA_BACKPROP_MAX_NUM_STEPS = base.XLA_BACKPROP_MAX_NUM_STEPS
-
 
 def in_xla_context() -> bool:
   """Whether ops built here will be compiled by XLA (`jit_compile=True`)."""
@@ -110,11 +108,6 @@ def _alias(ours, ours_value, tfps, tfps_value, default):
 
 def _is_float(x):
   return x.dtype.is_floating or x.dtype.is_complex
-
-
-def _all_finite(tensors):
-  return tf.reduce_all(tf.stack(
-      [tf.reduce_all(runge_kutta.is_finite(x)) for x in tensors]))
 
 
 class Solver:
@@ -340,7 +333,7 @@ class Solver:
         res = runge_kutta.integrate(
             lambda s, y: g(s, y, c_flat), solver.tableau, control, s0, y_init,
             ss, max_iter, error_mask, record_steps=record,
-            record_capacity=XLA_BACKPROP_MAX_NUM_STEPS)
+            record_capacity=base.XLA_BACKPROP_MAX_NUM_STEPS)
         outputs = list(res.outputs)
         steps, out_s = res.steps, ss
         if dense:
@@ -414,7 +407,7 @@ class Solver:
                 '`initial_time`; got', ts, 'from initial_time', t0]),
     ]
     for i, x in enumerate(y0):
-      checks.append(tf.debugging.Assert(_all_finite([x]), [
+      checks.append(tf.debugging.Assert(runge_kutta.all_finite([x]), [
           f'{self.name}: `initial_state` (leaf {i}) must be finite; it holds '
           'NaN or Inf']))
     with tf.control_dependencies(checks):
@@ -425,7 +418,7 @@ class Solver:
     """`tf.debugging.Assert`s that fire for each failing `status` code."""
     if bound is None and recorded:
       hint = (f': backprop gradients under XLA record at most '
-              f'{XLA_BACKPROP_MAX_NUM_STEPS} steps; pass a larger '
+              f'{base.XLA_BACKPROP_MAX_NUM_STEPS} steps; pass a larger '
               f'`max_num_steps` to {type(self).__name__}(...)')
     else:
       hint = (f': pass a larger `max_num_steps` to {type(self).__name__}(...) '
@@ -442,24 +435,29 @@ class Solver:
            f'(max_num_steps={bound}{suffix})']))
     return checks
 
-  def _check_status(self, outputs, status, t_reached, num_steps, bound,
-                    recorded):
-    """Raises on failure (eager, graph); poisons the states with NaN always.
+  def _check_status(self, tensors, status, t_reached, num_steps, bound,
+                    recorded=False, stage=None):
+    """Raises on failure (eager, graph); poisons `tensors` with NaN always.
 
-    XLA compiles but drops assertions, and a nested `tf.function` cannot
+    Serves the forward solve (its states) and, with `stage`, the adjoint's
+    backward solve (its gradients; `None` entries pass through). XLA
+    compiles but drops assertions, and a nested `tf.function` cannot
     reliably tell whether XLA will compile it, so the assertions are built
-    from XLA-compatible ops only, and a failed solve always returns NaN
-    states: under XLA `diagnostics.status` says why.
+    from XLA-compatible ops only, and a failed solve always returns NaN:
+    under XLA `diagnostics.status` says why.
     """
     failed = tf.not_equal(status, base.Status.SUCCEEDED)
     checks = []
     if self.raise_on_failure:
-      checked.register(self.name, bound, status, t_reached, num_steps)
+      name = self.name if stage is None else f'{self.name} ({stage})'
+      what = '' if stage is None else f' in the {stage}'
+      checked.register(name, bound, status, t_reached, num_steps)
       checks = self._failure_assertions(status, t_reached, num_steps, bound,
-                                        '', recorded)
+                                        what, recorded)
     with tf.control_dependencies(checks):
-      return [tf.where(failed, tf.constant(float('nan'), o.dtype), o)
-              for o in outputs]
+      return [None if x is None else
+              tf.where(failed, tf.constant(float('nan'), x.dtype), x)
+              for x in tensors]
 
   def _adjoint_gradients(self, adjoint_solver, g, s0, ss, outputs, c_flat,
                          variables, dys, error_mask, first_steps):
@@ -468,21 +466,11 @@ class Solver:
     dy0, dc, dv, status, u_reached, num_steps = _adjoint_gradients(
         g, adjoint_solver.tableau, adjoint_solver._control(), s0, ss,
         outputs, c_flat, variables, dys, bound, error_mask, first_steps)
-    failed = tf.not_equal(status, base.Status.SUCCEEDED)
-    checks = []
-    if self.raise_on_failure:
-      checked.register(f'{self.name} (adjoint backward solve)', bound, status,
-                       -u_reached, num_steps)
-      checks = self._failure_assertions(
-          status, -u_reached, num_steps, bound, ' in the adjoint backward solve')
-
-    def poison(grads):
-      return [None if x is None else
-              tf.where(failed, tf.constant(float('nan'), x.dtype), x)
-              for x in grads]
-
-    with tf.control_dependencies(checks):
-      return poison(dy0), poison(dc), poison(dv)
+    grads = self._check_status(list(dy0) + list(dc) + list(dv), status,
+                               -u_reached, num_steps, bound,
+                               stage='adjoint backward solve')
+    n, nc = len(dy0), len(dc)
+    return grads[:n], grads[n:n + nc], grads[n + nc:]
 
 
 def _gradient(tape, target, sources, output_gradients):

@@ -11,6 +11,7 @@ import tensorflow_probability as tfp
 
 import tfp_ffjord
 from tfp_ffjord import ode, training
+from tfp_ffjord.training import flow_matching
 from tests.helpers import RUN_MODES, run_in_mode
 from tests.helpers import tiny_config, weights
 
@@ -311,8 +312,9 @@ def test_flow_matching_chunks_train_as_single_steps(ot):
                        hidden=(16, 16), steps_per_epoch=5)
   chunked, stepped = training.Trainer(config), training.Trainer(config)
   data = chunked.data.train[:3 * 64].reshape(3, 64, 2).astype(np.float32)
-  losses = chunked._flow_matching_chunk(  # pylint: disable=protected-access
-      data, np.zeros((3, 64), np.int32))
+  losses = flow_matching.run_chunk(
+      chunked._fm_steps, config, 0, chunked._fm_chunk, data,  # pylint: disable=protected-access
+      np.zeros((3, 64), np.int32), chunked.model.base_scale)
   single = [stepped.train_step(batch)[0] for batch in data]
   np.testing.assert_allclose(losses, single, rtol=CHUNK_TOLERANCE)
   for a, b in zip(weights(chunked), weights(stepped)):

@@ -93,14 +93,27 @@ def test_bad_arguments_give_one_line(capsys, argv, match):
   assert match in err[0]
 
 
-def test_argument_choices_mirror_the_library():
-  # cli keeps copies so that argument errors come before TensorFlow loads.
-  from tfp_ffjord import datasets  # pylint: disable=g-import-not-at-top
-  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
-  assert set(cli.DATASETS) == set(datasets.NAMES)
-  assert cli.SOLVERS == tuple(training.SOLVERS)
-  assert cli.ACTIVATIONS == tuple(training.ACTIVATIONS)
-  assert cli.STRATEGIES == training.STRATEGIES
+def test_train_options_are_the_config_fields():
+  # Every TrainConfig field is an option of `train`, with the registry's
+  # choices, and parsing it gives the field's value.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from tfp_ffjord.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+  options = cli.config_options()
+  assert {f.name for f, _, _ in options} == fields
+  for f, flags, kwargs in options:
+    if 'choices' in f.metadata:
+      assert tuple(kwargs['choices']) == f.metadata['choices']
+      value = f.metadata['choices'][-1]
+      args = cli.build_parser().parse_args(['train', flags[0], value])
+      assert getattr(args, f.name) == value
+  args = cli.build_parser().parse_args(
+      ['train', '--lr', '0.5', '--no-jit', '--hidden', '4,5',
+       '--ot-pairing', '--objective', 'flow-matching'])
+  config = config_lib.TrainConfig(**{
+      k: v for k, v in vars(args).items() if k in fields and v is not None})
+  assert (config.learning_rate, config.jit_compile, config.hidden,
+          config.ot_pairing) == (0.5, False, (4, 5), True)
 
 
 def test_run_directory_errors(tmp_path, capsys):

@@ -59,7 +59,8 @@ def test_tableaus_are_consistent_and_fsal_is_detected():
     np.testing.assert_allclose(b.sum(), 1., atol=1e-12, err_msg=tab.name)
   assert tableaus.DORMAND_PRINCE.fsal and tableaus.TSITOURAS5.fsal
   assert not tableaus.RK4.fsal
-  assert tableaus.TSITOURAS5.is_adaptive and not tableaus.RK4.is_adaptive
+  assert tableaus.TSITOURAS5.b_embedded is not None
+  assert tableaus.RK4.b_embedded is None
 
 
 def test_tableau_rejects_inconsistent_rows():

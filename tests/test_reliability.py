@@ -146,8 +146,13 @@ def test_solver_failure_in_training_stops_clearly_and_keeps_the_checkpoint(
       training.TrainingError,
       match=r'Epoch 2: The ODE solver failed in training step \d+: Tsit5 '
       r'failed: step size underflow.*time reached.*the step was not '
-      r'applied; the last checkpoint \(.*' + os.path.basename(saved)):
+      r'applied; the last checkpoint \(.*' + os.path.basename(saved)) as info:
     trainer.fit(progress=False)
+  error = info.value.solver_error   # the failure as data, not a message
+  assert isinstance(error, ode.SolverError)
+  assert (error.solver, error.status, error.stage) == (
+      'Tsit5', ode.Status.STEP_SIZE_UNDERFLOW, None)
+  assert 0. <= error.time_reached < 1. and error.num_steps > 0
   for a, b in zip(weights(trainer), bad):   # the failed step changed nothing
     np.testing.assert_array_equal(a, b)
   assert trainer.manager.latest_checkpoint == saved

@@ -10,6 +10,7 @@ import tensorflow_probability as tfp
 
 from tfp_ffjord import datasets
 from tfp_ffjord import training
+from tfp_ffjord.training import figures
 from tests.helpers import tiny_config, weights
 
 # A resumed run replays the same batches and the same arithmetic as an
@@ -124,7 +125,7 @@ def test_log_prob_pads_and_matches_unbatched():
 def test_trajectories_end_where_forward_ends():
   trainer = training.Trainer(tiny_config(blocks=2))
   z = trainer.model.base_distribution().sample(16, seed=(1, 2))
-  paths = trainer.model.trajectories(z, num_times=5).numpy()
+  paths = figures.trajectories(trainer.eval_chain, z, num_times=5).numpy()
   assert paths.shape == (1 + 2 * 4, 16, 2)
   np.testing.assert_allclose(paths[0], z.numpy())
   np.testing.assert_allclose(paths[-1], trainer.eval_chain.forward(z).numpy(),

@@ -10,6 +10,7 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
 from tfp_ffjord import ode
+from tfp_ffjord import protocols
 from tfp_ffjord import trace as trace_lib
 
 __all__ = ['FFJORD', 'FlowResult', 'default_ode_solve_fn']
@@ -147,12 +148,14 @@ class FFJORD(tfb.Bijector):
         (e.g. `tfp_ffjord.ode.Tsit5().solve` or
         `tfp.math.ode.DormandPrince().solve`). `initial_state` is the tuple
         `(state, zeros_like(state))`; `constants` is passed only when the
-        call has keyword arguments. Default: `None`, meaning
+        call has keyword arguments, `error_components` only to a solver
+        that declares it (`tfp_ffjord.protocols`). Default: `None`, meaning
         `tfp_ffjord.ode.DormandPrince(gradient='backprop').solve`.
       trace_augmentation_fn: `trace_augmentation_fn(ode_fn, state_shape,
         dtype)` returning `augmented_fn(time, (state, log_det), **kwargs) ->
-        (d state, unreduced trace)`. If it accepts a `seed` keyword, a
-        per-call `seed` is passed to it. Default:
+        (d state, unreduced trace)`. A per-call `seed` (and, for
+        `regularize=True`, `regularize=True`) is passed only to a function
+        that declares it (`tfp_ffjord.protocols`; ours do). Default:
         `tfp_ffjord.trace_jacobian_hutchinson`.
       initial_time: time of `x`. Default: 0.
       final_time: time of `y`; must be greater than `initial_time`.
@@ -192,7 +195,8 @@ class FFJORD(tfb.Bijector):
       self._ode_solve_fn = (default_ode_solve_fn() if ode_solve_fn is None
                             else ode_solve_fn)
       self._trace_augmentation_fn = trace_augmentation_fn
-      self._trace_takes_seed = trace_lib.accepts_seed(trace_augmentation_fn)
+      self._trace_takes_seed = protocols.declares(trace_augmentation_fn,
+                                                  protocols.SEED)
       self._state_time_derivative_fn = state_time_derivative_fn
       self._seed_salt = (f'tfp_ffjord.FFJORD.{next(_instance_counter)}'
                          if seed_salt is None else str(seed_salt))
@@ -310,25 +314,29 @@ class FFJORD(tfb.Bijector):
       if not self._trace_takes_seed:
         raise ValueError(
             f'{self.name}: a `seed` was given but `trace_augmentation_fn` '
-            f'({self._trace_augmentation_fn!r}) takes no `seed` argument.')
+            f'({self._trace_augmentation_fn!r}) does not declare a `seed` '
+            'argument (declare it with '
+            "`tfp_ffjord.protocols.accepts('seed')(fn)`).")
       trace_kwargs['seed'] = trace_lib.stateless_seed(seed,
                                                       salt=self._seed_salt)
     state_shape = x.shape if x.shape.is_fully_defined() else tf.shape(x)
-    augmented_fn = self._trace_augmentation_fn(dynamics, state_shape, x.dtype,
-                                               **trace_kwargs)
     initial_state = (x, tf.zeros_like(x))
     solve_kwargs = {}
     if regularize:
-      if not getattr(augmented_fn, 'supports_regularizers', False):
+      if not protocols.declares(self._trace_augmentation_fn,
+                                protocols.REGULARIZE):
         raise ValueError(
-            f'{self.name}: `regularize=True` needs one of tfp_ffjord\'s trace '
-            'functions (`trace_jacobian_exact`, `trace_jacobian_hutchinson`); '
-            f'got {self._trace_augmentation_fn!r}.')
+            f'{self.name}: `regularize=True` needs a trace function that '
+            "declares 'regularize' (`trace_jacobian_exact`, "
+            '`trace_jacobian_hutchinson`, see `tfp_ffjord.protocols`); got '
+            f'{self._trace_augmentation_fn!r}.')
+      trace_kwargs['regularize'] = True
       initial_state += (tf.zeros_like(x), tf.zeros_like(x))
-      if isinstance(getattr(self._ode_solve_fn, '__self__', None),
-                    ode.solvers.Solver):
+      if protocols.declares(self._ode_solve_fn, protocols.ERROR_COMPONENTS):
         # Step sizes follow the flow and its log-det, not the regularisers.
         solve_kwargs['error_components'] = 2
+    augmented_fn = self._trace_augmentation_fn(dynamics, state_shape, x.dtype,
+                                               **trace_kwargs)
     solve_kwargs.update(
         ode_fn=augmented_fn,
         initial_time=ode.base.as_float(self._initial_time, x.dtype),

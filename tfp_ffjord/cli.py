@@ -23,19 +23,11 @@ import shutil
 import sys
 import threading
 
+from tfp_ffjord import registry
+from tfp_ffjord.training import config as config_lib
+from tfp_ffjord.training import run_dir as run_dir_lib
+
 PROG = 'tfp-ffjord'
-# Mirrors tfp_ffjord.training (kept here so that argument errors do not wait
-# for TensorFlow to import).
-DATASETS = ('2spirals', '8gaussians', 'checkerboard', 'circles', 'digits',
-            'gaussian1d', 'moons', 'pinwheel', 'rings', 'swissroll')
-SOLVERS = ('tsit5', 'dopri5', 'rk4', 'midpoint', 'euler')
-ACTIVATIONS = ('tanh', 'softplus', 'elu', 'swish')
-STRATEGIES = ('default', 'mirrored', 'multi-worker', 'tpu')
-# Options of `train` that define the model or the data: a resumed run must
-# not change them.
-FIXED_ON_RESUME = ('dataset', 'num_train', 'num_test', 'batch_size', 'blocks',
-                   'hidden', 'activation', 'base_scale', 'seed', 'conditional',
-                   'steps_per_epoch')
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, as shells report Ctrl-C
 
@@ -84,6 +76,50 @@ def _hidden(text):
   return sizes
 
 
+_TYPES = {
+    'positive-int': _positive_int,
+    'int': _int,
+    'positive': _positive_float,
+    'non-negative': _non_negative_float,
+    'sizes': _hidden,
+}
+
+
+def config_options():
+  """`(field, flags, argparse keywords)` of every `TrainConfig` field: the
+  options of `train`, derived from the config so the two cannot drift."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  options = []
+  for f in dataclasses.fields(config_lib.TrainConfig):
+    meta = f.metadata
+    default = (f.default_factory() if f.default is dataclasses.MISSING
+               else f.default)
+    name = f.name.replace('_', '-')
+    shown = ','.join(map(str, default)) if isinstance(default, tuple) else (
+        default)
+    help_text = meta['help']
+    if 'default:' not in help_text:
+      help_text += f'; default: {shown}'
+    kwargs = dict(dest=f.name, help=help_text)
+    if meta['kind'] == 'flag':
+      flags = meta.get('flags') or ((f'--no-{name}',) if default else
+                                    (f'--{name}',))
+      kwargs.update(action='store_const', const=not default)
+    else:
+      flags = meta.get('flags') or (f'--{name}',)
+      if meta['kind'] == 'choice':
+        kwargs['choices'] = meta['choices']
+      else:
+        kwargs['type'] = _TYPES[meta['kind']]
+    options.append((f, flags, kwargs))
+  return options
+
+
+def _add_config_options(parser):
+  for _, flags, kwargs in config_options():
+    parser.add_argument(*flags, **kwargs)
+
+
 def build_parser():
   parser = _Parser(prog=PROG, description='Fit, sample and evaluate FFJORD '
                    'continuous normalizing flows.')
@@ -96,53 +132,15 @@ def build_parser():
       description='Train a stack of FFJORD blocks. Defaults are the seed '
       'moons configuration; every option left out keeps its default (or, '
       'with --resume, the value saved in OUT).')
+  _add_config_options(train)
   a = train.add_argument
-  a('--dataset', choices=DATASETS, help='default: moons')
-  a('--epochs', type=_positive_int, help='default: 40')
-  a('--batch-size', type=_positive_int, help='default: 256')
-  a('--steps-per-epoch', type=_positive_int,
-    help='optimizer steps between held-out evaluations and checkpoints; '
-    'default: one pass over the training set')
-  a('--blocks', type=_positive_int, help='FFJORD blocks; default: 4')
-  a('--hidden', type=_hidden, help='hidden layer sizes; default: 8,8')
-  a('--activation', choices=ACTIVATIONS, help='default: tanh')
-  a('--solver', choices=SOLVERS, help='default: tsit5')
-  a('--rtol', type=_positive_float, help='adaptive solvers; default: 1e-3')
-  a('--atol', type=_positive_float, help='adaptive solvers; default: 1e-5')
-  a('--num-steps', type=_positive_int,
-    help='fixed-step solvers (rk4, midpoint, euler); default: 8')
-  a('--trace', choices=('exact', 'hutchinson'), help='default: exact')
-  a('--gradient', choices=('adjoint', 'backprop'), help='default: backprop')
-  a('--lr', dest='learning_rate', type=_positive_float,
-    help='Adam learning rate; default: 1e-2')
-  a('--lr-schedule', choices=('cosine', 'constant'),
-    help='cosine decays to 1%% of --lr; default: cosine')
-  a('--clip-norm', type=_positive_float,
-    help='clip gradients to this global norm; default: none')
-  a('--objective', choices=('maximum-likelihood', 'flow-matching'),
-    help='maximum-likelihood (default) or flow-matching (simulation-free)')
-  a('--ot-pairing', action='store_const', const=True,
-    help='flow matching: pair base and data by minibatch optimal transport')
-  a('--conditional', action='store_const', const=True,
-    help='condition the flow on the class label (labelled datasets)')
-  a('--kinetic-weight', type=_non_negative_float,
-    help="RNODE's kinetic-energy weight (lambda_1); default: 0")
-  a('--jacobian-weight', type=_non_negative_float,
-    help="RNODE's Jacobian Frobenius weight (lambda_2); default: 0")
-  a('--base-scale', type=_positive_float,
-    help='std of the Gaussian base; default: 0.8')
-  a('--num-train', type=_positive_int, help='training points')
-  a('--num-test', type=_positive_int, help='held-out points')
-  a('--seed', type=_int, help='default: 0')
-  a('--no-jit', dest='jit_compile', action='store_const', const=False,
-    help='do not compile with XLA')
   a('--out', default=None, help='output directory; default: runs/DATASET')
   a('--resume', action='store_true',
     help='continue the run in OUT from its last checkpoint')
   a('--overwrite', action='store_true',
     help='delete a previous run in OUT and start afresh')
   a('--no-progress', action='store_true', help='no progress bar')
-  a('--strategy', choices=STRATEGIES, default='default',
+  a('--strategy', choices=tuple(registry.STRATEGIES), default='default',
     help='tf.distribute strategy: default (one device), mirrored (all GPUs, '
     'or --cpu-devices CPU devices), multi-worker (cluster from TF_CONFIG), '
     'tpu; default: default')
@@ -293,48 +291,39 @@ def _write_points(path, points):
 
 def _train_config(args):
   """The run's config: defaults, or OUT's saved config when resuming."""
-  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
-  given = {k: getattr(args, k) for k in (
-      'dataset', 'epochs', 'batch_size', 'steps_per_epoch', 'blocks',
-      'hidden', 'activation', 'solver', 'rtol', 'atol', 'num_steps', 'trace',
-      'gradient', 'learning_rate', 'lr_schedule', 'clip_norm', 'objective',
-      'ot_pairing', 'conditional', 'kinetic_weight', 'jacobian_weight',
-      'base_scale', 'num_train', 'num_test', 'seed', 'jit_compile')
-      if getattr(args, k) is not None}
+  given = {f.name: getattr(args, f.name) for f, _, _ in config_options()
+           if getattr(args, f.name) is not None}
   chief = _chief_of_cluster(args)   # also checks TF_CONFIG
-  config_path = os.path.join(args.out, training.CONFIG_FILE)
-  ckpt_dir = os.path.join(args.out, training.CHECKPOINT_DIR)
-  has_run = os.path.exists(config_path) or os.path.isdir(ckpt_dir)
+  run = run_dir_lib.RunDir(args.out)
   if args.resume and args.overwrite:
     raise UsageError('--resume and --overwrite exclude each other')
   if args.resume:
-    if not os.path.exists(config_path):
+    if not os.path.exists(run.config_path):
       raise UsageError(f'--resume: {args.out} holds no run to resume (no '
-                       f'{training.CONFIG_FILE})')
-    with open(config_path) as f:
-      saved = json.load(f)
-    for key in FIXED_ON_RESUME:
-      if key in given and given[key] != saved.get(key):
+                       f'{run_dir_lib.CONFIG_FILE})')
+    saved = run.read_config()
+    for key in config_lib.fixed_on_resume():
+      if key in given and _as_saved(given[key]) != saved.get(key):
         raise UsageError(
             f'--resume: --{key.replace("_", "-")} {given[key]} differs from '
             f'the run in {args.out} ({saved.get(key)}); use another --out to '
             'train a different model')
     saved.update(given)
-    return training.TrainConfig.from_dict(saved)
-  if has_run and not chief:
-    # Another worker's chief owns OUT (and may just have written it).
-    return training.TrainConfig(**given)
-  if has_run:
+    return config_lib.TrainConfig.from_dict(saved)
+  if run.has_run() and chief:
     if not args.overwrite:
       raise UsageError(f'{args.out} already holds a run; pass --resume to '
                        'continue it, --overwrite to replace it, or another '
                        '--out')
-    for name in (training.CHECKPOINT_DIR, training.LOG_DIR):
-      shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
-    for name in (training.CONFIG_FILE, training.METRICS_FILE):
-      if os.path.exists(os.path.join(args.out, name)):
-        os.remove(os.path.join(args.out, name))
-  return training.TrainConfig(**given)
+    run.clear()
+  # A non-chief worker of a cluster: the chief owns OUT (and may just have
+  # written it).
+  return config_lib.TrainConfig(**given)
+
+
+def _as_saved(value):
+  """A given option as `config.json` holds it (tuples are lists)."""
+  return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _chief_of_cluster(args) -> bool:
@@ -352,8 +341,8 @@ def _chief_of_cluster(args) -> bool:
     raise UsageError('--strategy multi-worker needs TF_CONFIG with '
                      '"cluster" and "task" (see README, Scaling out)')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
-  return training.is_chief(
+  from tfp_ffjord.training import distribute  # pylint: disable=g-import-not-at-top
+  return distribute.is_chief(
       tf.distribute.cluster_resolver.TFConfigClusterResolver())
 
 

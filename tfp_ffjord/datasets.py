@@ -16,11 +16,13 @@ model can reach, so a test NLL can be reported as its gap to the optimum.
 
 import dataclasses
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import sklearn.datasets
 import tensorflow as tf
+
+from tfp_ffjord import registry
 
 __all__ = ['Dataset', 'NAMES', 'load', 'sample', 'moons_log_density',
            'circles_log_density']
@@ -71,8 +73,10 @@ class Dataset:
     bin_width: for dequantised discrete data, the width of one quantisation
       bin in the units of `train` (`None` for continuous data).
     train_labels, test_labels: integer class labels where the generator has
-      classes (moons, circles, 8gaussians, pinwheel, 2spirals, digits), else
-      `None`.
+      classes (`registry.LABELLED_DATASETS`), else `None`.
+    log_density: the data distribution's log-density (`[N, D]` NumPy points
+      -> `[N]`) where it has a closed form (`gaussian1d`), else `None`.
+    image_shape: `(height, width)` of image data (`digits`), else `None`.
   """
   name: str
   train: np.ndarray
@@ -81,6 +85,8 @@ class Dataset:
   bin_width: Optional[float] = None
   train_labels: Optional[np.ndarray] = None
   test_labels: Optional[np.ndarray] = None
+  log_density: Optional[Callable[[np.ndarray], np.ndarray]] = None
+  image_shape: Optional[Tuple[int, int]] = None
 
   @property
   def dim(self) -> int:
@@ -127,11 +133,6 @@ class Dataset:
       ds = ds.shuffle(len(self.train), seed=seed,
                       reshuffle_each_iteration=True)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2)
-
-  def test_dataset(self, batch_size: int) -> tf.data.Dataset:
-    """The held-out points in order, batched (last batch may be smaller)."""
-    _check_batch_size(batch_size, None)
-    return tf.data.Dataset.from_tensor_slices(self.test).batch(batch_size)
 
 
 def _check_batch_size(batch_size, num_points):
@@ -226,6 +227,14 @@ def _gaussian1d(n, rng):
   return x, None
 
 
+def _gaussian1d_log_density(x):
+  z = (np.asarray(x, np.float64)[:, 0] - GAUSSIAN1D_MEAN) / GAUSSIAN1D_STD
+  return -0.5 * z ** 2 - math.log(GAUSSIAN1D_STD * math.sqrt(2. * math.pi))
+
+
+_LOG_DENSITIES = {'gaussian1d': _gaussian1d_log_density}
+
+
 def _sk_seed(rng):
   return int(rng.integers(0, 2 ** 31 - 1))
 
@@ -241,7 +250,10 @@ _SAMPLERS: Dict[str, Callable] = {
     'swissroll': _swissroll,
     'gaussian1d': _gaussian1d,
 }
-NAMES = tuple(sorted(list(_SAMPLERS) + ['digits']))
+NAMES = registry.DATASET_NAMES
+if set(NAMES) != set(_SAMPLERS) | {'digits'}:
+  raise ImportError('tfp_ffjord.registry.DATASETS and the samplers of '
+                    'tfp_ffjord.datasets disagree.')
 
 
 def _check_name(name):
@@ -298,7 +310,8 @@ def load(name: str, num_train: Optional[int] = None,
   x_test, y_test = sampler(num_test, test_rng)
   return Dataset(name=name, train=x_train.astype(np.float32),
                  test=x_test.astype(np.float32), entropy=ENTROPY.get(name),
-                 train_labels=y_train, test_labels=y_test)
+                 train_labels=y_train, test_labels=y_test,
+                 log_density=_LOG_DENSITIES.get(name))
 
 
 def _load_digits(num_train, num_test, train_rng, test_rng):
@@ -319,7 +332,7 @@ def _load_digits(num_train, num_test, train_rng, test_rng):
   return Dataset(name='digits', train=dequantise(pixels[train_idx], train_rng),
                  test=dequantise(pixels[test_idx], test_rng), entropy=None,
                  bin_width=width, train_labels=labels[train_idx],
-                 test_labels=labels[test_idx])
+                 test_labels=labels[test_idx], image_shape=(8, 8))
 
 
 # ------------------------------------------------- densities (for entropies)

@@ -18,14 +18,16 @@ Both functions here also plug into `tfp.bijectors.FFJORD`.
 Limits: the dynamics must treat batch members independently (no mixing across
 the batch, e.g. no batch norm), as every per-sample trace estimator assumes.
 The exact trace costs one vector-Jacobian product per event dimension D
-(evaluated together, vectorised); Hutchinson's estimator costs one per probe.
+(unrolled for D <= 16, vectorised with `tf.vectorized_map` above);
+Hutchinson's estimator costs one per probe.
 """
 
-import inspect
 import zlib
 
 import tensorflow as tf
 import tensorflow_probability as tfp
+
+from tfp_ffjord import protocols
 
 __all__ = [
     'trace_jacobian_exact',
@@ -94,7 +96,9 @@ def rademacher_noise(shape, dtype, seed):
   return tf.cast(2 * bits - 1, dtype)
 
 
-def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None):
+@protocols.accepts(protocols.SEED, protocols.REGULARIZE)
+def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
+                         regularize=False):
   """Augments `ode_fn` with the exact diagonal of its Jacobian.
 
   The event is the last axis of the state (size D); every other axis is a
@@ -109,20 +113,22 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None):
     dtype: dtype of the state (unused; kept for TFP's signature).
     seed: ignored; accepted so that a per-call `seed` can be passed to any
       of this module's estimators.
+    regularize: also integrate RNODE's regularisers (below).
 
   Returns:
     `augmented_fn(time, (state, log_det), **kwargs) -> (dstate, diag)` where
-    `diag[..., i] = d dstate[..., i] / d state[..., i]`. Given a 4-tuple
-    `(state, log_det, kinetic, frobenius)` it also returns `dstate**2` and
-    the per-column sums of squares of the Jacobian, whose sums over the
-    event are `||f||^2` and exactly `||J||_F^2` (the RNODE regularisers,
-    from the same vector-Jacobian products).
+    `diag[..., i] = d dstate[..., i] / d state[..., i]`. With
+    `regularize=True` it takes and returns 4-tuples: given `(state,
+    log_det, kinetic, frobenius)` it also returns `dstate**2` and the
+    per-column sums of squares of the Jacobian, whose sums over the event
+    are `||f||^2` and exactly `||J||_F^2` (the RNODE regularisers, from the
+    same vector-Jacobian products).
   """
   del state_shape, dtype, seed
 
   def augmented_fn(time, state_and_log_det, **kwargs):
+    _check_arity(state_and_log_det, regularize)
     state = tf.convert_to_tensor(state_and_log_det[0])
-    regularize = len(state_and_log_det) == 4
     scalar = state.shape.rank == 0
     if scalar:  # A scalar event: the Jacobian is 1x1.
       state = state[tf.newaxis]
@@ -167,12 +173,13 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None):
       return tuple(o[0] for o in outputs)
     return outputs
 
-  augmented_fn.supports_regularizers = True
   return augmented_fn
 
 
+@protocols.accepts(protocols.SEED, protocols.REGULARIZE)
 def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
-                              num_samples=1, seed=None, noise='gaussian'):
+                              num_samples=1, seed=None, noise='gaussian',
+                              regularize=False):
   """Augments `ode_fn` with Hutchinson's stochastic trace estimate.
 
   For probes `e` with `E[e e^T] = I`, `Tr(J) = E[e^T J e]` (Hutchinson, 1989).
@@ -195,10 +202,12 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
     seed: int or stateless seed (shape `[2]` int Tensor); `None` draws a
       fresh seed from the global random state. Default: None.
     noise: `'gaussian'` (default, as TFP) or `'rademacher'`.
+    regularize: also integrate RNODE's regularisers (below).
 
   Returns:
     `augmented_fn(time, (state, log_det), **kwargs) -> (dstate, trace)`.
-    Given a 4-tuple `(state, log_det, kinetic, frobenius)` it also returns
+    With `regularize=True` it takes and returns 4-tuples: given `(state,
+    log_det, kinetic, frobenius)` it also returns
     the per-element rates of the RNODE regularisers: `dstate**2` and
     `(e^T J)**2` (averaged over probes), whose sums over the event are
     `||f||^2` and an unbiased estimate of `||J||_F^2`.
@@ -219,6 +228,7 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
   probes = sample_fn(shape, dtype=dtype, seed=seed)
 
   def augmented_fn(time, state_and_log_det, **kwargs):
+    _check_arity(state_and_log_det, regularize)
     state = state_and_log_det[0]
     with tf.GradientTape(persistent=num_samples > 1,
                          watch_accessed_variables=False) as tape:
@@ -234,14 +244,22 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
     del tape
     mean = lambda xs: xs[0] if num_samples == 1 else tf.add_n(xs) / float(
         num_samples)
-    if len(state_and_log_det) == 4:
+    if regularize:
       # RNODE: the same VJPs give the Jacobian's Frobenius norm, since
       # E||e^T J||^2 = ||J||_F^2; the kinetic energy rate is ||f||^2.
       return dstate, mean(estimates), tf.square(dstate), mean(squares)
     return dstate, mean(estimates)
 
-  augmented_fn.supports_regularizers = True
   return augmented_fn
+
+
+def _check_arity(state, regularize):
+  expected = 4 if regularize else 2
+  if len(state) != expected:
+    raise ValueError(
+        f'The augmented state must hold {expected} parts ((state, log_det'
+        + (', kinetic, frobenius' if regularize else '') + f')) with '
+        f'regularize={regularize}; got {len(state)}.')
 
 
 def _call(ode_fn, time, state, kwargs):
@@ -252,13 +270,3 @@ def _call(ode_fn, time, state, kwargs):
         f'`state_time_derivative_fn` returned shape {dstate.shape} for a state '
         f'of shape {state.shape}; they must match.')
   return dstate
-
-
-def accepts_seed(trace_augmentation_fn) -> bool:
-  """Whether `trace_augmentation_fn` takes a `seed` keyword argument."""
-  try:  # inspect.signature sees through functools.partial.
-    params = inspect.signature(trace_augmentation_fn).parameters
-  except (TypeError, ValueError):
-    return False
-  return 'seed' in params or any(
-      p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())

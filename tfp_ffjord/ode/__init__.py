@@ -7,6 +7,7 @@ All compile under XLA, run in TF1 graphs, take complex states and offer
 
 from tfp_ffjord.ode.base import Diagnostics
 from tfp_ffjord.ode.base import Results
+from tfp_ffjord.ode.base import SolverError
 from tfp_ffjord.ode.base import Status
 from tfp_ffjord.ode.base import XLA_BACKPROP_MAX_NUM_STEPS
 from tfp_ffjord.ode.base import status_message
@@ -32,6 +33,7 @@ __all__ = [
     'RK4',
     'Results',
     'Solver',
+    'SolverError',
     'Status',
     'Tsit5',
     'XLA_BACKPROP_MAX_NUM_STEPS',

@@ -22,6 +22,7 @@ import tensorflow as tf
 __all__ = [
     'Diagnostics',
     'Results',
+    'SolverError',
     'Status',
     'status_message',
 ]
@@ -57,6 +58,63 @@ def status_message(status: int) -> str:
   if 0 <= status < len(Status.MESSAGES):
     return Status.MESSAGES[status]
   return f'unknown status {status}'
+
+
+def max_num_steps_hint(solver_class: str, max_num_steps, recorded: bool):
+  """What to do about MAX_NUM_STEPS_EXCEEDED, for error messages."""
+  if max_num_steps is None and recorded:
+    return (f'backprop gradients under XLA record at most '
+            f'{XLA_BACKPROP_MAX_NUM_STEPS} steps; pass a larger '
+            f'`max_num_steps` to {solver_class}(...)')
+  return (f'pass a larger `max_num_steps` to {solver_class}(...) if the '
+          'solve needs more steps')
+
+
+class SolverError(tf.errors.InvalidArgumentError):
+  """A solve failed: which solver, why, where. Raised with
+  `raise_on_failure=True` in eager mode and by `checked_function` (also
+  under XLA); a subclass of the `tf.errors.InvalidArgumentError` that plain
+  `tf.function` and TF1 sessions raise for the same failure.
+
+  Attributes:
+    solver: the solver's name (e.g. 'Tsit5').
+    status: the `Status` code.
+    time_reached: the time the solve reached (float).
+    num_steps: step attempts made (int).
+    max_num_steps: the solver's bound (None: unbounded).
+    stage: None for the solve itself, 'adjoint backward solve' for the
+      adjoint's backward solve.
+    hint: what to change, or ''.
+  """
+
+  def __init__(self, solver: str, status: int, time_reached: float,
+               num_steps: int, max_num_steps=None, stage=None, hint=''):
+    self.solver = solver
+    self.status = int(status)
+    self.time_reached = float(time_reached)
+    self.num_steps = int(num_steps)
+    self.max_num_steps = max_num_steps
+    self.stage = stage
+    self.hint = hint
+    super().__init__(None, None, self.summary)
+
+  @property
+  def reason(self) -> str:
+    return status_message(self.status)
+
+  @property
+  def summary(self) -> str:
+    """One line: solver, stage, reason, time reached, steps, hint."""
+    where = '' if self.stage is None else f' in the {self.stage}'
+    hint = f': {self.hint}' if self.hint else ''
+    return (f'{self.solver} failed{where}: {self.reason}; time reached '
+            f'{self.time_reached:g} after {self.num_steps} step attempts '
+            f'(max_num_steps={self.max_num_steps}{hint}).')
+
+  def __reduce__(self):
+    return (SolverError, (self.solver, self.status, self.time_reached,
+                          self.num_steps, self.max_num_steps, self.stage,
+                          self.hint))
 
 
 Diagnostics = collections.namedtuple(

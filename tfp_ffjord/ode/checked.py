@@ -3,10 +3,11 @@
 XLA compiles assertions away, so inside `tf.function(jit_compile=True)` a
 failed solve can only return NaN states and a non-zero `diagnostics.status`.
 `checked_function` wraps a function like `tf.function`; while it is traced,
-every tfp_ffjord solve inside it registers its status, the compiled function
-returns them alongside its own outputs, and the wrapper checks them on the
-host after each call, raising `tf.errors.InvalidArgumentError` with the
-solver, the reason and the time reached.
+every tfp_ffjord solve inside it registers its status (instead of building
+an assertion), the compiled function returns them alongside its own
+outputs, and the wrapper checks them on the host after each call, raising
+`tfp_ffjord.ode.SolverError` with the solver, the reason, the time reached
+and the step count, in the same way with and without XLA.
 
 ```python
 @tfp_ffjord.ode.checked_function(jit_compile=True)
@@ -15,8 +16,10 @@ def train_step(batch):
 ```
 """
 
+import collections
 import contextlib
 import functools
+import itertools
 import threading
 
 import numpy as np
@@ -27,6 +30,10 @@ from tfp_ffjord.ode import base
 __all__ = ['checked_function']
 
 _local = threading.local()
+
+# What a solve registers besides its run-time values.
+Solve = collections.namedtuple(
+    'Solve', ['solver', 'solver_class', 'max_num_steps', 'recorded', 'stage'])
 
 
 @contextlib.contextmanager
@@ -42,12 +49,29 @@ def _collecting():
     stack.pop()
 
 
-def register(solver_name, max_num_steps, status, t_reached, num_steps):
-  """Called by solvers: records a solve's status for an enclosing wrapper."""
+def register(solve: Solve, status, t_reached, num_steps) -> bool:
+  """Called by solvers while tracing: records a solve's status for the
+  enclosing `checked_function`. True if there is one (then it checks the
+  status; the solver builds no assertion of its own)."""
   stack = getattr(_local, 'stack', None)
-  if stack:
-    stack[-1].append((solver_name, max_num_steps, status, t_reached,
-                      num_steps))
+  if not stack:
+    return False
+  stack[-1].append((solve, status, t_reached, num_steps))
+  return True
+
+
+def error_for(solve: Solve, status, t_reached, num_steps):
+  """The `SolverError` of a failed solve (None if `status` is success)."""
+  status = int(status)
+  if status == base.Status.SUCCEEDED:
+    return None
+  hint = ''
+  if status == base.Status.MAX_NUM_STEPS_EXCEEDED:
+    hint = base.max_num_steps_hint(solve.solver_class, solve.max_num_steps,
+                                   solve.recorded)
+  return base.SolverError(solve.solver, status, float(t_reached),
+                          int(num_steps), solve.max_num_steps, solve.stage,
+                          hint)
 
 
 def checked_function(fn=None, **function_kwargs):
@@ -60,41 +84,40 @@ def checked_function(fn=None, **function_kwargs):
 
   Returns:
     A callable with `fn`'s signature. After each call it raises
-    `tf.errors.InvalidArgumentError` if any solve inside failed (its message
-    names the solver, the reason and the time reached); otherwise it returns
-    `fn`'s outputs.
+    `tfp_ffjord.ode.SolverError` for the first solve inside that failed;
+    otherwise it returns `fn`'s outputs. Each trace (concrete function)
+    keeps its own list of solves, so a function traced for several input
+    shapes matches statuses to the right solves.
   """
   if fn is None:
     return functools.partial(checked_function, **function_kwargs)
-  meta = {}
+  traces = {}
+  counter = itertools.count()
 
   def with_statuses(*args, **kwargs):
     with _collecting() as records:
       outputs = fn(*args, **kwargs)
-    meta['records'] = [(name, max_steps) for name, max_steps, *_ in records]
+    trace_id = next(counter)
+    traces[trace_id] = [solve for solve, *_ in records]
     statuses = [(tf.cast(s, tf.int32), tf.cast(t, tf.float64),
-                 tf.cast(n, tf.int32)) for _, _, s, t, n in records]
-    return outputs, statuses
+                 tf.cast(n, tf.int32)) for _, s, t, n in records]
+    return outputs, tf.constant(trace_id, tf.int32), statuses
 
   compiled = tf.function(with_statuses, **function_kwargs)
 
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
-    outputs, statuses = compiled(*args, **kwargs)
-    for (name, max_steps), (status, t, n) in zip(meta['records'], statuses):
-      status = int(np.asarray(status))
-      if status != base.Status.SUCCEEDED:
-        hint = ''
-        if status == base.Status.MAX_NUM_STEPS_EXCEEDED:
-          hint = ('; pass a larger `max_num_steps` to the solver'
-                  + (' (backprop gradients under XLA record at most '
-                     f'{base.XLA_BACKPROP_MAX_NUM_STEPS} steps when it is None)'
-                     if max_steps is None else ''))
-        raise tf.errors.InvalidArgumentError(
-            None, None,
-            f'{name} failed: {base.status_message(status)}; time reached '
-            f'{float(np.asarray(t)):g} after {int(np.asarray(n))} step '
-            f'attempts (max_num_steps={max_steps}{hint}).')
+    outputs, trace_id, statuses = compiled(*args, **kwargs)
+    solves = traces[int(trace_id)]
+    if len(solves) != len(statuses):
+      raise AssertionError(
+          f'checked_function: {len(statuses)} statuses for {len(solves)} '
+          'registered solves.')
+    for solve, (status, t, n) in zip(solves, statuses):
+      error = error_for(solve, np.asarray(status), np.asarray(t),
+                        np.asarray(n))
+      if error is not None:
+        raise error
     return outputs
 
   wrapper.python_function = fn

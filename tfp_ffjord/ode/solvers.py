@@ -30,6 +30,8 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 from tensorflow_probability.python.math.ode import base as tfp_ode
 
+from tfp_ffjord import protocols
+from tfp_ffjord import registry
 from tfp_ffjord.ode import base
 from tfp_ffjord.ode import checked
 from tfp_ffjord.ode import runge_kutta
@@ -46,7 +48,7 @@ __all__ = [
     'Tsit5',
 ]
 
-GRADIENT_MODES = ('adjoint', 'backprop')
+GRADIENT_MODES = tuple(registry.GRADIENT_MODES)
 
 
 def in_xla_context() -> bool:
@@ -181,6 +183,7 @@ class Solver:
   def __repr__(self):
     return f'{self.name}(gradient={self.gradient!r})'
 
+  @protocols.accepts(protocols.ERROR_COMPONENTS)
   def solve(self, ode_fn, initial_time, initial_state, solution_times,
             jacobian_fn=None, jacobian_sparsity=None, batch_ndims=None,
             previous_solver_internal_state=None, constants=None,
@@ -217,13 +220,15 @@ class Solver:
     Raises:
       ValueError: for malformed `solution_times`, or an adaptive
         `ChosenBySolver` solve under XLA.
-      tf.errors.InvalidArgumentError: (at run time, eager, `tf.function` or
-        a TF1 `Session`) when the solver fails and `raise_on_failure=True`,
-        or, with `validate_args=True`, for non-finite or unsorted inputs.
-        Under XLA the check cannot run inside the compiled function: failed
-        solves return NaN states and `diagnostics.status != 0`; wrap the
-        compiled function with `tfp_ffjord.ode.checked_function` to raise
-        there too. With `raise_on_failure=False` a failed solve returns NaN
+      tfp_ffjord.ode.SolverError: eagerly, or after the call of a
+        `checked_function` (also under XLA), when the solver fails and
+        `raise_on_failure=True`; it names the solver, the reason, the time
+        reached and the step count as attributes.
+      tf.errors.InvalidArgumentError: the same failure in a plain
+        `tf.function` or a TF1 `Session` (a run-time assertion; XLA compiles
+        it away: then the states are NaN and `diagnostics.status` says
+        why), and, with `validate_args=True`, non-finite or unsorted
+        inputs. With `raise_on_failure=False` a failed solve returns NaN
         states (never a partial solution) and its status.
     """
     del jacobian_fn, jacobian_sparsity, batch_ndims
@@ -413,47 +418,48 @@ class Solver:
     with tf.control_dependencies(checks):
       return [tf.identity(x) for x in y0]
 
-  def _failure_assertions(self, status, t_reached, num_steps, bound, what,
-                          recorded=False):
+  def _failure_assertions(self, solve, status, t_reached, num_steps):
     """`tf.debugging.Assert`s that fire for each failing `status` code."""
-    if bound is None and recorded:
-      hint = (f': backprop gradients under XLA record at most '
-              f'{base.XLA_BACKPROP_MAX_NUM_STEPS} steps; pass a larger '
-              f'`max_num_steps` to {type(self).__name__}(...)')
-    else:
-      hint = (f': pass a larger `max_num_steps` to {type(self).__name__}(...) '
-              'if the solve needs more steps')
+    where = '' if solve.stage is None else f' in the {solve.stage}'
+    hint = base.max_num_steps_hint(solve.solver_class, solve.max_num_steps,
+                                   solve.recorded)
     checks = []
     for code in (base.Status.MAX_NUM_STEPS_EXCEEDED,
                  base.Status.STEP_SIZE_UNDERFLOW,
                  base.Status.NON_FINITE_STATE):
-      suffix = hint if code == base.Status.MAX_NUM_STEPS_EXCEEDED else ''
+      suffix = f': {hint}' if code == base.Status.MAX_NUM_STEPS_EXCEEDED else ''
       checks.append(tf.debugging.Assert(
           tf.not_equal(status, code),
-          [f'{self.name} failed{what}: {base.status_message(code)}; time '
-           'reached', t_reached, 'step attempts', num_steps,
-           f'(max_num_steps={bound}{suffix})']))
+          [f'{solve.solver} failed{where}: {base.status_message(code)}; time '
+           'reached', t_reached, 'after', num_steps, 'step attempts',
+           f'(max_num_steps={solve.max_num_steps}{suffix})']))
     return checks
 
   def _check_status(self, tensors, status, t_reached, num_steps, bound,
                     recorded=False, stage=None):
-    """Raises on failure (eager, graph); poisons `tensors` with NaN always.
+    """Raises on failure; poisons `tensors` with NaN always.
 
     Serves the forward solve (its states) and, with `stage`, the adjoint's
-    backward solve (its gradients; `None` entries pass through). XLA
-    compiles but drops assertions, and a nested `tf.function` cannot
-    reliably tell whether XLA will compile it, so the assertions are built
-    from XLA-compatible ops only, and a failed solve always returns NaN:
-    under XLA `diagnostics.status` says why.
+    backward solve (its gradients; `None` entries pass through). Eagerly a
+    failure raises `SolverError` at once. Traced inside a
+    `checked_function`, the status is registered and checked on the host
+    after the call (also under XLA). Traced elsewhere, assertions built
+    from XLA-compatible ops raise `tf.errors.InvalidArgumentError` at run
+    time (XLA compiles them away). A failed solve always returns NaN; under
+    XLA `diagnostics.status` says why.
     """
     failed = tf.not_equal(status, base.Status.SUCCEEDED)
     checks = []
     if self.raise_on_failure:
-      name = self.name if stage is None else f'{self.name} ({stage})'
-      what = '' if stage is None else f' in the {stage}'
-      checked.register(name, bound, status, t_reached, num_steps)
-      checks = self._failure_assertions(status, t_reached, num_steps, bound,
-                                        what, recorded)
+      solve = checked.Solve(self.name, type(self).__name__, bound, recorded,
+                            stage)
+      if tf.executing_eagerly():
+        error = checked.error_for(solve, status.numpy(), t_reached.numpy(),
+                                  num_steps.numpy())
+        if error is not None:
+          raise error
+      elif not checked.register(solve, status, t_reached, num_steps):
+        checks = self._failure_assertions(solve, status, t_reached, num_steps)
     with tf.control_dependencies(checks):
       return [None if x is None else
               tf.where(failed, tf.constant(float('nan'), x.dtype), x)

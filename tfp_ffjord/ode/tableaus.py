@@ -88,10 +88,6 @@ class ButcherTableau:
     return len(self.a) + 1
 
   @property
-  def is_adaptive(self) -> bool:
-    return self.b_embedded is not None
-
-  @property
   def fsal(self) -> bool:
     """First-same-as-last: the last stage is `f(t + dt, y_new)`."""
     return (len(self.a) > 0 and self.c[-1] == 1.0

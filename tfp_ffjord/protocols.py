@@ -1,0 +1,56 @@
+"""What our callables accept beyond TFP's contracts, declared, not guessed.
+
+TFP's `ode_solve_fn` and `trace_augmentation_fn` contracts say nothing of
+error control, per-call seeds or RNODE's regularisers. `FFJORD` uses those
+extras only when the callable *declares* them with `accepts`:
+
+* `'error_components'` (an `ode_solve_fn`): `solve(...,
+  error_components=k)` keeps only the first `k` state leaves in the error
+  norm. Declared by every `tfp_ffjord.ode` solver's `solve`; with it,
+  `regularize=True` leaves the regulariser states out of the step-size
+  control.
+* `'seed'` (a `trace_augmentation_fn`): takes a stateless `seed` keyword,
+  so that `forward(x, seed=s)` draws reproducible probes.
+* `'regularize'` (a `trace_augmentation_fn`): with `regularize=True` the
+  augmented function takes and returns the 4-tuple `(state, log_det,
+  kinetic, frobenius)`.
+
+A declaration survives `functools.partial` (unless the partial fixes that
+keyword itself) and bound methods; anything else (a lambda around a
+solver, TFP's own functions) declares nothing and gets TFP's contract.
+Declare your own callable with `tfp_ffjord.protocols.accepts('seed')(fn)`.
+"""
+
+import functools
+
+__all__ = ['ERROR_COMPONENTS', 'SEED', 'REGULARIZE', 'accepts', 'declares']
+
+ERROR_COMPONENTS = 'error_components'
+SEED = 'seed'
+REGULARIZE = 'regularize'
+_KNOWN = (ERROR_COMPONENTS, SEED, REGULARIZE)
+_ATTRIBUTE = '_tfp_ffjord_accepts'
+
+
+def accepts(*capabilities):
+  """Decorator declaring the keywords a callable accepts (see module doc)."""
+  unknown = [c for c in capabilities if c not in _KNOWN]
+  if unknown:
+    raise ValueError(f'Unknown capabilities {unknown}; expected some of '
+                     f'{", ".join(_KNOWN)}.')
+
+  def declare(fn):
+    setattr(fn, _ATTRIBUTE,
+            frozenset(getattr(fn, _ATTRIBUTE, ())) | frozenset(capabilities))
+    return fn
+  return declare
+
+
+def declares(fn, capability: str) -> bool:
+  """Whether `fn` declares `capability` (seen through `functools.partial`
+  and bound methods; False if a partial already fixes that keyword)."""
+  while isinstance(fn, functools.partial):
+    if capability in fn.keywords:
+      return False
+    fn = fn.func
+  return capability in getattr(fn, _ATTRIBUTE, ())

@@ -1,0 +1,101 @@
+"""The names a user can choose, in one place below everything else.
+
+Each table maps a name (as typed on the command line or stored in a run's
+`config.json`) to what it selects. Nothing here imports TensorFlow, so the
+command line can check its arguments, and `TrainConfig` can validate
+itself, before TensorFlow loads. `TrainConfig`, the command line, the
+modules that build objects from names and README.md all read these tables;
+`tests/test_registry.py` checks that each table and its users agree.
+"""
+
+import collections
+
+__all__ = ['SOLVERS', 'ADAPTIVE_SOLVERS', 'GRADIENT_MODES', 'TRACES',
+           'ACTIVATIONS', 'DATASETS', 'DATASET_NAMES', 'LABELLED_DATASETS',
+           'OBJECTIVES', 'LR_SCHEDULES', 'STRATEGIES', 'resolve']
+
+# Name -> class of `tfp_ffjord.ode`.
+SOLVERS = {
+    'tsit5': 'Tsit5',
+    'dopri5': 'DormandPrince',
+    'rk4': 'RK4',
+    'midpoint': 'Midpoint',
+    'euler': 'Euler',
+}
+# The solvers that choose their own steps (`rtol`/`atol`); the others take
+# `num_steps`. `tests/test_registry.py` checks this against the classes.
+ADAPTIVE_SOLVERS = ('tsit5', 'dopri5')
+
+# How a solver differentiates its solve.
+GRADIENT_MODES = {
+    'adjoint': 'solve the adjoint ODE backwards (memory independent of the '
+               'number of steps; gradients accurate to the tolerance)',
+    'backprop': 'differentiate the recorded steps (exact gradients of the '
+                'discrete solve; memory grows with the number of steps)',
+}
+
+# Name -> function of `tfp_ffjord.trace`.
+TRACES = {
+    'exact': 'trace_jacobian_exact',
+    'hutchinson': 'trace_jacobian_hutchinson',
+}
+
+# Name -> TensorFlow function (dotted path under `tf`).
+ACTIVATIONS = {
+    'tanh': 'math.tanh',
+    'softplus': 'math.softplus',
+    'elu': 'nn.elu',
+    'swish': 'nn.silu',
+}
+
+DatasetInfo = collections.namedtuple('DatasetInfo',
+                                     ['dim', 'labelled', 'description'])
+DATASETS = {
+    '2spirals': DatasetInfo(2, True, 'two interleaved spirals'),
+    '8gaussians': DatasetInfo(2, True, 'eight Gaussians on a circle'),
+    'checkerboard': DatasetInfo(2, False, 'uniform on 8 squares'),
+    'circles': DatasetInfo(2, True, 'two concentric noisy circles'),
+    'digits': DatasetInfo(64, True, "scikit-learn's 8x8 digits, dequantised"),
+    'gaussian1d': DatasetInfo(1, False, 'Normal(6, 0.7), the DiffEqFlux '
+                              'tutorial'),
+    'moons': DatasetInfo(2, True, 'two moons (the seed colab)'),
+    'pinwheel': DatasetInfo(2, True, 'five-armed pinwheel'),
+    'rings': DatasetInfo(2, False, 'four concentric rings'),
+    'swissroll': DatasetInfo(2, False, 'a 2-D swiss roll'),
+}
+DATASET_NAMES = tuple(sorted(DATASETS))
+LABELLED_DATASETS = tuple(n for n in DATASET_NAMES if DATASETS[n].labelled)
+
+OBJECTIVES = {
+    'maximum-likelihood': 'minimise the negative log-likelihood (one solve '
+                          'per block and step), optionally with RNODE terms',
+    'flow-matching': 'regress the dynamics on straight paths (no solve in '
+                     'training)',
+}
+
+LR_SCHEDULES = {
+    'cosine': 'decay to 1% of the learning rate over the epochs',
+    'constant': 'keep the learning rate',
+}
+
+STRATEGIES = {
+    'default': 'one device',
+    'mirrored': 'all GPUs of this host, or --cpu-devices logical CPUs',
+    'multi-worker': 'MultiWorkerMirroredStrategy, cluster from TF_CONFIG',
+    'tpu': 'TPUStrategy',
+}
+
+
+def resolve(table, name, root):
+  """`root`'s attribute named by `table[name]` (dotted paths allowed).
+
+  `resolve(ACTIVATIONS, 'swish', tf)` is `tf.nn.silu`. Raises `ValueError`
+  naming the choices for an unknown name.
+  """
+  if name not in table:
+    raise ValueError(f'Unknown name {name!r}; expected one of '
+                     f'{", ".join(table)}.')
+  value = root
+  for part in table[name].split('.'):
+    value = getattr(value, part)
+  return value

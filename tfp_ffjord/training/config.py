@@ -1,0 +1,189 @@
+"""`TrainConfig`: everything that defines a training run.
+
+Imports no TensorFlow: the command line builds its `train` options from
+these fields (`dataclasses.fields(TrainConfig)`, each field's `metadata`
+giving its help text, its kind and its choices from `tfp_ffjord.registry`)
+and checks them before TensorFlow loads.
+"""
+
+import dataclasses
+import math
+from typing import Dict, Optional, Tuple
+
+from tfp_ffjord import registry
+
+__all__ = ['TrainConfig', 'KINDS', 'check_value', 'fixed_on_resume']
+
+# What a field holds. `check_value` enforces it; the command line turns it
+# into an argparse type.
+KINDS = {
+    'positive-int': 'a positive integer',
+    'int': 'an integer',
+    'positive': 'a positive number',
+    'non-negative': 'a non-negative number',
+    'choice': 'one of the names of a registry table',
+    'flag': 'True or False',
+    'sizes': 'a non-empty sequence of positive integers',
+}
+
+
+def _field(default, kind, help_text, choices=None, flags=None, fixed=False):
+  """A config field with what the checks and the command line need.
+
+  `fixed`: the field defines the model or the data, so a resumed run must
+  not change it.
+  """
+  metadata = {'kind': kind, 'help': help_text, 'fixed': fixed}
+  if choices is not None:
+    metadata['choices'] = tuple(choices)
+  if flags is not None:
+    metadata['flags'] = tuple(flags)
+  if isinstance(default, tuple):
+    return dataclasses.field(default_factory=lambda: default,
+                             metadata=metadata)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_value(name: str, value, kind: str, choices=None,
+                optional: bool = False):
+  """Raises `ValueError` naming `name` unless `value` is of `kind`."""
+  if value is None and optional:
+    return
+  is_int = isinstance(value, int) and not isinstance(value, bool)
+  is_number = (isinstance(value, (int, float))
+               and not isinstance(value, bool))
+  ok = {
+      'positive-int': lambda: is_int and value >= 1,
+      'int': lambda: is_int,
+      'positive': lambda: is_number and value > 0 and math.isfinite(value),
+      'non-negative': lambda: (is_number and value >= 0
+                               and math.isfinite(value)),
+      'choice': lambda: value in choices,
+      'flag': lambda: isinstance(value, bool),
+      'sizes': lambda: (isinstance(value, (tuple, list)) and len(value) > 0
+                        and all(isinstance(h, int) and not isinstance(h, bool)
+                                and h >= 1 for h in value)),
+  }[kind]()
+  if not ok:
+    what = (f'one of {", ".join(choices)}' if kind == 'choice'
+            else KINDS[kind])
+    raise ValueError(f'`{name}` must be {what}; got {value!r}.')
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything that defines a training run. Defaults: the seed moons model.
+
+  The defaults are TFP's FFJORD colab (`make_moons(8192, noise=.06)`, 4
+  FFJORD blocks with MLP 8-8 tanh dynamics, batch 256, Adam(1e-2), base
+  `MultivariateNormalDiag(0, 0.8)`, exact trace) with our Tsit5 solver
+  (backprop gradients, XLA) and a cosine learning-rate decay. Every field
+  is also an option of `tfp-ffjord train` (`--batch-size` for
+  `batch_size`, and so on).
+  """
+  dataset: str = _field('moons', 'choice', 'dataset to fit',
+                        registry.DATASET_NAMES, fixed=True)
+  num_train: Optional[int] = _field(
+      None, 'positive-int', "training points; default: the dataset's size", fixed=True)
+  num_test: Optional[int] = _field(
+      None, 'positive-int', "held-out points; default: the dataset's size", fixed=True)
+  epochs: int = _field(40, 'positive-int', 'epochs to train')
+  batch_size: int = _field(256, 'positive-int', 'global batch size', fixed=True)
+  steps_per_epoch: Optional[int] = _field(
+      None, 'positive-int', 'optimizer steps between held-out evaluations '
+      'and checkpoints; default: one pass over the training set', fixed=True)
+  blocks: int = _field(4, 'positive-int', 'FFJORD blocks', fixed=True)
+  hidden: Tuple[int, ...] = _field((8, 8), 'sizes',
+                                   'hidden layer sizes, e.g. 64,64,64', fixed=True)
+  activation: str = _field('tanh', 'choice', 'activation of the dynamics',
+                           registry.ACTIVATIONS, fixed=True)
+  solver: str = _field('tsit5', 'choice', 'ODE solver of the training solves',
+                       registry.SOLVERS)
+  rtol: float = _field(1e-3, 'positive', 'adaptive solvers: relative '
+                       'tolerance')
+  atol: float = _field(1e-5, 'positive', 'adaptive solvers: absolute '
+                       'tolerance')
+  num_steps: int = _field(8, 'positive-int', 'fixed-step solvers: steps per '
+                          'solve')
+  trace: str = _field('exact', 'choice', 'Jacobian trace of the training '
+                      'solves', registry.TRACES)
+  gradient: str = _field('backprop', 'choice', 'how the training solves are '
+                         'differentiated', registry.GRADIENT_MODES)
+  learning_rate: float = _field(1e-2, 'positive', 'Adam learning rate',
+                                flags=('--lr', '--learning-rate'))
+  lr_schedule: str = _field('cosine', 'choice', 'learning-rate schedule',
+                            registry.LR_SCHEDULES)
+  clip_norm: Optional[float] = _field(
+      None, 'positive', 'clip gradients to this global norm; default: none')
+  objective: str = _field('maximum-likelihood', 'choice', 'training '
+                          'objective', registry.OBJECTIVES)
+  ot_pairing: bool = _field(False, 'flag', 'flow matching: pair base and '
+                            'data by minibatch optimal transport')
+  conditional: bool = _field(False, 'flag', 'condition the flow on the class '
+                             'label (labelled datasets)', fixed=True)
+  kinetic_weight: float = _field(0.0, 'non-negative', "RNODE's "
+                                 'kinetic-energy weight (lambda_1)')
+  jacobian_weight: float = _field(0.0, 'non-negative', "RNODE's Jacobian "
+                                  'Frobenius weight (lambda_2)')
+  base_scale: float = _field(0.8, 'positive', 'std of the Gaussian base', fixed=True)
+  seed: int = _field(0, 'int', 'seed of the data, the weights and the noise', fixed=True)
+  jit_compile: bool = _field(True, 'flag', 'compile the steps with XLA',
+                             flags=('--no-jit',))
+  eval_rtol: float = _field(1e-5, 'positive', 'held-out evaluation: relative '
+                            'tolerance')
+  eval_atol: float = _field(1e-5, 'positive', 'held-out evaluation: absolute '
+                            'tolerance')
+  eval_batch_size: int = _field(2048, 'positive-int', 'held-out evaluation: '
+                                'points per compiled call')
+  max_to_keep: int = _field(3, 'positive-int', 'checkpoints to keep')
+
+  def __post_init__(self):
+    if isinstance(self.hidden, list):
+      self.hidden = tuple(self.hidden)
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises `ValueError` naming the first bad field."""
+    for f in dataclasses.fields(self):
+      optional = f.default is None
+      check_value(f.name, getattr(self, f.name), f.metadata['kind'],
+                  f.metadata.get('choices'), optional)
+    if self.objective == 'flow-matching' and self.regularized:
+      raise ValueError('`kinetic_weight` and `jacobian_weight` apply to '
+                       "maximum likelihood, not to objective='flow-matching'.")
+    if self.ot_pairing and self.objective != 'flow-matching':
+      raise ValueError("`ot_pairing` applies to objective='flow-matching'; "
+                       f'got objective={self.objective!r}.')
+    if self.conditional and self.dataset not in registry.LABELLED_DATASETS:
+      raise ValueError(
+          '`conditional=True` needs a dataset with class labels '
+          f'({", ".join(registry.LABELLED_DATASETS)}); got '
+          f'{self.dataset!r}.')
+
+  @property
+  def regularized(self) -> bool:
+    return self.kinetic_weight > 0 or self.jacobian_weight > 0
+
+  @property
+  def adaptive(self) -> bool:
+    """Whether the training solver chooses its own steps."""
+    return self.solver in registry.ADAPTIVE_SOLVERS
+
+  def to_dict(self) -> Dict:
+    d = dataclasses.asdict(self)
+    d['hidden'] = list(self.hidden)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Dict) -> 'TrainConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'Unknown configuration keys: {", ".join(unknown)}.')
+    return cls(**d)
+
+
+def fixed_on_resume() -> Tuple[str, ...]:
+  """The fields a resumed run must keep (they define the model or data)."""
+  return tuple(f.name for f in dataclasses.fields(TrainConfig)
+               if f.metadata['fixed'])

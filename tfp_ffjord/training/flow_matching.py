@@ -1,0 +1,160 @@
+"""Flow matching: simulation-free training of the stacked dynamics.
+
+Conditional flow matching (Lipman et al., 2023) on straight paths
+`x_tau = (1 - tau) base + tau data`, whose velocity is `data - base`. The
+`K` blocks of a `FlowModel` split the unit time: block `i` covers global
+times `[i/K, (i+1)/K]` at local time `t = K tau - i` and is regressed on
+`(data - base) / K`. This is the orientation of `FFJORD`'s forward map
+(base at `initial_time`, data at `final_time`), so the trained dynamics
+serve `FlowModel.flow()` unchanged.
+
+One batching scheme: each epoch is a NumPy permutation seeded by
+`(seed, epoch)`, cut into batches and run `chunk` steps per compiled call
+(no Python between steps). Each step's base samples and times are a
+stateless function of `(seed, step)` (`noise`), drawn inside the compiled
+loop, or on the host when minibatch optimal-transport pairing (SciPy)
+reorders them first.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_ffjord.training.steps import apply_gradients
+
+__all__ = ['flow_matching_loss', 'noise', 'ot_pairing', 'paired_noise',
+           'epoch_order', 'make_steps']
+
+
+def flow_matching_loss(dynamics, data, base, tau, context=None):
+  """Mean squared error of the blocks' velocities on the straight path.
+
+  Args:
+    dynamics: the `K` dynamics modules, block 0 first.
+    data: `[B, D]` data points (time 1).
+    base: `[B, D]` base samples (time 0), paired with `data`.
+    tau: `[B, 1]` global times in [0, 1].
+    context: keyword arguments for the dynamics (conditional models).
+  """
+  k = len(dynamics)
+  dtype = data.dtype
+  x_tau = (1. - tau) * base + tau * data
+  target = (data - base) / k
+  scaled = tau * k
+  block = tf.clip_by_value(tf.floor(scaled), 0., k - 1.)
+  local_t = scaled - block
+  which = tf.one_hot(tf.cast(block[:, 0], tf.int32), k, dtype=dtype)
+  prediction = tf.add_n([which[:, i:i + 1] * d(local_t, x_tau,
+                                               **(context or {}))
+                         for i, d in enumerate(dynamics)])
+  return tf.reduce_mean(tf.reduce_sum(tf.square(prediction - target), -1))
+
+
+def noise(seed: int, step, batch_size: int, dim: int, base_scale: float):
+  """`(base [B, D], tau [B, 1])` of a step: stateless in `(seed, step)`."""
+  seeds = tf.random.experimental.stateless_split(
+      tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)]), 2)
+  base = base_scale * tf.random.stateless_normal([batch_size, dim], seeds[0])
+  tau = tf.random.stateless_uniform([batch_size, 1], seeds[1])
+  return base, tau
+
+
+def ot_pairing(base, data) -> np.ndarray:
+  """The permutation of `base` rows minimising `sum ||base - data||^2`."""
+  import scipy.optimize  # pylint: disable=g-import-not-at-top
+  cost = ((base[:, None, :] - data[None, :, :]) ** 2).sum(-1)
+  rows, cols = scipy.optimize.linear_sum_assignment(cost)
+  order = np.empty(len(data), np.int64)
+  order[cols] = rows
+  return order
+
+
+def paired_noise(seed: int, step: int, data, base_scale: float):
+  """`noise` for a step, its base samples matched to `data` by an exact
+  minibatch optimal-transport assignment (squared distances; Tong et al.,
+  2023), which straightens the learned paths. NumPy arrays."""
+  n, dim = data.shape
+  base, tau = noise(seed, step, n, dim, base_scale)
+  base = base.numpy()
+  return base[ot_pairing(base, data)], tau.numpy()
+
+
+def epoch_order(num_points: int, batch_size: int, steps: int, seed: int,
+                epoch: int) -> np.ndarray:
+  """`[steps, batch_size]` indices of an epoch's batches.
+
+  Whole batches of successive permutations seeded by `(seed, epoch)`, so a
+  resumed run sees the batches an uninterrupted one would.
+  """
+  rng = np.random.default_rng([seed % 2**32, epoch])
+  per_pass = num_points // batch_size * batch_size
+  passes = -(-steps * batch_size // per_pass)
+  order = np.concatenate([rng.permutation(num_points)[:per_pass]
+                          for _ in range(passes)])
+  return order[:steps * batch_size].reshape(steps, batch_size)
+
+
+def make_steps(model, optimizer, variables, step, config, chunk: int,
+               dim: int, on_trace=None):
+  """`steps(data, labels, count[, base, tau]) -> (losses [chunk], run)`.
+
+  Runs the first `count` steps of a chunk (`[chunk, B, ...]` inputs) in one
+  compiled loop and stops after the first non-finite loss (whose update is
+  not applied). Without `base`/`tau` (no OT pairing) they are drawn in the
+  loop by `noise(config.seed, step)`.
+  """
+  variables = list(variables)
+  shape = [chunk, config.batch_size]
+  signature = [tf.TensorSpec(shape + [dim], tf.float32),
+               tf.TensorSpec(shape, tf.int32), tf.TensorSpec([], tf.int32)]
+  if config.ot_pairing:
+    signature += [tf.TensorSpec(shape + [dim], tf.float32),
+                  tf.TensorSpec(shape + [1], tf.float32)]
+
+  def steps(data, labels, count, base=None, tau=None):
+    if on_trace is not None:
+      on_trace()
+
+    def body(i, losses, _):
+      if base is None:
+        base_i, tau_i = noise(config.seed, step.read_value(),
+                              config.batch_size, dim, model.base_scale)
+      else:
+        base_i, tau_i = base[i], tau[i]
+      with tf.GradientTape() as tape:
+        loss = flow_matching_loss(model.dynamics, data[i], base_i, tau_i,
+                                  model.context_kwargs(labels[i]))
+      apply_gradients(optimizer, loss, tape.gradient(loss, variables),
+                      variables, step, config.clip_norm)
+      losses = tf.tensor_scatter_nd_update(losses, [[i]], [loss])
+      return i + 1, losses, tf.math.is_finite(loss)
+
+    i, losses, _ = tf.while_loop(
+        lambda i, _, finite: (i < count) & finite, body,
+        (tf.constant(0), tf.zeros([chunk]), tf.constant(True)),
+        maximum_iterations=chunk)
+    return losses, i
+
+  return tf.function(steps, jit_compile=config.jit_compile, autograph=False,
+                     input_signature=signature)
+
+
+def run_chunk(steps_fn, config, step: int, chunk: int, data, labels,
+              base_scale: float):
+  """Runs `steps_fn` (from `make_steps`) on `data` (`[n <= chunk, B, D]`);
+  the losses of the steps run (a non-finite one last, if any). `step` is
+  the global step before the first of them."""
+  count = len(data)
+  extra = []
+  if config.ot_pairing:
+    base = np.zeros((chunk,) + data.shape[1:], np.float32)
+    tau = np.zeros((chunk, data.shape[1], 1), np.float32)
+    for i in range(count):
+      base[i], tau[i] = paired_noise(config.seed, step + i, data[i],
+                                     base_scale)
+    extra = [base, tau]
+  if count < chunk:   # the compiled loop has a fixed chunk shape
+    pad = ((0, chunk - count),)
+    data = np.pad(data, pad + ((0, 0), (0, 0)))
+    labels = np.pad(labels, pad + ((0, 0),))
+  losses, done = steps_fn(data, labels, tf.constant(count), *extra)
+  return [float(v) for v in losses.numpy()[:int(done)]]

@@ -1,0 +1,180 @@
+"""`FlowModel`: the variables of a stack of FFJORD blocks, and its flows."""
+
+import collections
+from typing import Dict, Sequence
+
+import sonnet as snt
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_ffjord import bijector as bijector_lib
+from tfp_ffjord import dynamics
+from tfp_ffjord import ode
+from tfp_ffjord import registry
+from tfp_ffjord import trace as trace_lib
+from tfp_ffjord.training import flow_matching
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+__all__ = ['FlowModel', 'LogProbTerms', 'make_solver', 'make_trace',
+           'CONTEXT_KEY']
+
+CONTEXT_KEY = 'context'   # the keyword conditional dynamics read
+
+LogProbTerms = collections.namedtuple(
+    'LogProbTerms', ['log_prob', 'kinetic_energy', 'jacobian_frobenius',
+                     'nfe'])
+LogProbTerms.__doc__ = """What `FlowModel.log_prob_terms` returns.
+
+Attributes:
+  log_prob: `[N]` log-densities.
+  kinetic_energy, jacobian_frobenius: `[N]` RNODE integrals summed over the
+    blocks (zeros unless `regularize=True`).
+  nfe: int32, dynamics evaluations of the solves, summed over the blocks.
+"""
+
+
+def make_solver(config, for_eval: bool = False):
+  """The ODE solver of a `TrainConfig` (or the tight evaluation solver)."""
+  if for_eval:
+    return ode.Tsit5(rtol=config.eval_rtol, atol=config.eval_atol,
+                     gradient='adjoint')
+  cls = registry.resolve(registry.SOLVERS, config.solver, ode)
+  if issubclass(cls, ode.AdaptiveSolver):
+    return cls(rtol=config.rtol, atol=config.atol, gradient=config.gradient)
+  return cls(num_steps=config.num_steps, gradient=config.gradient)
+
+
+def make_trace(name: str):
+  """The `trace_augmentation_fn` registered as `name`."""
+  if name not in registry.TRACES:
+    raise ValueError(f'`trace` must be one of {", ".join(registry.TRACES)}; '
+                     f'got {name!r}.')
+  return registry.resolve(registry.TRACES, name, trace_lib)
+
+
+class FlowModel(snt.Module):
+  """`blocks` FFJORD blocks with MLP dynamics over a Gaussian base.
+
+  The variables live here (Sonnet dynamics modules); `flow()` wraps them into
+  a `tfd.TransformedDistribution` with any solver and trace estimator, so
+  the same weights serve training (fast solver, possibly Hutchinson) and
+  evaluation (exact trace, tight tolerance).
+  """
+
+  def __init__(self, dim: int, blocks: int = 4,
+               hidden: Sequence[int] = (8, 8), activation: str = 'tanh',
+               base_scale: float = 0.8, num_classes: int = 0,
+               dtype=tf.float32, name='flow_model'):
+    super().__init__(name=name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or (
+        num_classes < 0):
+      raise ValueError('`num_classes` must be a non-negative int; got '
+                       f'{num_classes!r}.')
+    if activation not in registry.ACTIVATIONS:
+      raise ValueError(f'`activation` must be one of '
+                       f'{", ".join(registry.ACTIVATIONS)}; got '
+                       f'{activation!r}.')
+    self.num_classes = num_classes
+    self.dim = int(dim)
+    self.dtype = tf.as_dtype(dtype)
+    self.base_scale = float(base_scale)
+    context_keys = (CONTEXT_KEY,) if num_classes else ()
+    act = registry.resolve(registry.ACTIVATIONS, activation, tf)
+    self.dynamics = [
+        dynamics.MLPODE(list(hidden), self.dim, act,
+                        context_keys=context_keys, name=f'dynamics_{i}')
+        for i in range(blocks)]
+    for d in self.dynamics:  # Sonnet creates variables on the first call.
+      d(tf.zeros([], self.dtype), tf.zeros([1, self.dim], self.dtype),
+        **self.context_kwargs(tf.zeros([1], tf.int32)))
+
+  def context_kwargs(self, labels) -> Dict:
+    """Keyword arguments that condition the dynamics on class `labels`.
+
+    `{}` for an unconditional model; else `{'context': one_hot(labels)}`,
+    to pass to the bijectors (`bijector_kwargs={'ffjord': ...}` through a
+    chain).
+    """
+    if not self.num_classes:
+      return {}
+    if labels is None:
+      raise ValueError('This model is conditional: give class `labels`.')
+    return {CONTEXT_KEY: tf.one_hot(tf.cast(labels, tf.int32),
+                                    self.num_classes, dtype=self.dtype)}
+
+  def base_distribution(self) -> tfd.Distribution:
+    return tfd.MultivariateNormalDiag(
+        loc=tf.zeros([self.dim], self.dtype),
+        scale_diag=tf.fill([self.dim], tf.constant(self.base_scale,
+                                                   self.dtype)))
+
+  def flow(self, solver, trace: str = 'exact'):
+    """`(distribution, chain)`: base -> data through every block in order.
+
+    `solver` is a `tfp_ffjord.ode` solver or any `ode_solve_fn`; `trace` a
+    name of `registry.TRACES`.
+    """
+    trace_fn = make_trace(trace)
+    solve = solver.solve if isinstance(solver, ode.Solver) else solver
+    # tfb.Chain applies its last bijector first: reverse, so that the
+    # forward map goes through dynamics_0 first.
+    # Fixed salts per block: the noise for a seed is the same in every
+    # process and for every Trainer (determinism, resumes).
+    chain = tfb.Chain([
+        bijector_lib.FFJORD(d, ode_solve_fn=solve,
+                            trace_augmentation_fn=trace_fn, dtype=self.dtype,
+                            seed_salt=f'tfp_ffjord.training.block{i}')
+        for i, d in enumerate(self.dynamics)][::-1], name='ffjord_chain')
+    return tfd.TransformedDistribution(self.base_distribution(), chain), chain
+
+  def bijector_kwargs(self, labels=None, seed=None) -> Dict:
+    """Keyword arguments for the FFJORD blocks of a `flow()` chain.
+
+    The label context (conditional models) and a per-call `seed`, routed to
+    every block by name: pass as `log_prob(x, bijector_kwargs=...)` or
+    `chain.forward(x, **...)`. `{}` when there is nothing to pass.
+    """
+    block = dict(self.context_kwargs(labels))
+    if seed is not None:
+      block['seed'] = seed
+    return {'ffjord': block} if block else {}
+
+  def log_prob_terms(self, chain, x, seed=None, labels=None,
+                     regularize: bool = False) -> LogProbTerms:
+    """`log p(x)` by one inverse solve per block of `chain`, with its NFE.
+
+    With `regularize=True` each solve also carries RNODE's regularisers as
+    extra states: the kinetic energy `int ||f||^2 dt` and the Jacobian's
+    squared Frobenius norm `int ||J||_F^2 dt` (exact or Hutchinson, as the
+    chain's trace), summed over the blocks; DiffEqFlux returns the same as
+    `logpx, λ₁, λ₂`.
+    """
+    x = tf.convert_to_tensor(x, self.dtype)
+    kwargs = self.bijector_kwargs(labels, seed).get('ffjord', {})
+    ildj = kinetic = frobenius = tf.zeros(tf.shape(x)[:-1], self.dtype)
+    nfe = []
+    for block in chain.bijectors:   # the inverse runs the last block first
+      result = block.solve_inverse(x, regularize=regularize, **kwargs)
+      x = result.value
+      ildj += tf.reduce_sum(result.log_det_jacobian, -1)
+      if regularize:
+        kinetic += tf.reduce_sum(result.kinetic_energy, -1)
+        frobenius += tf.reduce_sum(result.jacobian_frobenius, -1)
+      if result.diagnostics is not None:
+        nfe.append(result.diagnostics.num_ode_fn_evaluations)
+    nfe = tf.add_n(nfe) if nfe else tf.constant(0, tf.int32)
+    return LogProbTerms(self.base_distribution().log_prob(x) + ildj, kinetic,
+                        frobenius, nfe)
+
+  def log_prob_and_regularizers(self, chain, x, seed=None, labels=None):
+    """`(log_prob, kinetic_energy, jacobian_frobenius)`, each `[N]`: the
+    first three of `log_prob_terms(..., regularize=True)`."""
+    return tuple(self.log_prob_terms(chain, x, seed, labels, True)[:3])
+
+  def flow_matching_loss(self, data, base, tau, labels=None):
+    """Conditional flow matching loss (see `training.flow_matching`)."""
+    return flow_matching.flow_matching_loss(
+        self.dynamics, tf.convert_to_tensor(data, self.dtype),
+        tf.convert_to_tensor(base, self.dtype),
+        tf.convert_to_tensor(tau, self.dtype), self.context_kwargs(labels))

@@ -1,0 +1,96 @@
+"""Compiled training and evaluation steps, as functions of their parts.
+
+Each `make_*` returns a compiled callable with a fixed input signature (one
+trace per run); `on_trace`, if given, is called each time one is traced
+(a Python side effect, so it runs only while tracing). The steps return
+their diagnostics (NFE, regularisers) as values.
+"""
+
+import collections
+from typing import Callable, Optional, Sequence
+
+import tensorflow as tf
+
+from tfp_ffjord import ode
+
+__all__ = ['LossTerms', 'apply_gradients', 'make_train_step',
+           'make_eval_step']
+
+LossTerms = collections.namedtuple(
+    'LossTerms', ['loss', 'nfe', 'kinetic', 'frobenius'])
+LossTerms.__doc__ = """A training loss and what came with it.
+
+Attributes:
+  loss: scalar float32, the objective minimised (batch mean).
+  nfe: int32, dynamics evaluations of the step's forward solves (0 for
+    flow matching).
+  kinetic, frobenius: batch means of RNODE's kinetic energy and Jacobian
+    Frobenius norm (0 when the config does not weight them).
+"""
+
+
+def apply_gradients(optimizer, loss, grads, variables, step=None,
+                    clip_norm: Optional[float] = None):
+  """Clips `grads` (to `clip_norm`) and applies them unless `loss` is not
+  finite.
+
+  A non-finite loss leaves the weights and the optimizer state those of the
+  last good step (the caller stops training); `step`, if given, counts the
+  applied updates.
+  """
+  if clip_norm is not None:
+    grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+
+  def update():
+    optimizer.apply(grads, variables)
+    if step is not None:
+      step.assign_add(1)
+    return tf.constant(True)
+
+  return tf.cond(tf.math.is_finite(loss), update, lambda: tf.constant(False))
+
+
+def _counted(fn, on_trace):
+  if on_trace is None:
+    return fn
+
+  def traced(*args):
+    on_trace()
+    return fn(*args)
+  return traced
+
+
+def make_train_step(loss_fn: Callable[..., LossTerms], optimizer,
+                    variables: Sequence[tf.Variable], step: tf.Variable,
+                    input_signature, clip_norm: Optional[float] = None,
+                    jit_compile: bool = True, on_trace=None):
+  """`train_step(*inputs) -> LossTerms`: one optimizer step.
+
+  `loss_fn(*inputs)` computes the `LossTerms` (under the step's tape). The
+  step is an `ode.checked_function`: a failed solve raises
+  `ode.SolverError` after the call, even under XLA, and its update was not
+  applied (the loss is NaN).
+  """
+  variables = list(variables)
+
+  def train_step(*inputs):
+    with tf.GradientTape() as tape:
+      terms = loss_fn(*inputs)
+    apply_gradients(optimizer, terms.loss,
+                    tape.gradient(terms.loss, variables), variables, step,
+                    clip_norm)
+    return terms
+
+  # autograph=False: the traced code uses explicit control flow; converting
+  # it (Sonnet, TFP and our modules) took the first flow-matching call from
+  # ~2.8 s to ~4.0 s.
+  return ode.checked_function(_counted(train_step, on_trace),
+                              jit_compile=jit_compile, autograph=False,
+                              input_signature=input_signature)
+
+
+def make_eval_step(log_prob_fn, input_signature, jit_compile: bool = True):
+  """`eval_step(*inputs) -> (log_prob, nfe)`, checked like the train step."""
+  return ode.checked_function(log_prob_fn, jit_compile=jit_compile,
+                              autograph=False,
+                              input_signature=input_signature)

@@ -43,8 +43,10 @@ def test_zero_init_output_starts_as_identity_flow(module_cls):
   np.testing.assert_array_equal(bij.forward(z).numpy(), z.numpy())
 
 
-def test_context_is_concatenated_and_required():
-  module = tfp_ffjord.MLPODE([8], 2, context_keys=['label'])
+@pytest.mark.parametrize('module_cls', [tfp_ffjord.MLPODE,
+                                        tfp_ffjord.ConcatSquashMLPODE])
+def test_context_is_concatenated_and_required(module_cls):
+  module = module_cls([8], 2, context_keys=['label'])
   z = tf.random.normal([4, 2])
   a = module(0., z, label=tf.zeros([4, 1]))
   b = module(0., z, label=tf.ones([4, 1]))

@@ -40,6 +40,19 @@ def _check_state(module, z):
   return z
 
 
+def _context(module, z, kwargs):
+  """The context Tensors named by `module._context_keys`, each broadcast to
+  `[..., C]` over `z`'s batch axes (a missing one is an error)."""
+  parts = []
+  for key in module._context_keys:  # pylint: disable=protected-access
+    if key not in kwargs:
+      raise ValueError(f'{module.name}: missing context keyword `{key}`.')
+    c = tf.cast(kwargs[key], z.dtype)
+    parts.append(tf.broadcast_to(
+        c, tf.concat([tf.shape(z)[:-1], tf.shape(c)[-1:]], 0)))
+  return parts
+
+
 def _time_column(t, x):
   """`t` (a scalar, or broadcastable to it) as a `[..., 1]` column like `x`."""
   shape = tf.concat([tf.shape(x)[:-1], [1]], 0)
@@ -101,13 +114,7 @@ class MLPODE(snt.Module):
 
   def _inputs(self, t, z, kwargs):
     parts = [_time_column(t, z), z] if self._time_input else [z]
-    for key in self._context_keys:
-      if key not in kwargs:
-        raise ValueError(f'{self.name}: missing context keyword `{key}`.')
-      c = tf.cast(kwargs[key], z.dtype)
-      parts.append(tf.broadcast_to(
-          c, tf.concat([tf.shape(z)[:-1], tf.shape(c)[-1:]], 0)))
-    return tf.concat(parts, -1)
+    return tf.concat(parts + _context(self, z, kwargs), -1)
 
   def __call__(self, t, z, **kwargs):
     z = _check_state(self, z)
@@ -158,16 +165,20 @@ class ConcatSquashLinear(snt.Module):
 class ConcatSquashMLPODE(snt.Module):
   """Dynamics built from `ConcatSquashLinear` layers, as in the FFJORD paper.
 
-  Args are those of `MLPODE` (without context: use `MLPODE` for that).
+  Args are those of `MLPODE`: keyword arguments named in `context_keys` are
+  concatenated to the state at the input (conditional flows); others are
+  ignored.
   """
 
   def __init__(self, hidden_sizes: Sequence[int], output_size: int,
                activation: Callable = tf.math.tanh,
                zero_init_output: bool = False,
+               context_keys: Sequence[str] = (),
                name: Optional[str] = 'concat_squash_ode'):
     super().__init__(name=name)
     sizes = _check_arguments(hidden_sizes, output_size, activation)
     self._activation = activation
+    self._context_keys = tuple(context_keys)
     self._layers = [ConcatSquashLinear(s, name=f'layer_{i}')
                     for i, s in enumerate(sizes)]
     self._layers.append(ConcatSquashLinear(
@@ -175,8 +186,8 @@ class ConcatSquashMLPODE(snt.Module):
     self.output_size = output_size
 
   def __call__(self, t, z, **kwargs):
-    del kwargs
-    h = _check_state(self, z)
+    z = _check_state(self, z)
+    h = tf.concat([z] + _context(self, z, kwargs), -1)
     for layer in self._layers[:-1]:
       h = self._activation(layer(t, h))
     return self._layers[-1](t, h)

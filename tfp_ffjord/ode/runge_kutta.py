@@ -79,17 +79,6 @@ def put_stage(stages, s, values):
   return out
 
 
-def _weighted_sum(y, h, ks, weights):
-  """`y + h * sum_j weights[j] * ks[j]` over Python lists, skipping zeros."""
-  out = []
-  for i, y_i in enumerate(y):
-    terms = [tf.constant(w, y_i.dtype) * k[i]
-             for w, k in zip(weights, ks) if w != 0.0]
-    out.append(y_i if not terms else
-               y_i + tf.cast(h, y_i.dtype) * tf.add_n(terms))
-  return out
-
-
 def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1=None,
               unroll=False, num_stages=None):
   """The stage derivatives of one explicit Runge-Kutta step.
@@ -125,7 +114,11 @@ def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1=None,
     rows = ((),) + tuple(tableau.a)
     nodes = (0.,) + tuple(tableau.c)
     for s in range(first, num_stages):
-      y_s = _weighted_sum(y, h, ks, rows[s])
+      y_s = y
+      if s:
+        row = (list(rows[s]) + [0.] * s)[:s]
+        y_s = combine(y, h, [tf.stack([k[i] for k in ks])
+                             for i in range(len(y))], tf.constant(row, t.dtype))
       ks.append(fn(t + tf.constant(nodes[s], t.dtype) * h, y_s))
     zeros = [tf.zeros_like(y_i) for y_i in y]
     ks += [zeros] * (total - num_stages)
@@ -166,20 +159,12 @@ def all_finite(tensors):
 def error_norm(y, y_new, err, rtol, atol, mask):
   """Scaled RMS norm (Hairer et al.) over the components selected by `mask`.
 
-  Complex components are measured by their magnitude.
+  Complex components are measured by their magnitude. Nothing selected:
+  0 (every step is accepted).
   """
-  total = None
-  count = 0
-  for y_i, n_i, e_i, use in zip(y, y_new, err, mask):
-    if not use:
-      continue
-    scale = atol + rtol * tf.maximum(tf.abs(y_i), tf.abs(n_i))
-    sq = tf.reduce_sum(tf.square(tf.abs(e_i) / scale))
-    total = sq if total is None else total + sq
-    count += tf.size(e_i)
-  if total is None:  # Nothing to control: accept every step.
-    return tf.zeros([], y[0].dtype.real_dtype)
-  return tf.sqrt(total / tf.maximum(tf.cast(count, total.dtype), 1.))
+  scaled = [tf.abs(e_i) / (atol + rtol * tf.maximum(tf.abs(y_i), tf.abs(n_i)))
+            if use else e_i for y_i, n_i, e_i, use in zip(y, y_new, err, mask)]
+  return rms(scaled, mask)
 
 
 def rms(tensors, mask):

@@ -71,26 +71,30 @@ def _static_number(name, value):
   return value
 
 
-def _check_positive(name, value, allow_none=False):
-  """Returns `value` as a positive finite float (or None if allowed)."""
+def _check_positive(name, value, allow_none=False, allow_zero=False):
+  """Returns `value` as a positive (or, if allowed, zero) finite float, or
+  None if allowed."""
   if value is None and allow_none:
     return None
   value = _static_number(name, value)
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value <= 0):
-    raise ValueError(f'`{name}` must be a positive finite number; got {value!r}.')
+      or not math.isfinite(value) or value < 0 or (value == 0 and
+                                                   not allow_zero)):
+    what = 'non-negative' if allow_zero else 'positive'
+    raise ValueError(f'`{name}` must be a {what} finite number; got {value!r}.')
   return float(value)
 
 
-def _check_step_count(name, value):
-  """Returns `value` as a positive int, or None (no bound)."""
+def _check_step_count(name, value, bound=True):
+  """Returns `value` as a positive int, or None (for a `bound`: none)."""
   if value is None:
     return None
   value = _static_number(name, value)
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
       or value < 1):
     raise ValueError(
-        f'`{name}` must be None (no bound) or a positive int; got {value!r}.')
+        f'`{name}` must be {"None (no bound) or " if bound else ""}a '
+        f'positive int; got {value!r}.')
   return int(value)
 
 
@@ -697,13 +701,7 @@ class FixedStepSolver(Solver):
           f'{name or type(self).__name__}: give exactly one of `step_size` '
           f'and `num_steps`; got step_size={step_size!r}, '
           f'num_steps={num_steps!r}.')
-    if num_steps is not None:
-      num_steps = _static_number('num_steps', num_steps)
-      if (isinstance(num_steps, bool) or
-          not isinstance(num_steps, numbers.Integral) or num_steps < 1):
-        raise ValueError(
-            f'`num_steps` must be a positive int; got {num_steps!r}.')
-      num_steps = int(num_steps)
+    num_steps = _check_step_count('num_steps', num_steps, bound=False)
     self.step_size = _check_positive('step_size', step_size, allow_none=True)
     self.num_steps = num_steps
     super().__init__(gradient=gradient, max_num_steps=max_num_steps,
@@ -844,10 +842,8 @@ class AdaptiveSolver(Solver):
     if not 0. < self.safety_factor <= 1.:
       raise ValueError(
           f'`safety_factor` must be in (0, 1]; got {safety_factor!r}.')
-    for label, v in (('pi_alpha', pi_alpha), ('pi_beta', pi_beta)):
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise ValueError(f'`{label}` must be a non-negative number; got {v!r}.')
-    self.pi_alpha, self.pi_beta = float(pi_alpha), float(pi_beta)
+    self.pi_alpha = _check_positive('pi_alpha', pi_alpha, allow_zero=True)
+    self.pi_beta = _check_positive('pi_beta', pi_beta, allow_zero=True)
     super().__init__(gradient=gradient, max_num_steps=max_num_steps,
                      error_components=error_components,
                      raise_on_failure=raise_on_failure,

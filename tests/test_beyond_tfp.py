@@ -1,5 +1,6 @@
 """Beyond TFP: RNODE regularisers, trajectories, swapping the trace after restore."""
 
+import functools
 import os
 
 import numpy as np
@@ -69,8 +70,8 @@ def test_exact_regularisers_of_a_linear_field(mode):
 
 @pytest.mark.parametrize('noise', ['gaussian', 'rademacher'])
 def test_hutchinson_frobenius_is_unbiased(noise):
-  trace_fn = lambda *a, **k: tfp_ffjord.trace_jacobian_hutchinson(
-      *a, noise=noise, **k)
+  trace_fn = functools.partial(tfp_ffjord.trace_jacobian_hutchinson,
+                               noise=noise)
   bij = linear_bijector(trace_fn)
   z = tf.zeros([HUTCHINSON_PROBES, 2], tf.float64)   # one probe per row
   r = tf.function(lambda z: bij.solve_forward(z, regularize=True, seed=1))(z)

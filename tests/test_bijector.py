@@ -220,7 +220,7 @@ def test_seed_with_a_trace_fn_that_takes_none_is_an_error():
   bij = tfp_ffjord.FFJORD(lambda t, z: -z,
                           trace_augmentation_fn=lambda f, s, d: (
                               tfp_ffjord.trace_jacobian_exact(f, s, d)))
-  with pytest.raises(ValueError, match='takes no `seed` argument'):
+  with pytest.raises(ValueError, match='does not declare a `seed` argument'):
     bij.forward(tf.ones([2, 2]), seed=1)
 
 

@@ -1,6 +1,6 @@
 """The exceptions of training (no TensorFlow needed to catch them)."""
 
-__all__ = ['TrainingError', 'TrainingInterrupted']
+__all__ = ['TrainingError', 'TrainingInterrupted', 'solver_failure']
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -17,3 +17,11 @@ class TrainingError(RuntimeError):
   def __init__(self, message, solver_error=None):
     super().__init__(message)
     self.solver_error = solver_error
+
+
+def solver_failure(error, where: str, after: str = '.') -> TrainingError:
+  """The `TrainingError` for a `tfp_ffjord.ode.SolverError` raised `where`
+  (e.g. 'in training step 9'), its summary followed by `after`."""
+  return TrainingError(f'The ODE solver failed {where}: '
+                       f'{error.summary.rstrip(".")}{after}',
+                       solver_error=error)

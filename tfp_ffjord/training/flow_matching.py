@@ -22,7 +22,7 @@ import tensorflow as tf
 from tfp_ffjord.training.steps import apply_gradients
 
 __all__ = ['flow_matching_loss', 'noise', 'ot_pairing', 'paired_noise',
-           'epoch_order', 'make_steps']
+           'epoch_order', 'make_steps', 'run_chunk', 'run_epoch']
 
 
 def flow_matching_loss(dynamics, data, base, tau, context=None):
@@ -158,3 +158,17 @@ def run_chunk(steps_fn, config, step: int, chunk: int, data, labels,
     labels = np.pad(labels, pad + ((0, 0),))
   losses, done = steps_fn(data, labels, tf.constant(count), *extra)
   return [float(v) for v in losses.numpy()[:int(done)]]
+
+
+def run_epoch(steps_fn, config, data, conditional: bool, steps: int,
+              epoch: int, skip: int, chunk: int, step_var, base_scale: float):
+  """Runs an epoch's steps after the first `skip`, `chunk` per call;
+  yields each call's losses (the caller checks them and may stop)."""
+  labels = (data.train_labels if conditional
+            else np.zeros(len(data.train), np.int32)).astype(np.int32)
+  order = epoch_order(len(data.train), config.batch_size, steps, config.seed,
+                      epoch)[skip:]
+  for start in range(0, len(order), chunk):
+    index = order[start:start + chunk]
+    yield run_chunk(steps_fn, config, int(step_var.numpy()), chunk,
+                    data.train[index], labels[index], base_scale)

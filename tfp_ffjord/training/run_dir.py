@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from tfp_ffjord.training.errors import TrainingError
 
-__all__ = ['RunDir', 'CONFIG_FILE', 'METRICS_FILE', 'CHECKPOINT_DIR',
+__all__ = ['RunDir', 'summary', 'restore_latest', 'CONFIG_FILE', 'METRICS_FILE', 'CHECKPOINT_DIR',
            'LOG_DIR']
 
 CONFIG_FILE = 'config.json'
@@ -124,3 +124,20 @@ def restore_latest(checkpoint, manager) -> Optional[str]:
           str(e).splitlines()[0] if str(e) else type(e).__name__)
   raise TrainingError(
       f'No checkpoint in {manager.directory} can be restored.')
+
+
+def summary(config: Dict, history: List[Dict],
+            entropy: Optional[float]) -> Dict:
+  """`metrics.json`: the config, the per-epoch `history` and the final
+  held-out NLL with its gap to the data `entropy` (if known)."""
+  last = history[-1] if history else {}
+  final = last.get('test_nll')
+  out = dict(config=config, epochs=history, final_test_nll=final,
+             data_entropy=entropy,
+             gap_to_entropy=(None if final is None or entropy is None
+                             else final - entropy),
+             total_wall_time=last.get('wall_time', 0.),
+             complete=last.get('epoch') == config['epochs'])
+  if 'test_bits_per_dim' in last:
+    out['final_test_bits_per_dim'] = last['test_bits_per_dim']
+  return out

@@ -7,9 +7,6 @@ SIGINT (`interrupt`), figures and export live in their own modules.
 
 import contextlib
 import math
-import os
-import shutil
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -24,9 +21,12 @@ from tfp_ffjord.training import flow_matching
 from tfp_ffjord.training import likelihood
 from tfp_ffjord.training import run_dir as run_dir_lib
 from tfp_ffjord.training import steps as steps_lib
+from tfp_ffjord.training.checkpoints import Checkpoints
 from tfp_ffjord.training.config import TrainConfig
 from tfp_ffjord.training.errors import TrainingError
+from tfp_ffjord.training.errors import solver_failure
 from tfp_ffjord.training.errors import TrainingInterrupted
+from tfp_ffjord.training.evaluation import Evaluator
 from tfp_ffjord.training.interrupt import sigint_flag
 from tfp_ffjord.training.model import FlowModel
 from tfp_ffjord.training.model import make_solver
@@ -37,12 +37,6 @@ __all__ = ['Trainer', 'load_run', 'FLOW_MATCHING_CHUNK', 'COSINE_FLOOR']
 FLOW_MATCHING_CHUNK = 250
 # The cosine schedule decays the learning rate to this fraction of its start.
 COSINE_FLOOR = 0.01
-
-
-def _solver_failure(error: ode.SolverError, where: str, kept: str):
-  return TrainingError(f'The ODE solver failed {where}: '
-                       f'{error.summary.rstrip(".")}{kept}',
-                       solver_error=error)
 
 
 class Trainer:
@@ -116,29 +110,21 @@ class Trainer:
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, epoch=self.epoch,
         step=self.step, learning_rate=self.learning_rate)
-    self.manager = self._read_manager = self.writer = self._worker_dir = None
+    self.checkpoints = self.writer = None
     if out_dir is not None:
-      self._make_managers()
+      self.checkpoints = Checkpoints(self.checkpoint,
+                                     self.run_dir.checkpoint_dir,
+                                     self.is_chief, config.max_to_keep)
     self.history: List[Dict] = []
     self.last_regularizers = (0., 0.)
     self._restored = False
     self.num_traces = 0
     self._compile()
 
-  def _make_managers(self):
-    chief_dir = self.run_dir.checkpoint_dir
-    if self.is_chief:
-      self.manager = self._read_manager = tf.train.CheckpointManager(
-          self.checkpoint, chief_dir, max_to_keep=self.config.max_to_keep)
-      return
-    # Every worker must save (saving may need collectives); only the chief's
-    # checkpoints are kept, the others' go to a scratch directory (removed
-    # when `fit` ends). Every worker restores the chief's.
-    self._worker_dir = tempfile.mkdtemp(prefix='tfp_ffjord_worker_')
-    self.manager = tf.train.CheckpointManager(self.checkpoint,
-                                              self._worker_dir, max_to_keep=1)
-    self._read_manager = tf.train.CheckpointManager(
-        self.checkpoint, chief_dir, max_to_keep=None)
+  @property
+  def manager(self) -> Optional[tf.train.CheckpointManager]:
+    """The `tf.train.CheckpointManager` this process saves with."""
+    return None if self.checkpoints is None else self.checkpoints.manager
 
   def _count_trace(self):
     self.num_traces += 1
@@ -166,42 +152,11 @@ class Trainer:
     self._fm_steps = flow_matching.make_steps(
         self.model, self.optimizer, self.variables, self.step, config,
         self._fm_chunk, dim, on_trace=self._count_trace)
-    size = config.eval_batch_size
-    self._eval_step = steps_lib.make_eval_step(
-        lambda x, lab: self.model.log_prob_terms(self.eval_chain, x,
-                                                 labels=lab)[::3],
-        [points(size), labels(size)], jit_compile=config.jit_compile)
-    self._forward = tf.function(
-        lambda x, lab: self.eval_chain.forward(
-            x, **self.model.bijector_kwargs(lab)),
-        input_signature=[points(None), labels(None)], autograph=False)
-    self._sample = tf.function(
-        lambda n, seed, lab: self.eval_flow.sample(
-            n, seed=seed, bijector_kwargs=self.model.bijector_kwargs(lab)),
-        input_signature=[tf.TensorSpec([], tf.int32),
-                         tf.TensorSpec([2], tf.int32), labels(None)],
-        autograph=False)
+    self.evaluator = Evaluator(self.model, self.eval_flow, self.eval_chain,
+                               self.data, config.eval_batch_size,
+                               config.jit_compile)
 
   # ---------------------------------------------------------------- steps
-
-  def _labels(self, labels, n) -> np.ndarray:
-    """Labels for `n` points: the given ones, or zeros for unconditional
-    models (which ignore them)."""
-    classes = self.model.num_classes
-    if labels is None:
-      if classes:
-        raise ValueError('This model is conditional: give class `labels`.')
-      return np.zeros([n], np.int32)
-    if not classes:
-      raise ValueError('`labels` given, but this model is not conditional.')
-    labels = np.broadcast_to(np.asarray(labels), [n]) if np.ndim(
-        labels) == 0 else np.asarray(labels)
-    if labels.shape != (n,):
-      raise ValueError(f'`labels` must have shape [{n}]; got {labels.shape}.')
-    if labels.min() < 0 or labels.max() >= classes:
-      raise ValueError(f'`labels` must be in [0, {classes}); got values in '
-                       f'[{labels.min()}, {labels.max()}].')
-    return labels.astype(np.int32)
 
   def train_step(self, batch, labels=None) -> Tuple[float, int]:
     """One optimizer step on a `[batch_size, D]` batch: `(loss, NFE)`.
@@ -213,7 +168,7 @@ class Trainer:
     means are in `last_regularizers` (`(kinetic, frobenius)`).
     """
     batch = np.asarray(batch, np.float32)
-    labels = self._labels(labels, len(batch))
+    labels = self.evaluator.labels(labels, len(batch))
     if self.config.objective == 'flow-matching':
       losses = flow_matching.run_chunk(
           self._fm_steps, self.config, int(self.step.numpy()), self._fm_chunk,
@@ -229,7 +184,7 @@ class Trainer:
     try:
       terms = self._train_step(batch, labels)
     except ode.SolverError as e:
-      raise _solver_failure(
+      raise solver_failure(
           e, f'in training step {int(self.step.numpy()) + 1}',
           '; the step was not applied.') from None
     self.last_regularizers = (float(terms.kinetic), float(terms.frobenius))
@@ -238,87 +193,22 @@ class Trainer:
   # ----------------------------------------------------------- evaluation
 
   def log_prob(self, points, labels=None) -> np.ndarray:
-    """Exact log-density (nats) of `[N, D]` points, in fixed-size batches.
-
-    Conditional models need `labels` (`[N]` ints) and return
-    `log p(x | label)`.
-    """
-    points = np.asarray(points, np.float32)
-    if points.ndim != 2 or points.shape[1] != self.data.dim:
-      raise ValueError(f'points must have shape [N, {self.data.dim}]; got '
-                       f'{points.shape}.')
-    labels = self._labels(labels, len(points))
-    out, self._last_eval_nfe = [], []
-    size = self.config.eval_batch_size
-    for start in range(0, len(points), size):
-      chunk, chunk_labels = (points[start:start + size],
-                             labels[start:start + size])
-      n = len(chunk)
-      if n < size:  # Pad to the traced shape; padding rows are dropped.
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - n, 0)])
-        chunk_labels = np.concatenate(
-            [chunk_labels, np.repeat(chunk_labels[:1], size - n)])
-      lp, nfe = self._eval_step(tf.constant(chunk), tf.constant(chunk_labels))
-      out.append(lp.numpy()[:n])
-      self._last_eval_nfe.append(int(nfe))
-    return np.concatenate(out) if out else np.zeros([0], np.float32)
+    """Exact log-density (nats) of `[N, D]` points (see `Evaluator`)."""
+    return self.evaluator.log_prob(points, labels)
 
   def marginal_log_prob(self, points) -> np.ndarray:
-    """`log p(x)`; for conditional models the class mixture
-    `log sum_c p(c) p(x | c)`, with `p(c)` the training frequencies."""
-    if not self.model.num_classes:
-      return self.log_prob(points)
-    counts = np.bincount(self.data.train_labels,
-                         minlength=self.model.num_classes)
-    per_class = np.stack([
-        np.log(counts[c] / counts.sum())
-        + self.log_prob(points, np.full([len(points)], c))
-        for c in range(len(counts)) if counts[c]])
-    top = per_class.max(0)
-    return top + np.log(np.exp(per_class - top).sum(0))
+    return self.evaluator.marginal_log_prob(points)
 
   def evaluate(self, points=None, labels=None) -> Dict[str, float]:
-    """Mean NLL (nats; bits/dim too for D > 2 or dequantised data).
-
-    Defaults to the test set (and, for conditional models, its labels).
-    A conditional model given points without labels reports the marginal
-    `-log sum_c p(c) p(x | c)`.
-    """
-    if points is None:
-      points = self.data.test
-      labels = self.data.test_labels if self.model.num_classes else None
-    try:
-      lp = (self.marginal_log_prob(points) if labels is None
-            else self.log_prob(points, labels))
-    except ode.SolverError as e:
-      raise _solver_failure(
-          e, 'in the evaluation', ' Evaluate with a looser tolerance or more '
-          '`max_num_steps`.') from None
-    nll = float(-np.mean(lp))
-    result = {'nll': nll, 'nfe': float(np.mean(self._last_eval_nfe))}
-    if self.data.dim > 2 or self.data.bin_width is not None:
-      result['bits_per_dim'] = self.data.bits_per_dim(nll)
-    return result
+    """Mean NLL of `points` (default: the test set; see `Evaluator`)."""
+    return self.evaluator.evaluate(points, labels)
 
   def forward(self, points, labels=None) -> np.ndarray:
-    """The flow's forward map (base -> data) of `[N, D]` points."""
-    points = np.asarray(points, np.float32)
-    labels = self._labels(labels, len(points))
-    return self._forward(points, labels).numpy()
+    return self.evaluator.forward(points, labels)
 
   def sample(self, n: int, seed: int = 0, labels=None) -> np.ndarray:
-    """`n` samples of the model (tight-tolerance solve), `[n, D]`.
-
-    Conditional models sample `x | label`: `labels` is an int (one class for
-    all) or `[n]` ints; by default the classes of the training set are drawn
-    in proportion.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-      raise ValueError(f'`n` must be a positive integer; got {n!r}.')
-    if self.model.num_classes and labels is None:
-      labels = np.random.default_rng(seed).choice(self.data.train_labels, n)
-    return self._sample(tf.constant(n), tf.constant([seed, 1]),
-                        self._labels(labels, n)).numpy()
+    """`n` samples of the model, `[n, D]` (see `Evaluator.sample`)."""
+    return self.evaluator.sample(n, seed, labels)
 
   @property
   def epochs_done(self) -> int:
@@ -329,25 +219,17 @@ class Trainer:
   def restore(self) -> bool:
     """Restores the latest readable checkpoint of `out_dir`; False if there
     is none (a truncated one is skipped, with a warning, for the previous)."""
-    if self._read_manager is None or run_dir_lib.restore_latest(
-        self.checkpoint, self._read_manager) is None:
+    if self.checkpoints is None or self.checkpoints.restore() is None:
       return False
     self._restored = True
     self.history = self.run_dir.read_history(self.epochs_done)
     return True
 
   def save(self) -> Optional[str]:
-    """Writes a checkpoint numbered by the global step (if not written yet).
-
-    TensorFlow writes the files under a temporary name and renames them, so
-    a crash during a save leaves the previous checkpoint as the latest.
-    """
-    if self.manager is None:
+    """Writes a checkpoint numbered by the global step (if not written yet)."""
+    if self.checkpoints is None:
       return None
-    number, latest = int(self.step.numpy()), self.manager.latest_checkpoint
-    if latest is not None and latest.endswith(f'-{number}'):
-      return latest
-    return self.manager.save(checkpoint_number=number)
+    return self.checkpoints.save(int(self.step.numpy()))
 
   def fit(self, progress: bool = True,
           callback: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
@@ -392,36 +274,44 @@ class Trainer:
           skip = 0
           self._end_epoch(epoch, losses, nfes, regs, start, bar, callback)
     finally:
-      if self._worker_dir is not None:
-        shutil.rmtree(self._worker_dir, ignore_errors=True)
+      if self.checkpoints is not None:
+        self.checkpoints.close()
     return self.history
 
   def _train_epoch(self, epoch, skip, interrupted):
     """The epoch's steps after the first `skip`: their losses, NFEs and
     regularisers. Each epoch's batches depend only on `(seed, epoch)`, so a
     resumed run sees those an uninterrupted one would."""
-    config, data = self.config, self.data
-    conditional = bool(self.model.num_classes)
-    losses, nfes, regs = [], [], []
+    config, conditional = self.config, bool(self.model.num_classes)
+    if interrupted[0]:
+      self._stop_interrupted(epoch)
     if config.objective == 'flow-matching':
-      labels = (data.train_labels if conditional
-                else np.zeros(len(data.train), np.int32)).astype(np.int32)
-      order = flow_matching.epoch_order(len(data.train), config.batch_size,
-                                        self.steps_per_epoch, config.seed,
-                                        epoch)[skip:]
-      for start in range(0, len(order), self._fm_chunk):
-        if interrupted[0]:
-          self._stop_interrupted(epoch)
-        index = order[start:start + self._fm_chunk]
-        new = flow_matching.run_chunk(
-            self._fm_steps, config, int(self.step.numpy()), self._fm_chunk,
-            data.train[index], labels[index], self.model.base_scale)
-        losses += new
-        if new and not math.isfinite(new[-1]):
-          raise self._non_finite(new[-1], epoch)
-      return losses, [0] * len(losses), [(0., 0.)] * len(losses)
-    ds = data.train_dataset(config.batch_size, seed=config.seed + epoch,
-                            with_labels=conditional)
+      # Lists of losses, one per compiled chunk of steps.
+      results = ([(loss, 0, (0., 0.)) for loss in losses]
+                 for losses in flow_matching.run_epoch(
+                     self._fm_steps, config, self.data, conditional,
+                     self.steps_per_epoch, epoch, skip, self._fm_chunk,
+                     self.step, self.model.base_scale))
+    else:
+      results = self._likelihood_epoch(epoch, skip, conditional)
+    losses, nfes, regs = [], [], []
+    for chunk in results:
+      for loss, nfe, reg in chunk:
+        losses.append(loss)
+        nfes.append(nfe)
+        regs.append(reg)
+      if chunk and not math.isfinite(losses[-1]):
+        raise self._non_finite(losses[-1], epoch)
+      if interrupted[0]:
+        self._stop_interrupted(epoch)
+    return losses, nfes, regs
+
+  def _likelihood_epoch(self, epoch, skip, conditional):
+    """Runs the epoch's maximum-likelihood steps; yields `[(loss, nfe,
+    regularisers)]` after each."""
+    config = self.config
+    ds = self.data.train_dataset(config.batch_size, seed=config.seed + epoch,
+                                 with_labels=conditional)
     if config.steps_per_epoch is not None:
       # Each pass over the data is reshuffled (deterministically).
       ds = ds.repeat().take(self.steps_per_epoch)
@@ -429,8 +319,6 @@ class Trainer:
     if self.distributed:
       ds = distribute.distribute_batches(self.strategy, ds, conditional)
     for item in ds:
-      if interrupted[0]:
-        self._stop_interrupted(epoch)
       batch, labels = item if (conditional or self.distributed) else (
           item, tf.zeros([config.batch_size], tf.int32))
       try:
@@ -438,23 +326,17 @@ class Trainer:
       except TrainingError as e:
         raise TrainingError(f'Epoch {epoch + 1}: {str(e).rstrip(".")}'
                             f'{self._kept()}', e.solver_error) from None
-      if not math.isfinite(loss):
-        raise self._non_finite(loss, epoch)
-      losses.append(loss)
-      nfes.append(nfe)
-      regs.append(self.last_regularizers)
-    if interrupted[0]:
-      self._stop_interrupted(epoch)
-    return losses, nfes, regs
+      yield [(loss, nfe, self.last_regularizers)]
 
   def _end_epoch(self, epoch, losses, nfes, regs, start, bar, callback):
     """Held-out evaluation, the epoch's record, checkpoint, logs, metrics."""
     try:
       evaluation = self.evaluate()
-    except TrainingError as e:
-      raise TrainingError(
-          f'{str(e).rstrip(".")} after epoch {epoch + 1}{self._kept()}',
-          e.solver_error) from None
+    except ode.SolverError as e:
+      raise solver_failure(
+          e, f'in the held-out evaluation after epoch {epoch + 1}',
+          f'{self._kept()} Evaluate with a looser tolerance or more '
+          '`max_num_steps`.') from None
     mean = lambda xs: float(np.mean(xs)) if xs else None
     record = dict(epoch=epoch + 1,
                   learning_rate=float(self.learning_rate.numpy()),
@@ -492,15 +374,15 @@ class Trainer:
 
   def _kept(self) -> str:
     """How the last checkpoint stands, for error messages."""
-    if self.manager is None or self.manager.latest_checkpoint is None:
+    if self.checkpoints is None or self.checkpoints.latest is None:
       return '.'
-    return (f'; the last checkpoint ({self.manager.latest_checkpoint}) is '
+    return (f'; the last checkpoint ({self.checkpoints.latest}) is '
             'the last good state.')
 
   def _stop_interrupted(self, epoch):
     """Saves a mid-epoch checkpoint and raises `TrainingInterrupted`."""
     where = f'epoch {epoch + 1}, step {int(self.step.numpy())}'
-    if self.manager is None:
+    if self.checkpoints is None:
       raise TrainingInterrupted(f'Interrupted at {where} (no out_dir: '
                                 'nothing saved).')
     raise TrainingInterrupted(
@@ -511,17 +393,8 @@ class Trainer:
 
   def metrics(self) -> Dict:
     """The content of `metrics.json`."""
-    last = self.history[-1] if self.history else {}
-    final, entropy = last.get('test_nll'), self.data.entropy
-    out = dict(config=self.config.to_dict(), epochs=self.history,
-               final_test_nll=final, data_entropy=entropy,
-               gap_to_entropy=(None if final is None or entropy is None
-                               else final - entropy),
-               total_wall_time=last.get('wall_time', 0.),
-               complete=last.get('epoch') == self.config.epochs)
-    if 'test_bits_per_dim' in last:
-      out['final_test_bits_per_dim'] = last['test_bits_per_dim']
-    return out
+    return run_dir_lib.summary(self.config.to_dict(), self.history,
+                               self.data.entropy)
 
   def write_metrics(self) -> Optional[str]:
     """Writes `metrics.json` atomically; only the chief (else None)."""

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfp_ffjord import training  # noqa: E402
+from tfp_ffjord.training import likelihood  # noqa: E402
 from tests.helpers import tiny_config, weights  # noqa: E402
 
 
@@ -70,7 +71,8 @@ def main():
   out['hutchinson_reproducible'] = all(
       np.array_equal(a, b) for a, b in zip(*runs))
   seeds = strategy.run(
-      lambda: t._hutchinson_seed(  # pylint: disable=protected-access
+      lambda: likelihood.hutchinson_seed(
+          t.config, t.step,
           tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group,
                   tf.int32)))
   seeds = [s.numpy().tolist()

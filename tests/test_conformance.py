@@ -535,7 +535,7 @@ def test_backprop_under_xla_names_the_argument_to_raise():
     return run(tf.constant([1.0, 0.0], tf.float64))
 
   with pytest.raises(tf.errors.InvalidArgumentError,
-                     match=r'larger `max_num_steps`.*record at most 1000 steps'):
+                     match=r'record at most 1000 steps; pass a larger `max_num_steps`'):
     solve(ode.Tsit5(rtol=OSCILLATOR_TOL, atol=OSCILLATOR_TOL,
                     gradient='backprop'))
   y_end, _ = solve(ode.Tsit5(rtol=OSCILLATOR_TOL, atol=OSCILLATOR_TOL,

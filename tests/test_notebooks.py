@@ -73,7 +73,7 @@ def test_ffjord_moons(tmp_path):
   # Every solver (ours, TFP's, ours inside tfb.FFJORD) agrees on log p.
   for name, err in r['solver_errors'].items():
     assert err < 2e-3, name
-  assert r['our_step_ms'] > 0 and r['tfp_step_ms'] > 0
+  assert np.isfinite(r['our_step_ms']) and np.isfinite(r['tfp_step_ms'])
   for png in ('panels_first.png', 'panels_last.png', 'density.png'):
     assert (tmp_path / 'figures' / png).stat().st_size > 5000
 

@@ -112,11 +112,11 @@ class FlowModel(snt.Module):
   def flow(self, solver, trace: str = 'exact'):
     """`(distribution, chain)`: base -> data through every block in order.
 
-    `solver` is a `tfp_ffjord.ode` solver or any `ode_solve_fn`; `trace` a
-    name of `registry.TRACES`.
+    `solver` is a solver object (ours or `tfp.math.ode`'s: its `solve` is
+    used) or any `ode_solve_fn`; `trace` a name of `registry.TRACES`.
     """
     trace_fn = make_trace(trace)
-    solve = solver.solve if isinstance(solver, ode.Solver) else solver
+    solve = solver.solve if hasattr(solver, 'solve') else solver
     # tfb.Chain applies its last bijector first: reverse, so that the
     # forward map goes through dynamics_0 first.
     # Fixed salts per block: the noise for a seed is the same in every

@@ -318,11 +318,13 @@ class Trainer:
     ds = ds.skip(skip)
     if self.distributed:
       ds = distribute.distribute_batches(self.strategy, ds, conditional)
+    # Single-device steps go through the public `train_step`.
+    step = self._run_step if self.distributed else self.train_step
     for item in ds:
-      batch, labels = item if (conditional or self.distributed) else (
-          item, tf.zeros([config.batch_size], tf.int32))
+      batch, labels = item if (conditional or self.distributed) else (item,
+                                                                      None)
       try:
-        loss, nfe = self._run_step(batch, labels)
+        loss, nfe = step(batch, labels)
       except TrainingError as e:
         raise TrainingError(f'Epoch {epoch + 1}: {str(e).rstrip(".")}'
                             f'{self._kept()}', e.solver_error) from None

@@ -22,7 +22,8 @@ Status = base.Status
 
 @dataclasses.dataclass(frozen=True)
 class StepControl:
-  """Step-size settings of one integration (all Python scalars).
+  """Step-size settings of one integration (Python scalars; `step_size` may
+  be a scalar Tensor).
 
   For fixed-step methods only `step_size`/`num_steps` matter. For adaptive
   ones the accepted step is rescaled by
@@ -276,8 +277,8 @@ def integrate(fn: Callable,
       nfe += 1
   elif control.num_steps is not None:
     h = span / tf.cast(control.num_steps, dtype)
-  else:
-    h = tf.constant(control.step_size, dtype)
+  else:   # a Python float, or a Tensor (the adjoint of a `num_steps` grid)
+    h = tf.cast(control.step_size, dtype)
   # A zero-length span would give h == 0; any positive step ends at once.
   h = tf.where(h > 0, h, tf.ones([], dtype))
 

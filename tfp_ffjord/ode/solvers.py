@@ -21,6 +21,7 @@ Both return gradients with respect to `initial_state`, the floating
 respect to the times are not computed (they are `None`).
 """
 
+import dataclasses
 import math
 import numbers
 from typing import Optional
@@ -473,8 +474,16 @@ class Solver:
                          variables, dys, error_mask, first_steps):
     """The adjoint's gradients, NaN (and raising) if its backward solve fails."""
     bound = adjoint_solver._max_iterations(-ss[-1], -s0[tf.newaxis])
+    control = adjoint_solver._control()
+    if not control.adaptive and control.num_steps is not None:
+      # `num_steps` spans the whole solve: the backward solve keeps the
+      # forward's step size on every segment (with `num_steps` per segment,
+      # T solution times would cost T times the forward's steps).
+      control = dataclasses.replace(
+          control, num_steps=None,
+          step_size=(ss[-1] - s0) / control.num_steps)
     dy0, dc, dv, status, u_reached, num_steps = _adjoint_gradients(
-        g, adjoint_solver.tableau, adjoint_solver._control(), s0, ss,
+        g, adjoint_solver.tableau, control, s0, ss,
         outputs, c_flat, variables, dys, bound, error_mask, first_steps)
     grads = self._check_status(list(dy0) + list(dc) + list(dv), status,
                                -u_reached, num_steps, bound,

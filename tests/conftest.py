@@ -1,6 +1,11 @@
-"""Shared test set-up: quiet TensorFlow, deterministic seeds.
+"""Shared test set-up: quiet TensorFlow, deterministic seeds, the quick subset.
 
 Helpers that test modules import live in `tests/helpers.py`.
+
+`pytest -m "not slow"` is the quick subset (under 5 minutes on 2 cores):
+end-to-end tests are marked `slow`, and a test marked `matrix` (a
+parametrized matrix of solvers, dtypes, run modes) runs its first case in
+the quick subset and the others only in the whole suite.
 """
 
 import os
@@ -10,6 +15,17 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+  seen = set()
+  for item in items:
+    if item.get_closest_marker('matrix') is None:
+      continue
+    function = (item.module.__name__, item.originalname)
+    if function in seen:
+      item.add_marker(pytest.mark.slow)
+    seen.add(function)
 
 
 @pytest.fixture(autouse=True)

@@ -50,6 +50,7 @@ def kinetic_closed_form(z0):
 
 
 @pytest.mark.parametrize('mode', RUN_MODES)
+@pytest.mark.matrix
 def test_exact_regularisers_of_a_linear_field(mode):
   bij = linear_bijector(tfp_ffjord.trace_jacobian_exact)
   z0 = np.array([[1.0, -0.5], [0.2, 0.7], [-1.1, 0.3]])
@@ -118,6 +119,7 @@ def test_model_log_prob_with_regularisers_matches_the_distribution():
   assert np.all(kinetic.numpy() > 0) and np.all(frobenius.numpy() > 0)
 
 
+@pytest.mark.slow
 def test_training_with_rnode_weights_reports_and_lowers_kinetic_energy():
   def run(kinetic_weight):
     config = training.TrainConfig(
@@ -147,6 +149,7 @@ def test_training_with_rnode_weights_reports_and_lowers_kinetic_energy():
 
 
 @pytest.mark.parametrize('mode', ['eager', 'function'])
+@pytest.mark.matrix
 def test_trajectory_is_one_solve_and_ends_at_forward(mode):
   mlp = tfp_ffjord.MLPODE([8], 2)
   mlp(0., tf.zeros([1, 2]))
@@ -172,6 +175,7 @@ def test_trajectory_is_one_solve_and_ends_at_forward(mode):
     bij.trajectory(x, num_times=1)
 
 
+@pytest.mark.slow
 def test_hutchinson_checkpoint_restores_into_exact_trace_and_other_solver(
     tmp_path):
   base = dict(dataset='moons', num_train=256, num_test=128, batch_size=64,
@@ -211,6 +215,7 @@ def test_hutchinson_checkpoint_restores_into_exact_trace_and_other_solver(
 # ------------------------------------------------------- conditional flows
 
 
+@pytest.mark.slow
 def test_class_conditional_moons(tmp_path):
   config = training.TrainConfig(
       dataset='moons', num_train=2048, num_test=512, batch_size=256,
@@ -319,6 +324,7 @@ def test_flow_matching_loss_of_the_exact_field_is_zero():
 
 
 @pytest.mark.parametrize('ot', [False, True])
+@pytest.mark.matrix
 def test_flow_matching_chunks_train_as_single_steps(ot):
   # `fit` runs flow-matching steps in compiled chunks; the base samples and
   # times of each step depend only on (seed, step), so a chunk of 3 steps
@@ -337,6 +343,7 @@ def test_flow_matching_chunks_train_as_single_steps(ot):
   assert int(chunked.step) == int(stepped.step) == 3
 
 
+@pytest.mark.slow
 def test_flow_matching_resume_matches_an_uninterrupted_run(tmp_path):
   config = dict(objective='flow-matching', hidden=(16, 16),
                 steps_per_epoch=6, lr_schedule='constant')
@@ -353,6 +360,7 @@ def test_flow_matching_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize('ot', [False, True])
+@pytest.mark.slow
 def test_flow_matching_training_gives_an_exact_likelihood_flow(ot):
   config = training.TrainConfig(
       dataset='8gaussians', num_train=2048, num_test=256, batch_size=256,

@@ -39,6 +39,7 @@ def fresh(t):
 # ----------------------------------------------------------------- parity
 
 
+@pytest.mark.slow
 def test_log_prob_matches_tfp_ffjord_with_the_same_solver():
   tf.random.set_seed(7)
   blocks = [tfp_ffjord.MLPODE([8, 8], 2, name=f'mlp_{i}') for i in range(2)]
@@ -79,6 +80,7 @@ def test_constant_field_shifts_with_zero_log_det(dtype):
 
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
+@pytest.mark.matrix
 def test_linear_field_log2_doubles(dtype):
   bij = exact_ffjord(lambda t, z: np.log(2.) * z, dtype=dtype)
   x = tf.constant([[0.5, -1.0, 3.0]], dtype)
@@ -89,6 +91,7 @@ def test_linear_field_log2_doubles(dtype):
       np.full([1, 3], np.log(2.)), atol=CLOSED_FORM_ATOL[dtype])
 
 
+@pytest.mark.slow
 def test_diagonal_linear_field_in_10d():
   diag = np.linspace(-1.0, 1.5, 10)
   bij = exact_ffjord(lambda t, z: z * diag)
@@ -105,6 +108,7 @@ def _time_dependent(t, z):
 
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
+@pytest.mark.matrix
 def test_time_dependent_field_with_initial_time_1(dtype):
   # initial_time=1, final_time=2: y = x exp(1.5), log-det 1.5 per element.
   bij = exact_ffjord(_time_dependent, dtype=dtype, initial_time=1.,
@@ -155,6 +159,7 @@ def _slogdet_of_forward(bij, x):
 
 
 @pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
+@pytest.mark.matrix
 def test_log_det_equals_slogdet_of_autodiff_jacobian(gradient):
   mlp = tfp_ffjord.MLPODE([16], 3)
   x = tf.random.normal([4, 3], dtype=tf.float64)
@@ -166,6 +171,7 @@ def test_log_det_equals_slogdet_of_autodiff_jacobian(gradient):
 
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
+@pytest.mark.matrix
 def test_round_trip_and_log_det_symmetry(dtype):
   mlp = tfp_ffjord.MLPODE([16, 16], 2)
   x = tf.random.normal([32, 2], dtype=dtype)
@@ -262,6 +268,7 @@ def test_log_prob_costs_one_solve_also_with_condition_kwargs():
 
 
 @pytest.mark.parametrize('solver', ['tfp_dormand_prince', 'tfp_bdf'])
+@pytest.mark.matrix
 def test_tfp_solvers_work_in_our_ffjord(solver):
   solve = {'tfp_dormand_prince': tfp.math.ode.DormandPrince(
       rtol=1e-8, atol=1e-8).solve,
@@ -304,6 +311,7 @@ def test_condition_kwargs_reach_dynamics_and_get_gradients():
 
 
 @pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
+@pytest.mark.matrix
 def test_gradients_reach_every_variable(gradient):
   blocks = [tfp_ffjord.MLPODE([8, 8], 2, name=f'm{i}') for i in range(2)]
   flow = tfd.TransformedDistribution(
@@ -325,6 +333,7 @@ def test_gradients_reach_every_variable(gradient):
 
 @pytest.mark.parametrize('mode', RUN_MODES)
 @pytest.mark.parametrize('trace', ['exact', 'hutchinson'])
+@pytest.mark.matrix
 def test_eager_function_and_xla_agree(mode, trace):
   mlp = tfp_ffjord.MLPODE([8, 8], 2)
   trace_fn = (tfp_ffjord.trace_jacobian_exact if trace == 'exact'
@@ -359,6 +368,7 @@ def test_hutchinson_loss_under_xla_with_a_tape_equals_eager():
     np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_function_with_none_batch_dimension():
   mlp = tfp_ffjord.MLPODE([8], 2)
   flow = tfd.TransformedDistribution(

@@ -143,6 +143,7 @@ def test_run_directory_errors(tmp_path, capsys):
     assert len(err) == 1 and match in err[0], (argv, err)
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_malformed_and_wrong_dimension_files(tmp_path,
                                                               capsys):
   bad_csv = tmp_path / 'bad.csv'

@@ -72,6 +72,7 @@ def test_digits_are_dequantised_into_bins():
     ('moons', datasets.moons_log_density),
     ('circles', datasets.circles_log_density),
 ])
+@pytest.mark.matrix
 def test_entropy_matches_monte_carlo_of_the_exact_density(name, log_density):
   x = datasets.sample(name, ENTROPY_MC_SAMPLES, seed=123)
   estimate = -np.mean(np.concatenate(
@@ -80,6 +81,7 @@ def test_entropy_matches_monte_carlo_of_the_exact_density(name, log_density):
                                                  abs=ENTROPY_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_moons_density_integrates_to_one():
   xs = np.linspace(-2, 3, 400)
   ys = np.linspace(-1.5, 2, 300)

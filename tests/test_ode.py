@@ -77,6 +77,7 @@ def test_tableau_rejects_inconsistent_rows():
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
 @pytest.mark.parametrize('name', SOLVER_NAMES)
+@pytest.mark.matrix
 def test_exponential_decay(name, dtype):
   solver = make_solvers(dtype)[name]
   y0 = tf.constant([1., -2., 0.5], dtype)
@@ -92,6 +93,7 @@ def test_exponential_decay(name, dtype):
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
 @pytest.mark.parametrize('name', SOLVER_NAMES)
+@pytest.mark.matrix
 def test_linear_system_matches_expm(name, dtype):
   a = np.array([[-0.5, 1.0, 0.0], [-1.0, -0.5, 0.3], [0.0, -0.3, -0.2]])
   y0 = np.array([1.0, 0.0, -1.0])
@@ -106,6 +108,7 @@ def test_linear_system_matches_expm(name, dtype):
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
 @pytest.mark.parametrize('name', SOLVER_NAMES)
+@pytest.mark.matrix
 def test_time_dependent_and_reverse_time(name, dtype):
   # y' = cos(t) y  =>  y(t) = y(t0) exp(sin t - sin t0)
   solver = make_solvers(dtype)[name]
@@ -157,6 +160,7 @@ def test_fixed_step_order_of_convergence(name, order):
 
 
 @pytest.mark.parametrize('name', ['DormandPrince', 'Tsit5'])
+@pytest.mark.matrix
 def test_adaptive_method_order_of_convergence(name):
   # Error vs step size of the underlying 5th-order method, with fixed steps
   # forced by a huge tolerance and a given first step.
@@ -176,6 +180,7 @@ def test_adaptive_method_order_of_convergence(name):
 
 
 @pytest.mark.parametrize('name', ['DormandPrince', 'Tsit5'])
+@pytest.mark.matrix
 def test_adaptive_agrees_with_scipy_on_van_der_pol(name):
   mu = 1.5
 
@@ -273,6 +278,7 @@ ADJOINT_RTOL = {'Euler': 2e-3}
 
 
 @pytest.mark.parametrize('name', SOLVER_NAMES)
+@pytest.mark.matrix
 def test_adjoint_backprop_and_finite_differences_agree(name):
   tol = 1e-11
   if name in ('DormandPrince', 'Tsit5'):
@@ -301,6 +307,7 @@ UNROLL_RTOL = 1e-12
 
 @pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
 @pytest.mark.parametrize('name', SOLVER_NAMES)
+@pytest.mark.matrix
 def test_unrolled_stages_match_the_stage_loop(name, gradient):
   def make(unroll):
     if name in ('DormandPrince', 'Tsit5'):
@@ -319,6 +326,7 @@ def test_unrolled_stages_match_the_stage_loop(name, gradient):
 
 @pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
 @pytest.mark.parametrize('mode', RUN_MODES)
+@pytest.mark.matrix
 def test_gradients_in_every_run_mode(gradient, mode):
   solver = ode.Tsit5(rtol=1e-8, atol=1e-8, gradient=gradient)
   w, y0, c, loss_fn = _gradient_problem(solver)

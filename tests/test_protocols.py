@@ -92,6 +92,7 @@ def _nfe(bijector, x, **kwargs):
 
 
 @pytest.mark.parametrize('wrap', ['method', 'partial', 'lambda'])
+@pytest.mark.matrix
 def test_regularizers_stay_out_of_error_control_through_a_partial(wrap):
   # sin(4z + 3t) makes the regulariser rates (f**2) harder to integrate
   # than the flow: in the error norm they cost 338 instead of 284 NFE.

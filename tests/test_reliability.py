@@ -62,6 +62,7 @@ def _mlp_bijector():
      lambda: tf.ones([4, 2]), ValueError,
      r'`num_samples` must be a positive int; got 0'),
 ])
+@pytest.mark.matrix
 def test_bad_input_names_the_argument(mode, make, x, error, match):
   bijector = make()
   fn = run_in_mode(bijector.forward, mode)
@@ -103,6 +104,7 @@ def test_validate_args_rejects_non_finite_input(value):
 @pytest.mark.parametrize('solver', [
     ode.Tsit5(), ode.DormandPrince(gradient='adjoint'), ode.RK4(num_steps=3)],
                          ids=['tsit5', 'dopri5-adjoint', 'rk4'])
+@pytest.mark.matrix
 def test_empty_batch_returns_empty_results(mode, solver):
   bijector = tfp_ffjord.FFJORD(
       tfp_ffjord.MLPODE([8], 2), ode_solve_fn=solver.solve,
@@ -129,6 +131,7 @@ def test_empty_batch_returns_empty_results(mode, solver):
 
 
 @pytest.mark.parametrize('jit', [True, False], ids=['xla', 'function'])
+@pytest.mark.slow
 def test_solver_failure_in_training_stops_clearly_and_keeps_the_checkpoint(
     tmp_path, jit):
   trainer = training.Trainer(
@@ -161,6 +164,7 @@ def test_solver_failure_in_training_stops_clearly_and_keeps_the_checkpoint(
 # ----------------------------------------------------- crash-safe training
 
 
+@pytest.mark.slow
 def test_sigint_saves_mid_epoch_and_resume_matches_an_uninterrupted_run(
     tmp_path):
   config = tiny_config(epochs=2)
@@ -202,6 +206,7 @@ def test_sigint_saves_mid_epoch_and_resume_matches_an_uninterrupted_run(
     np.testing.assert_allclose(a, b, atol=RESUME_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(
     tmp_path, caplog):
   trainer = training.Trainer(tiny_config(epochs=2), out_dir=str(tmp_path))
@@ -221,6 +226,7 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(
   assert [h['epoch'] for h in restored.fit(progress=False)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_same_seed_same_run():
   a = training.Trainer(tiny_config(epochs=2, trace='hutchinson'))
   b = training.Trainer(tiny_config(epochs=2, trace='hutchinson'))

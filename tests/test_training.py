@@ -48,6 +48,7 @@ def test_fit_improves_nll_and_writes_outputs(tmp_path):
   assert trainer.num_traces == 1
 
 
+@pytest.mark.slow
 def test_resume_restores_optimizer_state_and_matches_an_uninterrupted_run(
     tmp_path):
   first = training.Trainer(tiny_config(epochs=1), out_dir=str(tmp_path / 'a'))
@@ -74,6 +75,7 @@ def test_resume_restores_optimizer_state_and_matches_an_uninterrupted_run(
       straight.history[-1]['test_nll'], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   trainer = training.Trainer(tiny_config(epochs=1), out_dir=str(tmp_path))
   trainer.fit(progress=False)
@@ -93,6 +95,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize('solver,gradient', [('tsit5', 'adjoint'),
                                              ('dopri5', 'backprop')])
+@pytest.mark.matrix
 def test_hutchinson_training_with_adaptive_solvers(solver, gradient):
   trainer = training.Trainer(tiny_config(
       epochs=1, trace='hutchinson', solver=solver, gradient=gradient,
@@ -137,6 +140,7 @@ def test_trajectories_end_where_forward_ends():
                'curves.png'}),
     ('gaussian1d', {'pdf.png', 'curves.png'}),
 ])
+@pytest.mark.matrix
 def test_plots_are_written(tmp_path, dataset, expected):
   config = tiny_config(dataset=dataset, epochs=1,
                        num_train=64 if dataset == 'gaussian1d' else 256,
@@ -232,6 +236,7 @@ def test_time_train_step_reports_times_and_trains():
 
 
 @pytest.mark.parametrize('objective', ['maximum-likelihood', 'flow-matching'])
+@pytest.mark.slow
 def test_steps_per_epoch_sets_the_steps_between_evaluations(tmp_path,
                                                             objective):
   # 256 points in batches of 64 make 4 steps a pass; 7 steps cross a pass.

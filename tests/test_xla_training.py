@@ -1,7 +1,10 @@
 """The full FFJORD training step compiles with `jit_compile=True`.
 
-Every solver x {exact, Hutchinson} trace x {adjoint, backprop} gradient: the
-compiled step must give the loss and gradients of the uncompiled one.
+`tests/test_contract.py` checks every solver x trace x gradient mode under
+XLA (float64 gradients against finite differences). Here, a float32 step of
+a two-block chain with an optimizer, compiled, must give the loss and
+gradients of the uncompiled one: a fixed-step and an adaptive solver, one
+per gradient mode and trace.
 """
 
 import numpy as np
@@ -30,9 +33,8 @@ SOLVERS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('gradient', ['adjoint', 'backprop'])
-@pytest.mark.parametrize('trace', ['exact', 'hutchinson'])
-@pytest.mark.parametrize('solver', sorted(SOLVERS))
+@pytest.mark.parametrize('solver,trace,gradient', [
+    ('RK4', 'exact', 'backprop'), ('Tsit5', 'hutchinson', 'adjoint')])
 def test_training_step_compiles_and_matches(solver, trace, gradient):
   blocks = [tfp_ffjord.MLPODE([8], 2, name=f'b{i}') for i in range(2)]
   for b in blocks:
@@ -54,25 +56,27 @@ def test_training_step_compiles_and_matches(solver, trace, gradient):
     return loss, tape.gradient(loss, variables)
 
   loss, grads = loss_and_grads(x)
-  xla_loss, xla_grads = tf.function(loss_and_grads, jit_compile=True)(x)
-  np.testing.assert_allclose(xla_loss.numpy(), loss.numpy(), rtol=XLA_RTOL)
-  for v, g, xg in zip(variables, grads, xla_grads):
-    np.testing.assert_allclose(xg.numpy(), g.numpy(), rtol=XLA_RTOL,
-                               atol=XLA_ATOL, err_msg=v.name)
-
-  # A full step with an optimizer, compiled, updates every variable.
+  # One compiled step: the loss and gradients it applies, then the update.
   opt = snt.optimizers.Adam(1e-2)
 
   @tf.function(jit_compile=True)
   def train_step(x):
     loss, grads = loss_and_grads(x)
     opt.apply(grads, variables)
-    return loss
+    return loss, grads
 
+  opt._initialize(variables)  # pylint: disable=protected-access
   before = [v.numpy().copy() for v in variables]
-  assert np.isfinite(float(train_step(x)))
-  for v, b in zip(variables, before):
-    assert not np.array_equal(v.numpy(), b), f'{v.name} was not updated'
+  xla_loss, xla_grads = train_step(x)
+  np.testing.assert_allclose(xla_loss.numpy(), loss.numpy(), rtol=XLA_RTOL)
+  for v, g, xg in zip(variables, grads, xla_grads):
+    np.testing.assert_allclose(xg.numpy(), g.numpy(), rtol=XLA_RTOL,
+                               atol=XLA_ATOL, err_msg=v.name)
+  # Adam's first step moves every weight with a nonzero gradient by ~lr.
+  for v, b, g in zip(variables, before, grads):
+    moved = np.abs(v.numpy() - b)
+    nonzero = np.abs(g.numpy()) > 1e-6
+    assert np.all(moved[nonzero] > 1e-3), f'{v.name} was not updated'
 
 
 _COMPILE_COUNT_SCRIPT = '''

@@ -5,7 +5,11 @@ from typing import Callable, Optional, Sequence
 import sonnet as snt
 import tensorflow as tf
 
+from tfp_ffjord import _autograph
+
 __all__ = ['MLPODE', 'ConcatSquashLinear', 'ConcatSquashMLPODE']
+
+_autograph.skip_package()
 
 
 def _check_arguments(hidden_sizes, output_size, activation):

@@ -27,6 +27,7 @@ import zlib
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_ffjord import _autograph
 from tfp_ffjord import protocols
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     'rademacher_noise',
     'stateless_seed',
 ]
+
+_autograph.skip_package()
 
 NOISE_TYPES = ('gaussian', 'rademacher')
 

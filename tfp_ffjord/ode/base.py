@@ -19,6 +19,8 @@ import collections
 
 import tensorflow as tf
 
+from tfp_ffjord import _autograph
+
 __all__ = [
     'Diagnostics',
     'Results',
@@ -26,6 +28,8 @@ __all__ = [
     'Status',
     'status_message',
 ]
+
+_autograph.skip_package()
 
 
 # With `gradient='backprop'` the forward pass records every accepted step.

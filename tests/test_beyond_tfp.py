@@ -201,12 +201,13 @@ def test_hutchinson_checkpoint_restores_into_exact_trace_and_other_solver(
               rtol=1e-7, atol=1e-7).solve,
                      trace_augmentation_fn=tfb.ffjord.trace_jacobian_exact)
           for d in swapped.model.dynamics][::-1]))
-  np.testing.assert_allclose(swapped.flow.log_prob(x).numpy(),
-                             reference.log_prob(x).numpy(), atol=1e-4)
+  # (Traced: eagerly, TFP's solver at rtol 1e-7 runs op by op for ~a minute.)
+  want = tf.function(reference.log_prob)(x).numpy()
+  np.testing.assert_allclose(tf.function(swapped.flow.log_prob)(x).numpy(),
+                             want, atol=1e-4)
   # The Hutchinson training flow of the original is an estimate of it.
   assert not np.allclose(trained.flow.log_prob(x, bijector_kwargs={
-      'ffjord': {'seed': 1}}).numpy(), reference.log_prob(x).numpy(),
-                         atol=1e-4)
+      'ffjord': {'seed': 1}}).numpy(), want, atol=1e-4)
   # And it trains on with the exact trace from the restored state.
   swapped.config.epochs = 2
   assert swapped.fit(progress=False)[-1]['epoch'] == 2

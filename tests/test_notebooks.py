@@ -15,6 +15,8 @@ nbclient = pytest.importorskip('nbclient')
 
 COLAB = os.path.join(os.path.dirname(__file__), os.pardir, 'colab')
 NOTEBOOK_TIMEOUT = 900  # seconds per cell
+# Nats the smoke-trained moons flow must beat the identity flow by.
+LEARNED_MARGIN = 0.2
 
 
 def run_notebook(name, tmp_path):
@@ -68,7 +70,10 @@ def test_ffjord_1d_gaussian(tmp_path):
 def test_ffjord_moons(tmp_path):
   r = run_notebook('ffjord_moons.ipynb', tmp_path)
   assert r['num_traces'] == 1
-  assert np.isfinite(r['final_test_nll']) and r['final_test_nll'] < 2.5
+  # The smoke run (32 steps of one block) must learn: an identity flow (the
+  # base distribution alone) scores ~2.42 nats on these points, the
+  # untrained flow ~2.66; 32 steps reach ~1.98.
+  assert r['final_test_nll'] < r['identity_test_nll'] - LEARNED_MARGIN, r
   assert np.isfinite(r['hutchinson_test_nll'])
   # Every solver (ours, TFP's, ours inside tfb.FFJORD) agrees on log p.
   for name, err in r['solver_errors'].items():

@@ -418,7 +418,6 @@ def test_validate_args_checks_inputs_at_run_time(name, mode, case):
 @pytest.mark.parametrize('name', SOLVER_NAMES)
 @pytest.mark.matrix
 def test_make_adjoint_solver_fn_sets_the_backward_solver(name):
-  y0 = tf.constant(DECAY_Y0, tf.float64)
   _, want_y0, want_k = decay_closed_form()
 
   def gradients(make):

@@ -638,8 +638,8 @@ def test_fit_lbfgs_backs_off_from_failed_solves():
 # Measured total variation (DiffEqFlux reports 0.031): 0.016, 0.023 and
 # 0.100 for seeds 0-2 (seed 2 ends in a poorer optimum of this 10-parameter
 # model). The flow before training scores ~0.2: the run must at least halve
-# that and finish with a finite objective. The test runs seed 0 (~70 s on
-# 2 cores); `_diffeqflux_tutorial(seed)` reproduces the other figures.
+# that and finish with a finite objective. The test runs seed 0 (42 s in
+# the 2-core suite); `_diffeqflux_tutorial(seed)` reproduces the others.
 TV_IMPROVEMENT = 0.5
 DFX_SEED = 0
 

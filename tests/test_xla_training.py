@@ -24,10 +24,7 @@ XLA_RTOL = 1e-3
 XLA_ATOL = 1e-4
 
 SOLVERS = {
-    'Euler': lambda g: ode.Euler(num_steps=4, gradient=g),
-    'Midpoint': lambda g: ode.Midpoint(num_steps=4, gradient=g),
     'RK4': lambda g: ode.RK4(num_steps=4, gradient=g),
-    'DormandPrince': lambda g: ode.DormandPrince(atol=1e-4, gradient=g),
     'Tsit5': lambda g: ode.Tsit5(atol=1e-4, gradient=g),
 }
 

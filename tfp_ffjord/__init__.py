@@ -16,6 +16,7 @@ _EXPORTS = {
     'FFJORD': ('tfp_ffjord.bijector', 'FFJORD'),
     'FlowResult': ('tfp_ffjord.bijector', 'FlowResult'),
     'MLPODE': ('tfp_ffjord.dynamics', 'MLPODE'),
+    'StackedFFJORD': ('tfp_ffjord.bijector', 'StackedFFJORD'),
     'datasets': ('tfp_ffjord.datasets', None),
     'ffjord': ('tfp_ffjord.ffjord', None),
     'gaussian_noise': ('tfp_ffjord.trace', 'gaussian_noise'),

@@ -1,5 +1,6 @@
 """Sonnet modules for `state_time_derivative_fn`: `f(t, z) -> dz/dt`."""
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import sonnet as snt
@@ -7,7 +8,7 @@ import tensorflow as tf
 
 from tfp_ffjord import _autograph
 
-__all__ = ['MLPODE', 'ConcatSquashLinear', 'ConcatSquashMLPODE']
+__all__ = ['MLPODE', 'ConcatSquashLinear', 'ConcatSquashMLPODE', 'stacked_call']
 
 _autograph.skip_package()
 
@@ -195,3 +196,66 @@ class ConcatSquashMLPODE(snt.Module):
     for layer in self._layers[:-1]:
       h = self._activation(layer(t, h))
     return self._layers[-1](t, h)
+
+
+def _variable_paths(module):
+  return list(module._flatten(  # pylint: disable=protected-access
+      predicate=lambda v: isinstance(v, tf.Variable), with_path=True))
+
+
+@contextlib.contextmanager
+def _swapped(module, paths, values):
+  """Within the block, the variables at `paths` read as `values`."""
+  owners = []
+  for path in paths:
+    owner = module
+    for key in path[:-1]:
+      owner = owner[key] if isinstance(key, int) else getattr(owner, key)
+    owners.append(owner)
+  saved = [getattr(o, p[-1]) for o, p in zip(owners, paths)]
+  try:
+    for owner, path, value in zip(owners, paths, values):
+      object.__setattr__(owner, path[-1], value)
+    yield
+  finally:
+    for owner, path, value in zip(owners, paths, saved):
+      object.__setattr__(owner, path[-1], value)
+
+
+def stacked_call(modules) -> Optional[Callable]:
+  """One call for K modules of the same architecture: `call(k, *args, **kw)`
+  equals `modules[k](*args, **kw)` for an int32 Tensor `k`.
+
+  The first module's code runs once, with each of its variables read as
+  `tf.gather(tf.stack([the K modules' variables]), k)`, so the graph holds
+  one copy of the computation whatever K (gradients reach every module's
+  variables). This is what lets `StackedFFJORD` trace and compile K blocks
+  for the price of one.
+
+  Returns `None` unless every module is a `tf.Module` of one class whose
+  variables (built: call each module once first) have the same names and
+  shapes, each held in an attribute.
+  """
+  modules = list(modules)
+  if not modules or not all(isinstance(m, tf.Module) for m in modules):
+    return None
+  if len({type(m) for m in modules}) != 1:
+    return None
+  layouts = [_variable_paths(m) for m in modules]
+  first = layouts[0]
+  if not first or any(not isinstance(path[-1], str) for path, _ in first):
+    return None
+  for layout in layouts[1:]:
+    if len(layout) != len(first) or any(
+        p != q or v.shape != w.shape or v.dtype != w.dtype
+        for (p, v), (q, w) in zip(layout, first)):
+      return None
+  paths = [path for path, _ in first]
+  stacks = list(zip(*[[v for _, v in layout] for layout in layouts]))
+
+  def call(k, *args, **kwargs):
+    values = [tf.gather(tf.stack([tf.convert_to_tensor(v) for v in vs]), k)
+              for vs in stacks]
+    with _swapped(modules[0], paths, values):
+      return modules[0](*args, **kwargs)
+  return call

@@ -9,6 +9,12 @@ extras only when the callable *declares* them with `accepts`:
   norm. Declared by every `tfp_ffjord.ode` solver's `solve`; with it,
   `regularize=True` leaves the regulariser states out of the step-size
   control.
+* `'segmented'` (an `ode_solve_fn`): `solve(..., segmented=True)` treats
+  each solution time as the end of a segment with its own dynamics,
+  `ode_fn(t, y, segment=k, **constants)`, restarting at each one, in one
+  loop. Declared by every `tfp_ffjord.ode` solver's `solve`; with it,
+  `StackedFFJORD` solves all its blocks in one loop (otherwise one solve
+  per block).
 * `'seed'` (a `trace_augmentation_fn`): takes a stateless `seed` keyword,
   so that `forward(x, seed=s)` draws reproducible probes.
 * `'regularize'` (a `trace_augmentation_fn`): with `regularize=True` the
@@ -23,12 +29,14 @@ Declare your own callable with `tfp_ffjord.protocols.accepts('seed')(fn)`.
 
 import functools
 
-__all__ = ['ERROR_COMPONENTS', 'SEED', 'REGULARIZE', 'accepts', 'declares']
+__all__ = ['ERROR_COMPONENTS', 'SEGMENTED', 'SEED', 'REGULARIZE', 'accepts',
+           'declares']
 
 ERROR_COMPONENTS = 'error_components'
+SEGMENTED = 'segmented'
 SEED = 'seed'
 REGULARIZE = 'regularize'
-_KNOWN = (ERROR_COMPONENTS, SEED, REGULARIZE)
+_KNOWN = (ERROR_COMPONENTS, SEGMENTED, SEED, REGULARIZE)
 _ATTRIBUTE = '_tfp_ffjord_accepts'
 
 

@@ -221,13 +221,15 @@ def integrate(fn: Callable,
               error_mask: Sequence[bool],
               record_steps: bool = False,
               first_step: Optional[tf.Tensor] = None,
-              record_capacity: int = 1000) -> LoopResult:
+              record_capacity: int = 1000,
+              segmented: bool = False) -> LoopResult:
   """Integrates `dy/dt = fn(t, y)` from `t0` through the increasing times `ts`.
 
-  The loop body holds no `tf.cond`: whether a step is accepted, and which
-  solution times it reaches, only select values. That keeps the loop
-  vectorisable by `tf.vectorized_map` / pfor (batch Jacobians through the
-  adjoint, whose step sizes differ per Jacobian row).
+  The loop body holds no `tf.cond` (except, with `segmented`, the restart
+  of a segment): whether a step is accepted, and which solution times it
+  reaches, only select values. That keeps the loop vectorisable by
+  `tf.vectorized_map` / pfor (batch Jacobians through the adjoint, whose
+  step sizes differ per Jacobian row).
 
   Args:
     fn: `fn(t, y) -> dy` on flat lists of Tensors.
@@ -246,6 +248,12 @@ def integrate(fn: Callable,
       method (overrides `control.first_step_size` and the estimate).
     record_capacity: with `record_steps` and no `max_num_steps`, the steps
       a record holds under XLA (elsewhere it grows without bound).
+    segmented: each time in `ts` ends a segment with dynamics of its own:
+      `fn(t, y, k)` is called with `k`, the index in `ts` of the segment's
+      end, and the integration restarts at each time of `ts` (a fresh first
+      derivative, step size and error history), as if every segment were a
+      separate solve from the previous one's end. One loop, so `fn` is
+      traced once for all segments.
 
   Returns:
     A `LoopResult`.
@@ -258,29 +266,34 @@ def integrate(fn: Callable,
   adaptive = control.adaptive
   stages_per_step = tableau.num_stages - (1 if tableau.fsal else 0)
 
-  if tableau.fsal or adaptive:
-    k1 = fn(t0, y0)
-    nfe = tf.constant(1, tf.int32)
-  else:  # Recomputed at the start of every step.
-    k1 = [tf.zeros_like(y_i) for y_i in y0]
-    nfe = tf.constant(0, tf.int32)
-  span = ts[-1] - t0
-  if adaptive:
-    if first_step is not None:
-      h = tf.cast(first_step, dtype)
-    elif control.first_step_size is not None:
-      h = tf.constant(control.first_step_size, dtype)
-    else:
-      h = initial_step_size(fn, t0, y0, k1, tableau.order, control.rtol,
-                            control.atol, error_mask,
-                            tf.maximum(span, tf.constant(1e-12, dtype)))
-      nfe += 1
-  elif control.num_steps is not None:
-    h = span / tf.cast(control.num_steps, dtype)
-  else:   # a Python float, or a Tensor (the adjoint of a `num_steps` grid)
-    h = tf.cast(control.step_size, dtype)
-  # A zero-length span would give h == 0; any positive step ends at once.
-  h = tf.where(h > 0, h, tf.ones([], dtype))
+  needs_k1 = tableau.fsal or adaptive
+
+  def start(t, y, seg, span):
+    """`(k1, h, nfe)` at the start of a solve (or of a segment)."""
+    call = (lambda s, x: fn(s, x, seg)) if segmented else fn
+    if needs_k1:
+      k1 = call(t, y)
+      nfe = tf.constant(1, tf.int32)
+    else:  # Recomputed at the start of every step.
+      k1 = [tf.zeros_like(y_i) for y_i in y]
+      nfe = tf.constant(0, tf.int32)
+    if adaptive:
+      if first_step is not None:
+        h = tf.cast(first_step, dtype)
+      elif control.first_step_size is not None:
+        h = tf.constant(control.first_step_size, dtype)
+      else:
+        h = initial_step_size(call, t, y, k1, tableau.order, control.rtol,
+                              control.atol, error_mask,
+                              tf.maximum(span, tf.constant(1e-12, dtype)))
+        nfe += 1
+    elif control.num_steps is not None:
+      h = span / tf.cast(control.num_steps, dtype)
+    else:   # a Python float, or a Tensor (the adjoint of a `num_steps` grid)
+      h = tf.cast(control.step_size, dtype)
+    # A zero-length span would give h == 0; any positive step ends at once.
+    h = tf.where(h > 0, h, tf.ones([], dtype))
+    return k1, h, nfe
 
   # Solution times equal to t0 are written before the first step.
   hit0 = ts <= t0
@@ -291,6 +304,15 @@ def integrate(fn: Callable,
     outputs.append(tf.where(mask, y_i[tf.newaxis], buf))
   out_index = tf.reduce_sum(tf.cast(hit0, tf.int32))
   out_index_initial = out_index
+  if segmented:
+    # The loop starts every segment itself (below), the first one included.
+    k1 = [tf.zeros_like(y_i) for y_i in y0]
+    h = tf.ones([], dtype)
+    nfe = tf.constant(0, tf.int32)
+    segment = tf.constant(-1)
+  else:
+    k1, h, nfe = start(t0, list(y0), None, ts[-1] - t0)
+    segment = tf.constant(0)
 
   if record_steps:
     # A bounded loop records into a buffer of its bound. An unbounded one
@@ -318,16 +340,28 @@ def integrate(fn: Callable,
                     dtype)
   succeeded = tf.constant(Status.SUCCEEDED, tf.int32)
 
-  def cond(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
-           n_rej, status, steps_t, steps_h, steps_out, steps_y):
-    del step, t, h, y, k1, prev_err, outputs, nfe, n_acc, n_rej
+  def cond(step, t, h, y, k1, prev_err, segment, outputs, out_index, nfe,
+           n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
+    del step, t, h, y, k1, prev_err, segment, outputs, nfe, n_acc, n_rej
     del steps_t, steps_h, steps_out, steps_y
     # tf.equal, never `==`: a Tensor's `==` is an identity test in TF1 graphs.
     return (out_index < num_outputs) & tf.equal(status, succeeded)
 
-  def body(step, t, h, y, k1, prev_err, outputs, out_index, nfe, n_acc,
-           n_rej, status, steps_t, steps_h, steps_out, steps_y):
+  def body(step, t, h, y, k1, prev_err, segment, outputs, out_index, nfe,
+           n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
     target = tf.gather(ts, out_index)
+    call = fn
+    if segmented:
+      # A new segment: its own first derivative, step size and history.
+      def restart():
+        k1_new, h_new, nfe_new = start(t, y, out_index, target - t)
+        return k1_new, h_new, tf.ones([], dtype), nfe + nfe_new
+
+      k1, h, prev_err, nfe = tf.cond(
+          tf.not_equal(segment, out_index), restart,
+          lambda: (list(k1), h, prev_err, nfe))
+      segment = out_index
+      call = lambda s, x: fn(s, x, out_index)  # pylint: disable=g-long-lambda
     remaining = target - t
     # Snap to the solution time when the remainder is within rounding of a
     # step, instead of leaving a sliver step of ~1e-16.
@@ -335,8 +369,8 @@ def integrate(fn: Callable,
         tf.abs(target), tf.ones([], dtype))
     h_step = tf.where(clipped, remaining, h)
     if not tableau.fsal:
-      k1 = fn(t, y)
-    stages = rk_stages(fn, tableau, t, y, h_step, k1,
+      k1 = call(t, y)
+    stages = rk_stages(call, tableau, t, y, h_step, k1,
                        unroll=control.unroll_stages)
     y_new = combine(y, h_step, stages, b_coef)
     nfe = nfe + stages_per_step
@@ -410,16 +444,16 @@ def integrate(fn: Callable,
           tf.equal(status, succeeded) & (step >= max_num_steps)
           & (new_out_index < num_outputs),
           Status.MAX_NUM_STEPS_EXCEEDED, status)
-    return (step, t_new, h_next, y_next, k1, prev_err, new_outputs,
+    return (step, t_new, h_next, y_next, k1, prev_err, segment, new_outputs,
             new_out_index, nfe, n_acc, n_rej, status, steps_t, steps_h,
             steps_out, steps_y)
 
   loop_vars = (tf.constant(0), t0, h, list(y0), list(k1),
-               tf.ones([], dtype), outputs, out_index, nfe,
+               tf.ones([], dtype), segment, outputs, out_index, nfe,
                tf.constant(0), tf.constant(0), succeeded,
                steps_t, steps_h, steps_out, steps_y)
-  (_, t, _, _, _, _, outputs, _, nfe, n_acc, n_rej, status, steps_t, steps_h,
-   steps_out, steps_y) = tf.while_loop(
+  (_, t, _, _, _, _, _, outputs, _, nfe, n_acc, n_rej, status, steps_t,
+   steps_h, steps_out, steps_y) = tf.while_loop(
        cond, body, loop_vars, maximum_iterations=max_num_steps)
 
   steps = None

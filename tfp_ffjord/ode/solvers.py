@@ -160,9 +160,9 @@ class Solver:
   def _control(self) -> runge_kutta.StepControl:
     raise NotImplementedError
 
-  def _max_iterations(self, t0, ts) -> Optional[int]:
+  def _max_iterations(self, t0, ts, segmented=False) -> Optional[int]:
     """Bound on step attempts for a solve through `ts`; None: unbounded."""
-    del t0, ts
+    del t0, ts, segmented
     return self.max_num_steps
 
   def _chosen_times(self, t0, final_time):
@@ -188,11 +188,11 @@ class Solver:
   def __repr__(self):
     return f'{self.name}(gradient={self.gradient!r})'
 
-  @protocols.accepts(protocols.ERROR_COMPONENTS)
+  @protocols.accepts(protocols.ERROR_COMPONENTS, protocols.SEGMENTED)
   def solve(self, ode_fn, initial_time, initial_state, solution_times,
             jacobian_fn=None, jacobian_sparsity=None, batch_ndims=None,
             previous_solver_internal_state=None, constants=None,
-            error_components=None):
+            error_components=None, segmented=False):
     """Solves `dy/dt = ode_fn(t, y, **constants)`, `y(initial_time) = initial_state`.
 
     Args:
@@ -218,6 +218,16 @@ class Solver:
         of the state in the error norm (the smaller of this and the
         solver's own setting). `FFJORD` uses it to leave the RNODE
         regulariser states out of the error control.
+      segmented: if True, each solution time ends a segment with dynamics
+        of its own: `ode_fn(t, y, segment=k, **constants)` gets `k`, the
+        index in `solution_times` of the segment's end (an int32 scalar
+        Tensor), and the solve restarts at every solution time (fresh
+        derivative, step size and error history; a fixed-step method takes
+        `num_steps` steps per segment), as if each segment were a separate
+        solve from the previous one's end. All segments run in one loop, so
+        `ode_fn` is traced (and compiled) once: this is how
+        `tfp_ffjord.StackedFFJORD` solves K blocks for the price of one.
+        Not with `ChosenBySolver`.
 
     Returns:
       `tfp_ffjord.ode.Results`.
@@ -241,6 +251,11 @@ class Solver:
     if not callable(ode_fn):
       raise TypeError(f'`ode_fn` must be callable; got {ode_fn!r}.')
     constants = dict(constants or {})
+    segmented = bool(segmented)
+    if segmented and 'segment' in constants:
+      raise ValueError(
+          f'{self.name}: with `segmented=True` the solver passes `segment` to '
+          '`ode_fn`; `constants` must not hold a key named \'segment\'.')
     with tf.name_scope(self.name):
       y0_struct = initial_state
       y0 = [tf.convert_to_tensor(x) for x in tf.nest.flatten(initial_state)]
@@ -263,6 +278,11 @@ class Solver:
       t0 = tf.reshape(t0, [])
       dense = False
       if isinstance(solution_times, tfp_ode.ChosenBySolver):
+        if segmented:
+          raise ValueError(
+              f'{self.name}: `segmented=True` needs explicit '
+              '`solution_times` (the ends of the segments), not '
+              '`ChosenBySolver`.')
         final_time = base.as_float(solution_times.final_time, t_dtype)
         if final_time.shape.rank not in (0, None):
           raise ValueError('`ChosenBySolver.final_time` must be a scalar; got '
@@ -290,9 +310,11 @@ class Solver:
       const_keys = sorted(constants)
       const_vals = [tf.convert_to_tensor(constants[k]) for k in const_keys]
 
-      def user_fn(t, y_flat, c_flat):
+      def user_fn(t, y_flat, c_flat, seg=None):
         y = tf.nest.pack_sequence_as(y0_struct, y_flat)
         kwargs = dict(zip(const_keys, c_flat))
+        if segmented:
+          kwargs['segment'] = seg
         dy = ode_fn(t, y, **kwargs)
         try:
           tf.nest.assert_same_structure(y, dy)
@@ -318,8 +340,8 @@ class Solver:
       if self.validate_args:
         y0 = self._validated(y0, t0, ts, s0, ss)
 
-      def g(s, y_flat, c_flat):
-        dy = user_fn(direction * s, y_flat, c_flat)
+      def g(s, y_flat, c_flat, seg=None):
+        dy = user_fn(direction * s, y_flat, c_flat, seg)
         return [tf.cast(direction, d.dtype) * d for d in dy]
 
       limits = [k for k in (self.error_components, error_components)
@@ -330,7 +352,7 @@ class Solver:
 
       n_y = len(y0)
       control = self._control()
-      max_iter = self._max_iterations(t0, ts)
+      max_iter = self._max_iterations(t0, ts, segmented)
       record = self.gradient == 'backprop' or dense
       adjoint_solver = (self._adjoint_solver() if self.gradient == 'adjoint'
                         else None)
@@ -341,9 +363,11 @@ class Solver:
         y_init = list(args[:n_y])
         c_flat = list(args[n_y:])
         res = runge_kutta.integrate(
-            lambda s, y: g(s, y, c_flat), solver.tableau, control, s0, y_init,
-            ss, max_iter, error_mask, record_steps=record,
-            record_capacity=base.XLA_BACKPROP_MAX_NUM_STEPS)
+            lambda s, y, *seg: g(s, y, c_flat, *seg), solver.tableau,
+            control, s0, y_init, ss, max_iter, error_mask,
+            record_steps=record,
+            record_capacity=base.XLA_BACKPROP_MAX_NUM_STEPS,
+            segmented=segmented)
         outputs = list(res.outputs)
         steps, out_s = res.steps, ss
         if dense:
@@ -362,12 +386,12 @@ class Solver:
           if solver.gradient == 'backprop':
             grads = _backprop_gradients(
                 g, solver.tableau, steps, y_init, c_flat, variables, dys,
-                out_s, max_iter, control.unroll_stages)
+                out_s, max_iter, control.unroll_stages, segmented)
           else:
             first_steps = steps['h'] if dense else None
             grads = solver._adjoint_gradients(
                 adjoint_solver, g, s0, out_s, outputs, c_flat, variables, dys,
-                error_mask, first_steps)
+                error_mask, first_steps, segmented)
           dy0, dc, dv = grads
           input_grads = list(dy0) + list(dc)
           if variables:
@@ -471,11 +495,13 @@ class Solver:
               for x in tensors]
 
   def _adjoint_gradients(self, adjoint_solver, g, s0, ss, outputs, c_flat,
-                         variables, dys, error_mask, first_steps):
+                         variables, dys, error_mask, first_steps,
+                         segmented=False):
     """The adjoint's gradients, NaN (and raising) if its backward solve fails."""
     bound = adjoint_solver._max_iterations(-ss[-1], -s0[tf.newaxis])
     control = adjoint_solver._control()
-    if not control.adaptive and control.num_steps is not None:
+    if (not control.adaptive and control.num_steps is not None
+        and not segmented):
       # `num_steps` spans the whole solve: the backward solve keeps the
       # forward's step size on every segment (with `num_steps` per segment,
       # T solution times would cost T times the forward's steps).
@@ -484,7 +510,8 @@ class Solver:
           step_size=(ss[-1] - s0) / control.num_steps)
     dy0, dc, dv, status, u_reached, num_steps = _adjoint_gradients(
         g, adjoint_solver.tableau, control, s0, ss,
-        outputs, c_flat, variables, dys, bound, error_mask, first_steps)
+        outputs, c_flat, variables, dys, bound, error_mask, first_steps,
+        segmented)
     grads = self._check_status(list(dy0) + list(dc) + list(dv), status,
                                -u_reached, num_steps, bound,
                                stage='adjoint backward solve')
@@ -528,7 +555,7 @@ def _vjp(fn, s, y, c_flat, variables, cotangent):
 
 
 def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
-                        max_iter, unroll_stages=False):
+                        max_iter, unroll_stages=False, segmented=False):
   """Reverse sweep over the recorded accepted steps (exact discrete VJP).
 
   Only the start of each accepted step is recorded. Each step is re-run
@@ -567,12 +594,14 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
     lo = tf.where(j > 0, steps['out'][tf.maximum(j - 1, 0)],
                   steps['out_initial'])
     a = inject(a, lo, hi)
+    # The step heads to output `lo`: with `segmented`, that is its segment.
+    seg = (lo,) if segmented else ()
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(y_j)
       tape.watch(float_c)
       tape.watch(variables)
       stages = runge_kutta.rk_stages(
-          lambda s, y: g(s, y, c_flat), tableau, t_j, y_j, h_j,
+          lambda s, y: g(s, y, c_flat, *seg), tableau, t_j, y_j, h_j,
           unroll=unroll_stages, num_stages=num_stages)
       y_next = runge_kutta.combine(y_j, h_j, stages, b_coef)
     grads = _gradient(tape, y_next, y_j + float_c + list(variables), a)
@@ -595,7 +624,8 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
 
 
 def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
-                       variables, dys, max_iter, error_mask, first_steps=None):
+                       variables, dys, max_iter, error_mask, first_steps=None,
+                       segmented=False):
   """Solves the adjoint ODE backwards through the solution times.
 
   With `u = -s`, the augmented state `(y, a, a_c, a_v)` obeys
@@ -609,6 +639,8 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
   Args:
     first_steps: optional `[T - 1]` first step sizes of segments `1..T-1`
       (dense output: the forward's accepted steps); `None` estimates them.
+    segmented: the forward solve was segmented: segment `k` runs `g` with
+      segment index `k`.
 
   Returns:
     `(dy0, dc, dv, status, u_reached, num_steps)`: the gradients, and the
@@ -620,13 +652,33 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
   float_idx = [i for i, c in enumerate(c_flat) if _is_float(c)]
   nc = len(float_c)
   num_t = tf.shape(ss)[0]
-  mask = list(error_mask) * 2 + [False] * (nc + len(variables))
+  # The parameters' adjoints travel as one flat vector per dtype-uniform
+  # group when their shapes are static: the loop's per-leaf work (stage
+  # updates, selects) then does not grow with the number of variables.
+  flat_v = bool(variables) and all(
+      v.shape.is_fully_defined() and v.dtype == variables[0].dtype
+      for v in variables)
+  num_v = (1 if flat_v else len(variables)) if variables else 0
+  mask = list(error_mask) * 2 + [False] * (nc + num_v)
 
-  def aug_fn(u, state):
+  def pack_v(gv):
+    if not flat_v:
+      return list(gv)
+    return [tf.concat([tf.reshape(x, [-1]) for x in gv], 0)]
+
+  def unpack_v(state_v):
+    if not flat_v:
+      return list(state_v)
+    sizes = [v.shape.num_elements() for v in variables]
+    parts = tf.split(state_v[0], sizes)
+    return [tf.reshape(p, v.shape) for p, v in zip(parts, variables)]
+
+  def aug_fn(u, state, k):
     y, a = state[:n], state[n:2 * n]
-    out, gy, gc, gv = _vjp(g, -u, y, c_flat, variables, a)
+    fn = (lambda s, y, c: g(s, y, c, k)) if segmented else g
+    out, gy, gc, gv = _vjp(fn, -u, y, c_flat, variables, a)
     gc = [gc[i] for i in float_idx]
-    return [-o for o in out] + list(gy) + gc + list(gv)
+    return [-o for o in out] + list(gy) + gc + pack_v(gv)
 
   def segment(k, state):
     """Integrates from `u = -ss[k]` to `-ss[k - 1]` (or `-s0` when k = 0)."""
@@ -635,9 +687,9 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
     first = None
     if first_steps is not None:
       first = tf.gather(first_steps, tf.maximum(k - 1, 0))
-    res = runge_kutta.integrate(aug_fn, tableau, control, u_start, state,
-                                u_end[tf.newaxis], max_iter, mask,
-                                first_step=first)
+    res = runge_kutta.integrate(lambda u, s: aug_fn(u, s, k), tableau,
+                                control, u_start, state, u_end[tf.newaxis],
+                                max_iter, mask, first_step=first)
     state = [o[-1] for o in res.outputs]
     # Reaching s_{k-1}: its cotangent joins `a`, `y` restarts from the
     # forward solution (no drift from integrating y backwards).
@@ -652,7 +704,8 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
 
   state0 = ([o[-1] for o in outputs] + [d[-1] for d in dys]
             + [tf.zeros_like(c) for c in float_c]
-            + [tf.zeros_like(v) for v in variables])
+            + pack_v([tf.zeros(v.shape, v.dtype) if flat_v
+                      else tf.zeros_like(v) for v in variables]))
   if ss.shape[0] == 1:
     state, status, u_reached, num_steps = segment(tf.constant(0), state0)
   else:
@@ -673,7 +726,7 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
   dc = [None] * len(c_flat)
   for i, grad in zip(float_idx, state[2 * n:2 * n + nc]):
     dc[i] = grad
-  dv = state[2 * n + nc:]
+  dv = unpack_v(state[2 * n + nc:])
   return dy0, dc, dv, status, u_reached, num_steps
 
 
@@ -724,12 +777,13 @@ class FixedStepSolver(Solver):
                                    num_steps=self.num_steps,
                                    unroll_stages=self.unroll_stages)
 
-  def _max_iterations(self, t0, ts):
+  def _max_iterations(self, t0, ts, segmented=False):
     """Static step count: steps plus one per solution time (shortened steps)."""
     num_times = ts.shape[0] or 1
     bound = None
     if self.num_steps is not None:
-      bound = self.num_steps + num_times
+      # Segmented: `num_steps` in every segment.
+      bound = self.num_steps * (num_times if segmented else 1) + num_times
     else:
       t0_v, ts_v = tf.get_static_value(t0), tf.get_static_value(ts)
       if t0_v is not None and ts_v is not None:

@@ -245,7 +245,7 @@ def main(argv=None):
   ref = rows[0]
   lines = [
       '| configuration | first step (s) | vs ref | step (ms) | speed-up | '
-      'NFE/solve (4 blocks) | mean abs log_prob error |',
+      'NFE/step (4 blocks) | mean abs log_prob error |',
       '|---|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     lines.append(
@@ -261,9 +261,9 @@ def main(argv=None):
         'Produced by `python benchmarks/bench_training_step.py '
         f'--steps {args.steps} --rounds {args.rounds} --out {args.out}` on a '
         '2-core CPU, all rows in one process. "first step" is the wall time '
-        'of the first call (tracing, compilation, one step; the step '
-        'creates Adam\'s slots, so TensorFlow traces it twice, for every '
-        'row alike); "vs ref" is its ratio to the reference (lower is '
+        'of the first call (tracing, compilation, one step; Adam\'s slots '
+        'are created beforehand, as the Trainer does, so each step is '
+        'traced once); "vs ref" is its ratio to the reference (lower is '
         'better). "step" is the median over rounds of the median step time '
         'in each round; the rounds interleave the configurations, so drift '
         'in machine speed (large on this shared machine) hits all rows '

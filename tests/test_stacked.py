@@ -215,7 +215,7 @@ def test_stacked_round_trip_and_log_dets():
                      tfp_ffjord.trace_jacobian_exact)
   x = tf.random.stateless_normal([8, 2], [3, 4], dtype=tf.float64)
 
-  @tf.function(autograph=False, jit_compile=True)
+  @tf.function(autograph=False)
   def run(x):
     y = stacked.forward(x)
     fldj = stacked.forward_log_det_jacobian(x, event_ndims=1)

@@ -209,6 +209,7 @@ def test_stacked_equals_chain(name, mode):
     np.testing.assert_allclose(g, ref, rtol=0, atol=STACK_ATOL)
 
 
+@pytest.mark.slow
 def test_stacked_round_trip_and_log_dets():
   mods = _mlps()
   stacked, _ = _pair(mods, STACK_SOLVERS['dopri5-backprop']().solve,
@@ -237,6 +238,7 @@ def test_stacked_round_trip_and_log_dets():
   np.testing.assert_allclose(fldj, logdet, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_stacked_with_any_dynamics_and_any_solver():
   # Blocks of different architectures (no shared computation: every block
   # is evaluated and the segment's selected) ...
@@ -259,6 +261,7 @@ def test_stacked_with_any_dynamics_and_any_solver():
   assert int(nfe) > 0
 
 
+@pytest.mark.slow
 def test_stacked_hutchinson_and_regularisers_match_one_solve_per_block():
   """With a seed, the loop draws the probes the per-block path draws; the
   RNODE integrals are the sums over the blocks."""

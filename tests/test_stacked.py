@@ -40,23 +40,28 @@ def _closed_form(y0, w):
   return np.stack(out)
 
 
-SEGMENT_SOLVERS = {
-    'dopri5-backprop': lambda: ode.DormandPrince(rtol=1e-6, atol=1e-8,
-                                                 gradient='backprop'),
-    'tsit5-adjoint': lambda: ode.Tsit5(rtol=1e-6, atol=1e-8,
-                                       gradient='adjoint'),
-    'rk4-backprop': lambda: ode.RK4(num_steps=20, gradient='backprop'),
-    'rk4-adjoint': lambda: ode.RK4(num_steps=20, gradient='adjoint'),
-}
+SOLVERS = ('dopri5-backprop', 'tsit5-adjoint', 'rk4-backprop', 'rk4-adjoint')
+
+
+def make_solver(name, rk4_steps=4):
+  """`'method-gradient'` as a solver: adaptive at rtol 1e-6 / atol 1e-8,
+  RK4 with `rk4_steps` steps (per segment)."""
+  method, gradient = name.split('-')
+  if method == 'rk4':
+    return ode.RK4(num_steps=rk4_steps, gradient=gradient)
+  cls = {'dopri5': ode.DormandPrince, 'tsit5': ode.Tsit5}[method]
+  return cls(rtol=1e-6, atol=1e-8, gradient=gradient)
+
+
 # Every solver and gradient under XLA; tf.function and eager for two.
-SEGMENT_CASES = ([(name, 'xla') for name in SEGMENT_SOLVERS]
+SEGMENT_CASES = ([(name, 'xla') for name in SOLVERS]
                  + [('dopri5-backprop', 'function'), ('rk4-adjoint', 'eager')])
 
 
 @pytest.mark.matrix
 @pytest.mark.parametrize('name, mode', SEGMENT_CASES)
 def test_segmented_solve_equals_separate_solves(name, mode):
-  solver = SEGMENT_SOLVERS[name]()
+  solver = make_solver(name, rk4_steps=20)
   rates = tf.constant(RATES, tf.float64)
   w = tf.Variable(1.5, dtype=tf.float64)
   seen = []
@@ -173,24 +178,14 @@ def _flow(bijector, dtype=tf.float64):
       bijector)
 
 
-STACK_SOLVERS = {
-    'dopri5-backprop': lambda: ode.DormandPrince(rtol=1e-6, atol=1e-8,
-                                                 gradient='backprop'),
-    'tsit5-adjoint': lambda: ode.Tsit5(rtol=1e-6, atol=1e-8,
-                                       gradient='adjoint'),
-    'rk4-backprop': lambda: ode.RK4(num_steps=4, gradient='backprop'),
-    'rk4-adjoint': lambda: ode.RK4(num_steps=4, gradient='adjoint'),
-}
-
-
 @pytest.mark.matrix
 @pytest.mark.parametrize('name, mode',
-                         [(name, 'xla') for name in STACK_SOLVERS]
+                         [(name, 'xla') for name in SOLVERS]
                          + [('tsit5-adjoint', 'function')])
 def test_stacked_equals_chain(name, mode):
   mods = _mlps()
   variables = [v for m in mods for v in m.trainable_variables]
-  stacked, chain = _pair(mods, STACK_SOLVERS[name]().solve,
+  stacked, chain = _pair(mods, make_solver(name).solve,
                          tfp_ffjord.trace_jacobian_exact)
   assert stacked.segmented
   x = tf.random.stateless_normal([16, 2], [1, 2], dtype=tf.float64)
@@ -212,7 +207,7 @@ def test_stacked_equals_chain(name, mode):
 @pytest.mark.slow
 def test_stacked_round_trip_and_log_dets():
   mods = _mlps()
-  stacked, _ = _pair(mods, STACK_SOLVERS['dopri5-backprop']().solve,
+  stacked, _ = _pair(mods, make_solver('dopri5-backprop').solve,
                      tfp_ffjord.trace_jacobian_exact)
   x = tf.random.stateless_normal([8, 2], [3, 4], dtype=tf.float64)
 
@@ -245,7 +240,7 @@ def test_stacked_with_any_dynamics_and_any_solver():
   mods = _mlps(((8,), (4, 4), (6,)))
   assert dynamics.stacked_call(mods) is None
   x = tf.random.stateless_normal([8, 2], [5, 6], dtype=tf.float64)
-  stacked, chain = _pair(mods, STACK_SOLVERS['dopri5-backprop']().solve,
+  stacked, chain = _pair(mods, make_solver('dopri5-backprop').solve,
                          tfp_ffjord.trace_jacobian_exact)
   np.testing.assert_allclose(_flow(stacked).log_prob(x),
                              _flow(chain).log_prob(x), rtol=0, atol=STACK_ATOL)
@@ -266,7 +261,7 @@ def test_stacked_hutchinson_and_regularisers_match_one_solve_per_block():
   """With a seed, the loop draws the probes the per-block path draws; the
   RNODE integrals are the sums over the blocks."""
   mods = _mlps()
-  solver = STACK_SOLVERS['dopri5-backprop']()
+  solver = make_solver('dopri5-backprop')
   kw = dict(trace_augmentation_fn=tfp_ffjord.trace_jacobian_hutchinson,
             dtype=tf.float64, seed_salt='salt')
   looped = tfp_ffjord.StackedFFJORD(mods, ode_solve_fn=solver.solve, **kw)
@@ -306,7 +301,7 @@ def test_stacked_traces_the_dynamics_once():
                                 for n in f.node_def]
     return collections.Counter(n.op for n in nodes)['MatMul']
 
-  solve = STACK_SOLVERS['dopri5-backprop']().solve
+  solve = make_solver('dopri5-backprop').solve
   trace = tfp_ffjord.trace_jacobian_exact
   mods = _mlps()
   one, _ = _pair(mods[:1], solve, trace)
@@ -320,7 +315,7 @@ def test_stacked_traces_the_dynamics_once():
 
 def test_stacked_trajectory_runs_through_every_block():
   mods = _mlps()
-  stacked, _ = _pair(mods, STACK_SOLVERS['tsit5-adjoint']().solve,
+  stacked, _ = _pair(mods, make_solver('tsit5-adjoint').solve,
                      tfp_ffjord.trace_jacobian_exact)
   x = tf.random.stateless_normal([6, 2], [9, 9], dtype=tf.float64)
   times, states, log_dets = stacked.trajectory(x, num_times=4)

@@ -1,7 +1,6 @@
 """`FFJORD`: a drop-in replacement for `tfp.bijectors.FFJORD`."""
 
 import collections
-import functools
 import itertools
 import math
 import numbers
@@ -450,13 +449,22 @@ class _Blocks(tf.Module):
   def __init__(self, fns):
     super().__init__(name='blocks')
     self.fns = list(fns)
+    # Built dynamics of one architecture share one traced computation.
+    self._stacked_call = dynamics_lib.stacked_call(self.fns)
 
-  def __call__(self, time, state, segment, **kwargs):
-    """Block `segment`'s dynamics (an int, or an int32 Tensor)."""
-    if isinstance(segment, int):
-      return self.fns[segment](time, state, **kwargs)
-    return tf.switch_case(segment, [
-        functools.partial(fn, time, state, **kwargs) for fn in self.fns])
+  def __call__(self, time, state, block, **kwargs):
+    """Block `block`'s dynamics (`block` an int or an int32 Tensor)."""
+    if self._stacked_call is not None:
+      # Blocks of one architecture: one copy of the dynamics in the graph.
+      return self._stacked_call(block, time, state, **kwargs)
+    # Any dynamics: every block, the chosen one's output selected (K times
+    # the work of an evaluation, still one solver loop).
+    out = None
+    for k, fn in enumerate(self.fns):
+      f = fn(time, state, **kwargs)
+      f = tf.where(tf.equal(block, k), f, tf.zeros_like(f))
+      out = f if out is None else out + f
+    return out
 
 
 def _sum_diagnostics(diagnostics):
@@ -492,13 +500,17 @@ class StackedFFJORD(FFJORD):
 
   What differs is the cost of getting there. With a solver that declares
   `'segmented'` (every `tfp_ffjord.ode` solver) the K blocks are the K
-  segments of one solve: one `tf.while_loop` in which block `k` is chosen by
-  `tf.switch_case`, restarting at each block boundary (fresh derivative and
-  step size: the steps are those of K separate solves). The solver, its
-  gradient and the trace are traced and compiled once instead of K times,
-  which is most of a training step's first-call latency. With any other
-  solver (e.g. `tfp.math.ode.DormandPrince().solve`) the blocks are solved
-  one after another, like the chain.
+  segments of one solve: one `tf.while_loop` that restarts at each block
+  boundary (fresh derivative and step size). Blocks of one architecture run
+  through `tfp_ffjord.dynamics.stacked_call` (their weights gathered by
+  segment); other dynamics are all evaluated and the segment's selected.
+  The solver, its gradient and the trace are traced and compiled once
+  instead of K times, which is most of a training step's first-call
+  latency. The log-det carries over from block to block (a chain restarts
+  it at zero), so an adaptive solver's error scale for it grows along the
+  blocks and it may take fewer steps than the chain. With any other solver
+  (e.g. `tfp.math.ode.DormandPrince().solve`) the blocks are solved one
+  after another, as by the chain.
 
   Hutchinson's estimator draws one probe per call for all the blocks (the
   chain draws one per block); each block's estimate is unbiased either way.
@@ -545,8 +557,6 @@ class StackedFFJORD(FFJORD):
                             state_time_derivative_fns=fns)
     self._parameters.pop('state_time_derivative_fn', None)
     self._fns = fns
-    # Built dynamics of one architecture share one traced computation.
-    self._stacked_call = dynamics_lib.stacked_call(fns)
     self.blocks = [
         FFJORD(fn, ode_solve_fn=self._ode_solve_fn,
                trace_augmentation_fn=trace_augmentation_fn,
@@ -565,7 +575,7 @@ class StackedFFJORD(FFJORD):
     `'segmented'`)."""
     return protocols.declares(self._ode_solve_fn, protocols.SEGMENTED)
 
-  def _block_dynamics(self, inverse, dtype):
+  def _segment_dynamics(self, inverse, dtype):
     """`dynamics(t, z, segment, **kwargs)` over the stacked time axis.
 
     Segment `k` covers `[t0 + k T, t0 + (k + 1) T]` (`T = t1 - t0`) and runs
@@ -575,65 +585,40 @@ class StackedFFJORD(FFJORD):
     t0 = ode.base.as_float(self._initial_time, dtype)
     t1 = ode.base.as_float(self._final_time, dtype)
     span = t1 - t0
-    num = len(self._fns)
-
-    def branch(k, t, z, kwargs):
-      local = t - tf.cast(k, dtype) * span
-      if inverse:
-        return -self._fns[num - 1 - k](t0 + t1 - local, z, **kwargs)
-      return self._fns[k](local, z, **kwargs)
+    last = len(self._fns) - 1
+    blocks = self._state_time_derivative_fn
 
     def dynamics(t, z, segment, **kwargs):
-      if isinstance(segment, int):
-        return branch(segment, t, z, kwargs)
       local = t - tf.cast(segment, dtype) * span
-      if self._stacked_call is not None:
-        # Blocks of one architecture: one copy of the dynamics in the graph.
-        if inverse:
-          return -self._stacked_call(num - 1 - segment, t0 + t1 - local, z,
-                                     **kwargs)
-        return self._stacked_call(segment, local, z, **kwargs)
-      # Any dynamics: every block, the segment's selected (K times the
-      # work of a step, still one solver loop).
-      out = None
-      for k in range(num):
-        f = branch(k, t, z, kwargs)
-        f = tf.where(tf.equal(segment, k), f, tf.zeros_like(f))
-        out = f if out is None else out + f
-      return out
+      if inverse:
+        return -blocks(t0 + t1 - local, z, last - segment, **kwargs)
+      return blocks(local, z, segment, **kwargs)
     return dynamics
 
   def _stacked_solve(self, x, kwargs, regularize, inverse):
-    x = tf.convert_to_tensor(x, self.dtype)
-    dynamics = self._block_dynamics(inverse, x.dtype)
-    t0 = ode.base.as_float(self._initial_time, x.dtype)
-    span = ode.base.as_float(self._final_time, x.dtype) - t0
-    num = len(self._fns)
     if self.segmented:
-      ends = t0 + span * tf.range(1, num + 1, dtype=x.dtype)
-      results = self._run_solve(dynamics, x, kwargs, ends, regularize,
-                                segmented=True)
+      x = tf.convert_to_tensor(x, self.dtype)
+      t0 = ode.base.as_float(self._initial_time, x.dtype)
+      span = ode.base.as_float(self._final_time, x.dtype) - t0
+      ends = t0 + span * tf.range(1, len(self._fns) + 1, dtype=x.dtype)
+      results = self._run_solve(self._segment_dynamics(inverse, x.dtype), x,
+                                kwargs, ends, regularize, segmented=True)
       finals = tf.nest.map_structure(lambda s: s[-1], results.states)
       return FlowResult(*finals[:2], self._last_diagnostics, *finals[2:])
-    # One solve per block, each over [t0, t1] at block-local time.
-    totals, diagnostics = None, []
-    value = x
-    for k in range(num):
-      shifted = functools.partial(
-          lambda k, t, z, **kw: dynamics(t + tf.cast(k, t.dtype) * span, z, k,
-                                         **kw), k)
-      results = self._run_solve(
-          shifted, value, dict(kwargs),
-          tf.reshape(t0 + span, [1]), regularize)
-      finals = tf.nest.map_structure(lambda s: s[-1], results.states)
-      value = finals[0]
-      extras = list(finals[1:])
-      totals = extras if totals is None else [
-          a + b for a, b in zip(totals, extras)]
-      diagnostics.append(self._last_diagnostics)
+    # One solve per block: the blocks' own solves, in the map's order.
+    solves = ([b.solve_inverse for b in reversed(self.blocks)] if inverse
+              else [b.solve_forward for b in self.blocks])
+    value, sums, diagnostics = x, None, []
+    for solve in solves:
+      result = solve(value, regularize=regularize, **kwargs)
+      value = result.value
+      parts = [result.log_det_jacobian, result.kinetic_energy,
+               result.jacobian_frobenius]
+      sums = parts if sums is None else [
+          None if a is None else a + b for a, b in zip(sums, parts)]
+      diagnostics.append(result.diagnostics)
     self._last_diagnostics = _sum_diagnostics(diagnostics)
-    return FlowResult(value, *totals[:1], self._last_diagnostics,
-                      *totals[1:])
+    return FlowResult(value, sums[0], self._last_diagnostics, *sums[1:])
 
   def solve_forward(self, x, regularize=False, **kwargs):
     """As `FFJORD.solve_forward`, through every block (see the class doc)."""

@@ -652,9 +652,9 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
   float_idx = [i for i, c in enumerate(c_flat) if _is_float(c)]
   nc = len(float_c)
   num_t = tf.shape(ss)[0]
-  # The parameters' adjoints travel as one flat vector per dtype-uniform
-  # group when their shapes are static: the loop's per-leaf work (stage
-  # updates, selects) then does not grow with the number of variables.
+  # The parameters' adjoints travel as one flat vector when they share a
+  # dtype and have static shapes: the loop's per-leaf work (stage updates,
+  # selects) then does not grow with the number of variables.
   flat_v = bool(variables) and all(
       v.shape.is_fully_defined() and v.dtype == variables[0].dtype
       for v in variables)

@@ -21,6 +21,7 @@ Both return gradients with respect to `initial_state`, the floating
 respect to the times are not computed (they are `None`).
 """
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -28,6 +29,8 @@ from typing import Optional
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python import pywrap_tfe
+from tensorflow.python.eager import record as tape_record
 from tensorflow.python.ops import control_flow_util
 from tensorflow_probability.python.math.ode import base as tfp_ode
 
@@ -50,6 +53,19 @@ __all__ = [
 ]
 
 GRADIENT_MODES = tuple(registry.GRADIENT_MODES)
+
+
+@contextlib.contextmanager
+def _tapes_resumed():
+  """Undoes an enclosing `tape_record.stop_recording()` inside a block."""
+  stopped = pywrap_tfe.TFE_Py_TapeSetIsStopped()
+  if stopped:
+    pywrap_tfe.TFE_Py_TapeSetRestartOnThread()
+  try:
+    yield
+  finally:
+    if stopped:
+      pywrap_tfe.TFE_Py_TapeSetStopOnThread()
 
 
 def in_xla_context() -> bool:
@@ -362,12 +378,22 @@ class Solver:
       def solve_flat(*args):
         y_init = list(args[:n_y])
         c_flat = list(args[n_y:])
-        res = runge_kutta.integrate(
-            lambda s, y, *seg: g(s, y, c_flat, *seg), solver.tableau,
-            control, s0, y_init, ss, max_iter, error_mask,
-            record_steps=record,
-            record_capacity=base.XLA_BACKPROP_MAX_NUM_STEPS,
-            segmented=segmented)
+
+        def g_recorded(s, y, *seg):
+          with _tapes_resumed():
+            return g(s, y, c_flat, *seg)
+
+        # The gradient is `grad_fn`: no enclosing tape needs the loop's own
+        # ops. Left recorded, a persistent or nested tape makes TensorFlow
+        # build the while loop's gradient at once (seconds of tracing; under
+        # XLA, ops without a gradient). `ode_fn` itself runs with the tapes
+        # on, for the tapes it opens (the exact trace) and variable reads.
+        with tape_record.stop_recording():
+          res = runge_kutta.integrate(
+              g_recorded, solver.tableau, control, s0, y_init, ss, max_iter,
+              error_mask, record_steps=record,
+              record_capacity=base.XLA_BACKPROP_MAX_NUM_STEPS,
+              segmented=segmented)
         outputs = list(res.outputs)
         steps, out_s = res.steps, ss
         if dense:

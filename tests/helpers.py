@@ -17,11 +17,18 @@ def run_in_mode(fn, mode):
 
 
 def tiny_config(**overrides):
-  """One block, MLP 8, RK4 with 4 steps, 256 moons points: ~1 s an epoch."""
+  """One block, MLP 8, RK4 with 4 steps, 256 moons points: ~1 s an epoch.
+
+  The steps run in `tf.function` without XLA: compiling a tiny trainer's
+  steps costs ~4 s more per trainer, and the compiled training path has
+  tests of its own (test_xla_training, the command-line runs, the
+  notebooks, MirroredStrategy, reliability's `[xla]` cases); pass
+  `jit_compile=True` where XLA is the subject.
+  """
   kw = dict(dataset='moons', num_train=256, num_test=128, batch_size=64,
             blocks=1, hidden=(8,), epochs=2, solver='rk4', num_steps=4,
             eval_batch_size=128, eval_rtol=1e-4, eval_atol=1e-4,
-            learning_rate=2e-2)
+            learning_rate=2e-2, jit_compile=False)
   kw.update(overrides)
   return training.TrainConfig(**kw)
 

@@ -24,6 +24,7 @@ from tests.helpers import tiny_config, weights  # noqa: E402
 
 def config(**overrides):
   overrides.setdefault('num_train', 512)
+  overrides.setdefault('jit_compile', True)   # replica steps under XLA
   return tiny_config(**overrides)
 
 

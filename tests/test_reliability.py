@@ -254,7 +254,8 @@ def _rss_mib():
                     reason='needs /proc')
 def test_twenty_epochs_no_retracing_and_flat_memory():
   trainer = training.Trainer(tiny_config(
-      epochs=20, num_train=4096, solver='tsit5', trace='hutchinson'))
+      epochs=20, num_train=4096, solver='tsit5', trace='hutchinson',
+      jit_compile=True))
   rss = []
   trainer.fit(progress=False, callback=lambda record: rss.append(_rss_mib()))
   assert trainer.num_traces == 1

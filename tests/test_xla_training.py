@@ -14,7 +14,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tfp_ffjord
-from tfp_ffjord import ode
+from tfp_ffjord import ode, training
+from tests.helpers import tiny_config
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -116,3 +117,45 @@ def test_compiled_training_step_is_compiled_once(tmp_path, gradient):
   compiled = [f for f in os.listdir(dump)
               if f.endswith('before_optimizations.txt') and '_step_' in f]
   assert len(compiled) == 1, compiled
+
+
+# Ops that run on the host whatever the device: Python callbacks (from
+# `tf.py_function` / `tf.numpy_function`, i.e. NumPy or SciPy in a step),
+# assertions and prints (their kernels are CPU-only, so on an accelerator
+# each one copies its inputs to the host and waits).
+HOST_OPS = ('PyFunc', 'PyFuncStateless', 'EagerPyFunc', 'Assert', 'Print',
+            'PrintV2')
+
+
+def op_types(function):
+  """Every op type in `function`'s graph and the functions it calls."""
+  graph_def = function.get_concrete_function().graph.as_graph_def()
+  types = {node.op for node in graph_def.node}
+  for f in graph_def.library.function:
+    types.update(node.op for node in f.node_def)
+  return types
+
+
+@pytest.mark.parametrize('objective', [
+    {}, dict(trace='hutchinson', gradient='adjoint', solver='tsit5',
+             kinetic_weight=0.1),
+    dict(objective='flow-matching'),
+    dict(objective='flow-matching', ot_pairing=True, ot_solver='sinkhorn'),
+    dict(conditional=True)],
+    ids=['likelihood', 'hutchinson-adjoint-rnode', 'flow-matching',
+         'flow-matching-sinkhorn', 'conditional'])
+def test_compiled_steps_have_no_host_ops(objective):
+  trainer = training.Trainer(tiny_config(jit_compile=True, **objective))
+  evaluator = trainer.evaluator
+  steps = {
+      'train step': trainer._train_step.compiled_function,   # pylint: disable=protected-access
+      'flow-matching steps': trainer._fm_steps,   # pylint: disable=protected-access
+      'log_prob': evaluator._log_prob.compiled_function,   # pylint: disable=protected-access
+      'forward': evaluator._forward.compiled_function,   # pylint: disable=protected-access
+      'sample': evaluator._sample.compiled_function,   # pylint: disable=protected-access
+  }
+  for name, function in steps.items():
+    types = op_types(function)
+    assert 'While' in types or 'StatelessWhile' in types, name   # looked inside
+    found = sorted(types.intersection(HOST_OPS))
+    assert not found, (name, found)

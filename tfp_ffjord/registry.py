@@ -12,7 +12,8 @@ import collections
 
 __all__ = ['SOLVERS', 'ADAPTIVE_SOLVERS', 'GRADIENT_MODES', 'TRACES',
            'ACTIVATIONS', 'DATASETS', 'DATASET_NAMES', 'LABELLED_DATASETS',
-           'OBJECTIVES', 'LR_SCHEDULES', 'STRATEGIES', 'resolve']
+           'OBJECTIVES', 'OT_SOLVERS', 'LR_SCHEDULES', 'STRATEGIES',
+           'resolve']
 
 # Name -> class of `tfp_ffjord.ode`.
 SOLVERS = {
@@ -71,6 +72,15 @@ OBJECTIVES = {
                           'per block and step), optionally with RNODE terms',
     'flow-matching': 'regress the dynamics on straight paths (no solve in '
                      'training)',
+}
+
+# How `ot_pairing` pairs base samples with a flow-matching batch.
+OT_SOLVERS = {
+    'exact': 'the cheapest permutation (Hungarian algorithm, SciPy on the '
+             'host between compiled steps)',
+    'sinkhorn': 'entropic optimal transport by Sinkhorn iterations inside '
+                'the compiled step (no host round trip); each data point '
+                'draws its base sample from the transport plan',
 }
 
 LR_SCHEDULES = {

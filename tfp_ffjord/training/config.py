@@ -119,6 +119,12 @@ class TrainConfig:
                           'objective', registry.OBJECTIVES)
   ot_pairing: bool = _field(False, 'flag', 'flow matching: pair base and '
                             'data by minibatch optimal transport')
+  ot_solver: str = _field('exact', 'choice', 'flow matching with '
+                          '--ot-pairing: how the pairs are found',
+                          registry.OT_SOLVERS)
+  ot_epsilon: float = _field(0.05, 'positive', "--ot-solver sinkhorn: the "
+                             'entropic regularisation, relative to the '
+                             "batch's mean squared distance")
   conditional: bool = _field(False, 'flag', 'condition the flow on the class '
                              'label (labelled datasets)', fixed=True)
   kinetic_weight: float = _field(0.0, 'non-negative', "RNODE's "

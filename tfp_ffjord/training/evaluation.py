@@ -10,6 +10,7 @@ from typing import Dict
 import numpy as np
 import tensorflow as tf
 
+from tfp_ffjord import ode
 from tfp_ffjord.training import steps as steps_lib
 
 __all__ = ['Evaluator']
@@ -39,10 +40,12 @@ class Evaluator:
     self._log_prob = steps_lib.make_eval_step(
         lambda x, lab: model.log_prob_terms(chain, x, labels=lab)[::3],
         [points(batch_size), labels(batch_size)], jit_compile=jit_compile)
-    self._forward = tf.function(
+    # Checked functions: a failed solve raises `ode.SolverError` after the
+    # call instead of through assertion ops (host ops on an accelerator).
+    self._forward = ode.checked_function(
         lambda x, lab: chain.forward(x, **model.bijector_kwargs(lab)),
         input_signature=[points(None), labels(None)], autograph=False)
-    self._sample = tf.function(
+    self._sample = ode.checked_function(
         lambda n, seed, lab: flow.sample(
             n, seed=seed, bijector_kwargs=model.bijector_kwargs(lab)),
         input_signature=[tf.TensorSpec([], tf.int32),
@@ -127,7 +130,8 @@ class Evaluator:
     return result
 
   def forward(self, points, labels=None) -> np.ndarray:
-    """The flow's forward map (base -> data) of `[N, D]` points."""
+    """The flow's forward map (base -> data) of `[N, D]` points. A failed
+    solve raises `ode.SolverError`."""
     points = np.asarray(points, np.float32)
     labels = self.labels(labels, len(points))
     return self._forward(points, labels).numpy()
@@ -137,7 +141,7 @@ class Evaluator:
 
     Conditional models sample `x | label`: `labels` is an int (one class for
     all) or `[n]` ints; by default the classes of the training set are drawn
-    in proportion.
+    in proportion. A failed solve raises `ode.SolverError`.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
       raise ValueError(f'`n` must be a positive integer; got {n!r}.')

@@ -12,8 +12,9 @@ One batching scheme: each epoch is a NumPy permutation seeded by
 `(seed, epoch)`, cut into batches and run `chunk` steps per compiled call
 (no Python between steps). Each step's base samples and times are a
 stateless function of `(seed, step)` (`noise`), drawn inside the compiled
-loop, or on the host when minibatch optimal-transport pairing (SciPy)
-reorders them first.
+loop. Minibatch optimal-transport pairing either reorders them on the host
+first (`ot_solver='exact'`: SciPy's assignment) or pairs them inside the
+loop (`'sinkhorn'`: entropic OT in TensorFlow, `sinkhorn_pairing`).
 """
 
 import numpy as np
@@ -22,7 +23,15 @@ import tensorflow as tf
 from tfp_ffjord.training.steps import apply_gradients
 
 __all__ = ['flow_matching_loss', 'noise', 'ot_pairing', 'paired_noise',
-           'epoch_order', 'make_steps', 'run_chunk', 'run_epoch']
+           'sinkhorn_log_plan', 'sinkhorn_pairing', 'epoch_order',
+           'make_steps', 'run_chunk', 'run_epoch']
+
+# Sinkhorn iterations per pairing. At the default regularisation (5% of the
+# mean squared distance) a standardised moons batch of 512 against its base
+# samples has row sums within 0.15% of uniform after 50 (3e-5 after 100),
+# and the drawn pairs cost 1.1-1.3x the exact assignment's (random pairs:
+# 4-9x).
+SINKHORN_ITERATIONS = 50
 
 
 def flow_matching_loss(dynamics, data, base, tau, context=None):
@@ -68,6 +77,12 @@ def ot_pairing(base, data) -> np.ndarray:
   return order
 
 
+def pairing_seed(seed: int, step):
+  """The stateless seed of a step's Sinkhorn draw (apart from `noise`'s)."""
+  return tf.random.experimental.stateless_fold_in(
+      tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)]), 7)
+
+
 def paired_noise(seed: int, step: int, data, base_scale: float):
   """`noise` for a step, its base samples matched to `data` by an exact
   minibatch optimal-transport assignment (squared distances; Tong et al.,
@@ -76,6 +91,51 @@ def paired_noise(seed: int, step: int, data, base_scale: float):
   base, tau = noise(seed, step, n, dim, base_scale)
   base = base.numpy()
   return base[ot_pairing(base, data)], tau.numpy()
+
+
+def sinkhorn_log_plan(base, data, epsilon: float = 0.05,
+                      iterations: int = SINKHORN_ITERATIONS):
+  """Log of the entropic optimal-transport plan between two batches.
+
+  Uniform weights on the `B` rows of `base` and of `data`, squared
+  Euclidean cost `C`, regularisation `epsilon * mean(C)`; log-domain
+  Sinkhorn iterations (stable for small `epsilon`), `iterations` of them in
+  a `tf.while_loop` (compiles under XLA). Returns `[B, B]`: entry `(i, j)`
+  is the log mass moved from `base[i]` to `data[j]`; each column sums to
+  `1/B` exactly, each row approximately.
+  """
+  base = tf.convert_to_tensor(base)
+  data = tf.convert_to_tensor(data, base.dtype)
+  cost = tf.reduce_sum(tf.square(base[:, None, :] - data[None, :, :]), -1)
+  eps = epsilon * tf.stop_gradient(tf.reduce_mean(cost)) + 1e-12
+  n = tf.cast(tf.shape(base)[0], base.dtype)
+  log_weight = -tf.math.log(n)
+  scaled = -cost / eps
+
+  def body(_, g):
+    f = log_weight - tf.reduce_logsumexp(scaled + g[None, :], axis=1)
+    g = log_weight - tf.reduce_logsumexp(scaled + f[:, None], axis=0)
+    return f, g
+
+  zeros = tf.zeros_like(cost[:, 0])
+  f, g = tf.while_loop(lambda *_: True, body, (zeros, zeros),
+                       maximum_iterations=iterations)
+  return scaled + f[:, None] + g[None, :]
+
+
+def sinkhorn_pairing(base, data, seed, epsilon: float = 0.05,
+                     iterations: int = SINKHORN_ITERATIONS):
+  """`base` rows re-drawn so that row `j` is paired with `data[j]`.
+
+  Each data point draws its base sample from its column of the entropic
+  plan (`sinkhorn_log_plan`), a stateless draw keyed by `seed` (shape
+  `[2]`): the pairs are a sample of the plan, as in Tong et al. (2023). As
+  `epsilon` goes to 0 this tends to the exact assignment; unlike it, a
+  base sample may be drawn twice. Runs in the graph (no host round trip).
+  """
+  log_plan = sinkhorn_log_plan(base, data, epsilon, iterations)
+  index = tf.random.stateless_categorical(tf.transpose(log_plan), 1, seed)
+  return tf.gather(base, index[:, 0])
 
 
 def epoch_order(num_points: int, batch_size: int, steps: int, seed: int,
@@ -100,13 +160,15 @@ def make_steps(model, optimizer, variables, step, config, chunk: int,
   Runs the first `count` steps of a chunk (`[chunk, B, ...]` inputs) in one
   compiled loop and stops after the first non-finite loss (whose update is
   not applied). Without `base`/`tau` (no OT pairing) they are drawn in the
-  loop by `noise(config.seed, step)`.
+  loop by `noise(config.seed, step)` (and, with `ot_solver='sinkhorn'`,
+  paired there by `sinkhorn_pairing`).
   """
   variables = list(variables)
   shape = [chunk, config.batch_size]
   signature = [tf.TensorSpec(shape + [dim], tf.float32),
                tf.TensorSpec(shape, tf.int32), tf.TensorSpec([], tf.int32)]
-  if config.ot_pairing:
+  host_pairing = config.ot_pairing and config.ot_solver == 'exact'
+  if host_pairing:
     signature += [tf.TensorSpec(shape + [dim], tf.float32),
                   tf.TensorSpec(shape + [1], tf.float32)]
 
@@ -116,8 +178,13 @@ def make_steps(model, optimizer, variables, step, config, chunk: int,
 
     def body(i, losses, _):
       if base is None:
-        base_i, tau_i = noise(config.seed, step.read_value(),
-                              config.batch_size, dim, model.base_scale)
+        step_i = step.read_value()
+        base_i, tau_i = noise(config.seed, step_i, config.batch_size, dim,
+                              model.base_scale)
+        if config.ot_pairing:
+          base_i = sinkhorn_pairing(
+              base_i, data[i], pairing_seed(config.seed, step_i),
+              config.ot_epsilon)
       else:
         base_i, tau_i = base[i], tau[i]
       with tf.GradientTape() as tape:
@@ -145,7 +212,7 @@ def run_chunk(steps_fn, config, step: int, chunk: int, data, labels,
   the global step before the first of them."""
   count = len(data)
   extra = []
-  if config.ot_pairing:
+  if config.ot_pairing and config.ot_solver == 'exact':
     base = np.zeros((chunk,) + data.shape[1:], np.float32)
     tau = np.zeros((chunk, data.shape[1], 1), np.float32)
     for i in range(count):

@@ -105,10 +105,11 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
   """Augments `ode_fn` with the exact diagonal of its Jacobian.
 
   The event is the last axis of the state (size D); every other axis is a
-  batch axis, including none at all (a state of shape `[D]`). All D
-  vector-Jacobian products are computed at once with `tf.vectorized_map`
-  over the rows of the identity, which XLA compiles and which can be
-  differentiated again for training.
+  batch axis, including none at all (a state of shape `[D]`). It takes D
+  vector-Jacobian products, one per row of the identity: written out one
+  by one for D <= 16 (and eagerly), vectorised with `tf.vectorized_map`
+  above. Both compile under XLA and can be differentiated again for
+  training.
 
   Args:
     ode_fn: `ode_fn(time, state, **kwargs)` -> time derivative of `state`.

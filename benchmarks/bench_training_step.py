@@ -169,7 +169,7 @@ class Configuration:
     start = time.perf_counter()
     self.step(x)[0].numpy()
     self.first = time.perf_counter() - start
-    self.times = []
+    self.times, self.nfe_rounds = [], []
 
   def time_steps(self, steps):
     """Median wall time of `steps` steps (one round)."""
@@ -180,6 +180,7 @@ class Configuration:
       loss.numpy()
       times.append(time.perf_counter() - start)
     self.times.append(statistics.median(times))
+    self.nfe_rounds.append(int(self.nfe))
     self.loss = float(loss)
 
   def result(self):
@@ -275,11 +276,17 @@ def main(argv=None):
                       'so that machine-speed drift affects all alike')
   parser.add_argument('--out', default=None,
                       help='write a Markdown table here')
+  parser.add_argument('--limit-only', action='store_true',
+                      help='only the rows with a limit, and only the limit '
+                      'section')
   args = parser.parse_args(argv)
   x = tf.constant(sklearn.datasets.make_moons(
       BATCH, noise=.06, random_state=0)[0], tf.float32)
   configs = []
   for config in configurations():
+    if args.limit_only and not ('StackedFFJORD' in config[0]
+                                and 'backprop' in config[0]):
+      continue
     configs.append(Configuration(*config, x=x))
     print(f'{configs[-1].name}: first step {configs[-1].first:.2f}s',
           flush=True)
@@ -295,8 +302,8 @@ def main(argv=None):
       c.time_steps(args.steps)
       if c.name in limits:
         limits[c.name].time_steps(args.steps)
-  for c in configs:
-    c.times = c.times[1:]   # drop the NFE probe
+  for c in configs:   # drop the NFE probe
+    c.times, c.nfe_rounds = c.times[1:], c.nfe_rounds[1:]
   rows = [c.result() for c in configs]
   for r in rows:
     print(f"{r['name']}: step {r['step'] * 1e3:.1f}ms (rounds "
@@ -314,15 +321,21 @@ def main(argv=None):
         f"{r['nfe'] if r['nfe'] is not None else 'n/a'} | "
         f"{'stochastic' if r['err'] is None else format(r['err'], '.1e')} |")
   table = '\n'.join(lines)
+  # Training goes on during the rounds and the NFE of a step grows: each
+  # round's limit is scaled to that round's NFE (the limit's cost is linear
+  # in its evaluations: they are written out one after the other).
   limit_lines = [
-      '| configuration | step (ms) | limit step (ms) at its NFE | NFE | '
-      'step / limit |', '|---|---:|---:|---:|---:|']
-  for r in rows:
-    if r['name'] in limits:
-      limit = statistics.median(limits[r['name']].times)
+      '| configuration | step (ms) | NFE in the rounds | limit at that NFE '
+      '(ms) | step / limit |', '|---|---:|---:|---:|---:|']
+  for c in configs:
+    if c.name in limits:
+      limit = limits[c.name]
+      scaled = [t * n / limit.nfe for t, n in zip(limit.times, c.nfe_rounds)]
+      ratio = statistics.median(a / b for a, b in zip(c.times, scaled))
       limit_lines.append(
-          f"| {r['name']} | {r['step'] * 1e3:.1f} | {limit * 1e3:.1f} | "
-          f"{limits[r['name']].nfe} | {r['step'] / limit:.2f} |")
+          f"| {c.name} | {statistics.median(c.times) * 1e3:.1f} | "
+          f"{min(c.nfe_rounds)}-{max(c.nfe_rounds)} | "
+          f"{statistics.median(scaled) * 1e3:.1f} | {ratio:.2f} |")
   limit_table = '\n'.join(limit_lines)
   print(table)
   print(limit_table)
@@ -342,15 +355,24 @@ def main(argv=None):
         'per training step, summed over the 4 blocks\' forward solves. The '
         'log_prob error is against our Tsit5 at rtol=atol=1e-10 in float64 '
         'on the same batch and weights, after the timed steps.\n\n'
-        + table + '\n\n'
-        'The limit: for the rows that train as the Trainer does, a '
+        + table + '\n')
+    if not args.limit_only:
+      write_section(args.out, section)
+    section = (
+        '## Training step against the work it cannot avoid\n\n'
+        'Produced by `python benchmarks/bench_training_step.py '
+        f'--steps {args.steps} --rounds {args.rounds}'
+        f'{" --limit-only" if args.limit_only else ""} --out {args.out}`. '
+        'For the rows that train as the Trainer does, a '
         'compiled function that does only the work such a step cannot '
         'avoid at that row\'s NFE (the dynamics evaluations with the exact '
         'trace\'s vector-Jacobian products, chained by Euler updates, the '
         'loss, the backward pass through every evaluation and Adam\'s '
         'update; no step-size control, no Runge-Kutta bookkeeping), timed '
-        'in the same rounds. "step / limit" is the overhead factor of the '
-        'real step (1.0 = none).\n\n' + limit_table + '\n')
+        'in the same rounds, each round scaled to the NFE the step had in '
+        'that round. "step / limit" is the median over rounds of the '
+        'overhead factor of the real step (1.0 = none).\n\n'
+        + limit_table + '\n')
     write_section(args.out, section)
   return rows
 

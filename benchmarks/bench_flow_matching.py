@@ -50,9 +50,12 @@ CONFIGS = {
 }
 
 
-def train(dataset, overrides):
-  """Per-epoch `(training seconds, test NLL)` of one run."""
-  config = training.TrainConfig(dataset=dataset, **overrides)
+def training_curve(config):
+  """Per-epoch `(training seconds, epoch record)` of a run of `config`.
+
+  Training seconds exclude the held-out evaluations (they measure, they do
+  not train) and include tracing and compilation.
+  """
   trainer = training.Trainer(config)
   evaluate = trainer.evaluate
   eval_time = [0.]
@@ -67,8 +70,14 @@ def train(dataset, overrides):
   trainer.evaluate = timed_evaluate
   curve = []
   trainer.fit(progress=False, callback=lambda r: curve.append(
-      (r['wall_time'] - eval_time[0], r['test_nll'])))
+      (r['wall_time'] - eval_time[0], r)))
   return curve
+
+
+def train(dataset, overrides):
+  """Per-epoch `(training seconds, test NLL)` of one run."""
+  config = training.TrainConfig(dataset=dataset, **overrides)
+  return [(t, r['test_nll']) for t, r in training_curve(config)]
 
 
 def time_to(curve, target):

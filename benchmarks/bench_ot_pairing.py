@@ -20,13 +20,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from tfp_ffjord import training  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_flow_matching import training_curve  # noqa: E402
+from bench_training_step import write_section  # noqa: E402
 STEPS_PER_EPOCH = 250
 PAIRINGS = {
     'independent': {},
@@ -36,27 +38,14 @@ PAIRINGS = {
 
 
 def train(epochs, batch_size, overrides):
+  """Per-epoch `(training seconds, test NLL, held-out NFE)` of one run."""
   config = training.TrainConfig(
       dataset='moons', objective='flow-matching', blocks=1,
       hidden=(64, 64, 64), activation='swish', learning_rate=3e-2,
       batch_size=batch_size, steps_per_epoch=STEPS_PER_EPOCH, epochs=epochs,
       **overrides)
-  trainer = training.Trainer(config)
-  evaluate = trainer.evaluate
-  eval_time = [0.]
-
-  def timed_evaluate(*args, **kwargs):
-    start = time.perf_counter()
-    try:
-      return evaluate(*args, **kwargs)
-    finally:
-      eval_time[0] += time.perf_counter() - start
-
-  trainer.evaluate = timed_evaluate
-  curve = []
-  trainer.fit(progress=False, callback=lambda r: curve.append(
-      (r['wall_time'] - eval_time[0], r['test_nll'], r['eval_nfe'])))
-  return curve
+  return [(t, r['test_nll'], r['eval_nfe'])
+          for t, r in training_curve(config)]
 
 
 def main(argv=None):
@@ -82,8 +71,6 @@ def main(argv=None):
   table = '\n'.join(lines)
   print(table)
   if args.out:
-    sys.path.insert(0, HERE)
-    from bench_training_step import write_section  # pylint: disable=g-import-not-at-top
     write_section(args.out, (
         '## Flow matching: optimal-transport pairing on the host or in the '
         'graph\n\n'

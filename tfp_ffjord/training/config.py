@@ -171,6 +171,12 @@ class TrainConfig:
     return self.kinetic_weight > 0 or self.jacobian_weight > 0
 
   @property
+  def host_ot_pairing(self) -> bool:
+    """Whether flow matching pairs on the host (SciPy) between compiled
+    calls; otherwise pairing, if any, runs inside them."""
+    return self.ot_pairing and self.ot_solver == 'exact'
+
+  @property
   def adaptive(self) -> bool:
     """Whether the training solver chooses its own steps."""
     return self.solver in registry.ADAPTIVE_SOLVERS

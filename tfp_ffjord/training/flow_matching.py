@@ -167,8 +167,7 @@ def make_steps(model, optimizer, variables, step, config, chunk: int,
   shape = [chunk, config.batch_size]
   signature = [tf.TensorSpec(shape + [dim], tf.float32),
                tf.TensorSpec(shape, tf.int32), tf.TensorSpec([], tf.int32)]
-  host_pairing = config.ot_pairing and config.ot_solver == 'exact'
-  if host_pairing:
+  if config.host_ot_pairing:
     signature += [tf.TensorSpec(shape + [dim], tf.float32),
                   tf.TensorSpec(shape + [1], tf.float32)]
 
@@ -212,7 +211,7 @@ def run_chunk(steps_fn, config, step: int, chunk: int, data, labels,
   the global step before the first of them."""
   count = len(data)
   extra = []
-  if config.ot_pairing and config.ot_solver == 'exact':
+  if config.host_ot_pairing:
     base = np.zeros((chunk,) + data.shape[1:], np.float32)
     tau = np.zeros((chunk, data.shape[1], 1), np.float32)
     for i in range(count):

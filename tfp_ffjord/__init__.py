@@ -27,6 +27,7 @@ _EXPORTS = {
     'trace_jacobian_hutchinson': ('tfp_ffjord.trace',
                                   'trace_jacobian_hutchinson'),
     'training': ('tfp_ffjord.training', None),
+    'vi': ('tfp_ffjord.vi', None),
 }
 
 __all__ = sorted(_EXPORTS)

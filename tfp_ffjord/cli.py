@@ -7,6 +7,7 @@
     tfp-ffjord evaluate runs/moons points.csv
     tfp-ffjord plot runs/moons
     tfp-ffjord export runs/moons --out moons_model   # SavedModel
+    tfp-ffjord vi --target banana --out runs/vi-banana  # variational inference
 
 Arguments are checked before TensorFlow is imported, and every error is one
 line on stderr (`tfp-ffjord: error: ...`) with a non-zero exit status:
@@ -174,7 +175,54 @@ def build_parser():
   export.add_argument('--out', default=None,
                       help='a new or empty directory; default: '
                       'RUN/saved_model')
+  _add_vi_parser(sub)
   return parser
+
+
+def _add_vi_parser(sub):
+  vi = sub.add_parser(
+      'vi', help='fit a surrogate posterior to an inference_gym target',
+      description='Variational inference: fit an FFJORD (or baseline) '
+      'surrogate posterior to a target by maximising the ELBO, then compare '
+      'its mean and standard deviation with the ground truth.')
+  a = vi.add_argument
+  a('--target', choices=tuple(registry.VI_TARGETS), default='banana',
+    help='; '.join(f'{k}: {v.description}' for k, v in
+                   registry.VI_TARGETS.items()) + '; default: banana')
+  a('--surrogate', choices=tuple(registry.VI_SURROGATES), default='ffjord',
+    help='surrogate family; default: ffjord')
+  a('--steps', type=_positive_int, default=2000,
+    help='optimizer steps; default: 2000')
+  a('--max-seconds', type=_positive_float, default=None,
+    help='stop after this wall time (compilation included)')
+  a('--learning-rate', type=_positive_float, default=1e-2,
+    help='Adam learning rate; default: 0.01')
+  a('--sample-size', type=_positive_int, default=64,
+    help='Monte Carlo samples per step; default: 64')
+  a('--seed', type=_int, default=0, help='default: 0')
+  a('--blocks', type=_positive_int, default=2,
+    help='ffjord: FFJORD blocks; default: 2')
+  a('--hidden', type=_hidden, default=[32, 32],
+    help='hidden layer sizes (ffjord, iaf); default: 32,32')
+  a('--solver', choices=tuple(registry.SOLVERS), default='dopri5',
+    help='ffjord: ODE solver; default: dopri5')
+  a('--rtol', type=_positive_float, default=1e-3,
+    help='ffjord, adaptive solvers; default: 0.001')
+  a('--atol', type=_positive_float, default=1e-6,
+    help='ffjord, adaptive solvers; default: 1e-06')
+  a('--num-solver-steps', type=_positive_int, default=8,
+    help='ffjord, fixed-step solvers; default: 8')
+  a('--trace', choices=tuple(registry.TRACES), default=None,
+    help='ffjord: trace estimator; default: exact up to 16 unconstrained '
+    'dimensions, hutchinson above')
+  a('--estimator', choices=tuple(registry.VI_ESTIMATORS),
+    default='reparameterization',
+    help='; '.join(f'{k}: {v}' for k, v in registry.VI_ESTIMATORS.items()))
+  a('--eval-samples', type=_positive_int, default=4096,
+    help='draws for the final ELBO and moments; default: 4096')
+  a('--out', default=None, help='output directory; default: runs/vi-TARGET')
+  a('--overwrite', action='store_true',
+    help='replace the files of a previous run in OUT')
 
 
 # ------------------------------------------------------------------ helpers
@@ -461,8 +509,31 @@ def cmd_export(args):
   return 0
 
 
+def cmd_vi(args):
+  out = args.out or os.path.join('runs', f'vi-{args.target}')
+  if os.path.exists(os.path.join(out, 'metrics.json')) and not args.overwrite:
+    raise UsageError(f'--out: {out} already holds a run; pass --overwrite to '
+                     'replace it')
+  from tfp_ffjord import vi  # pylint: disable=g-import-not-at-top
+  m = vi.run(args.target, args.surrogate, out, num_steps=args.steps,
+             max_seconds=args.max_seconds, learning_rate=args.learning_rate,
+             sample_size=args.sample_size, seed=args.seed, blocks=args.blocks,
+             hidden=args.hidden, solver=args.solver, rtol=args.rtol,
+             atol=args.atol, num_solver_steps=args.num_solver_steps,
+             trace=args.trace, estimator=args.estimator,
+             num_eval_samples=args.eval_samples, verbose=True)
+  errors = ''
+  if m['mean_error'] is not None:
+    errors = (f'; standardised error of the mean {m["mean_error"]:.3f}, of '
+              f'the std {m["std_error"]:.3f}')
+  print(f'ELBO {m["elbo"]:.4f} +- {m["elbo_stderr"]:.4f}{errors}')
+  print(f'wrote {os.path.join(out, "metrics.json")}, elbo.png, posterior.png')
+  return 0
+
+
 COMMANDS = {'train': cmd_train, 'sample': cmd_sample,
-            'evaluate': cmd_evaluate, 'plot': cmd_plot, 'export': cmd_export}
+            'evaluate': cmd_evaluate, 'plot': cmd_plot, 'export': cmd_export,
+            'vi': cmd_vi}
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import numpy as np
 
 __all__ = ['grid_lines', 'plot_panels', 'plot_density', 'plot_curves',
            'plot_trajectories', 'plot_pdf_1d', 'plot_image_samples',
-           'bounds']
+           'plot_posterior_2d', 'plot_marginals', 'plot_elbo', 'bounds']
 
 
 def _pyplot():
@@ -186,4 +186,65 @@ def plot_image_samples(path: str, images: np.ndarray, side: int,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_posterior_2d(path: str, samples: np.ndarray,
+                      reference: Optional[np.ndarray] = None,
+                      title: str = ''):
+  """Surrogate samples (and exact target samples, if given) of a 2-D
+  posterior, side by side on the same axes limits."""
+  plt = _pyplot()
+  panels = [('surrogate', samples)] + (
+      [('target (exact samples)', reference)] if reference is not None else [])
+  lim = bounds(np.concatenate([p for _, p in panels]))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4),
+                           squeeze=False)
+  for ax, (label, points) in zip(axes[0], panels):
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.3)
+    ax.set_xlim(*lim[0])
+    ax.set_ylim(*lim[1])
+    ax.set_title(label)
+  fig.suptitle(title)
+  _save(fig, path)
+
+
+def plot_marginals(path: str, mean: np.ndarray, std: np.ndarray,
+                   truth_mean: Optional[np.ndarray] = None,
+                   truth_std: Optional[np.ndarray] = None,
+                   title: str = ''):
+  """Per-coordinate posterior mean +- standard deviation of a surrogate,
+  against the ground truth where known."""
+  plt = _pyplot()
+  idx = np.arange(len(mean))
+  fig, ax = plt.subplots(figsize=(min(14, 3 + 0.12 * len(mean)), 3.5))
+  if truth_mean is not None and truth_std is not None:
+    ax.errorbar(idx, truth_mean, yerr=truth_std, fmt='o', ms=3, color='k',
+                label='ground truth', alpha=0.6)
+  ax.errorbar(idx + 0.25, mean, yerr=std, fmt='s', ms=3, color='C1',
+              label='surrogate', alpha=0.8)
+  ax.set_xlabel('coordinate')
+  ax.legend()
+  ax.set_title(title)
+  _save(fig, path)
+
+
+def plot_elbo(path: str, curves: Dict[str, np.ndarray], window: int = 50,
+              title: str = ''):
+  """ELBO per optimizer step (a moving average over `window` steps) of one or
+  more surrogates, `curves` mapping a label to its per-step ELBO estimates."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, elbo in curves.items():
+    elbo = np.asarray(elbo, np.float64)
+    w = max(1, min(window, len(elbo) // 5 or 1))
+    smooth = np.convolve(elbo, np.ones(w) / w, mode='valid')
+    ax.plot(np.arange(w, len(elbo) + 1), smooth, label=label)
+  ax.set_xlabel('step')
+  ax.set_ylabel(f'ELBO (mean of {window} steps)')
+  lo = min(np.percentile(np.asarray(c), 20) for c in curves.values())
+  hi = max(np.max(np.asarray(c)) for c in curves.values())
+  ax.set_ylim(lo, hi + 0.05 * (hi - lo + 1e-9))
+  ax.legend()
+  ax.set_title(title)
   _save(fig, path)

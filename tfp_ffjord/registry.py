@@ -13,7 +13,7 @@ import collections
 __all__ = ['SOLVERS', 'ADAPTIVE_SOLVERS', 'GRADIENT_MODES', 'TRACES',
            'ACTIVATIONS', 'DATASETS', 'DATASET_NAMES', 'LABELLED_DATASETS',
            'OBJECTIVES', 'OT_SOLVERS', 'LR_SCHEDULES', 'STRATEGIES',
-           'resolve']
+           'VI_TARGETS', 'VI_SURROGATES', 'VI_ESTIMATORS', 'resolve']
 
 # Name -> class of `tfp_ffjord.ode`.
 SOLVERS = {
@@ -93,6 +93,46 @@ STRATEGIES = {
     'mirrored': 'all GPUs of this host, or --cpu-devices logical CPUs',
     'multi-worker': 'MultiWorkerMirroredStrategy, cluster from TF_CONFIG',
     'tpu': 'TPUStrategy',
+}
+
+# Variational inference (`tfp_ffjord.vi`, `tfp-ffjord vi`): name -> the
+# `inference_gym.targets` class and what it is. Each has a ground-truth mean
+# and standard deviation, and none needs a download.
+VITarget = collections.namedtuple('VITarget', ['cls', 'description'])
+VI_TARGETS = {
+    'banana': VITarget('Banana', '2-D banana (curvature 0.03): a Gaussian '
+                       'bent along a parabola'),
+    'funnel': VITarget('NealsFunnel', "Neal's funnel in 10-D: the scale of "
+                       '9 coordinates is exp(first / 2)'),
+    'eight-schools': VITarget('EightSchools', 'Eight Schools, centred '
+                              'parameterisation (10-D, a dict of three '
+                              'parts)'),
+    'ill-conditioned-gaussian': VITarget(
+        'IllConditionedGaussian', '100-D Gaussian with a random rotation and '
+        'eigenvalues spanning orders of magnitude'),
+    'stochastic-volatility': VITarget(
+        'StochasticVolatilitySP500Small', 'stochastic volatility of the last '
+        '100 days of S&P 500 returns (103-D, constrained parameters)'),
+}
+
+VI_SURROGATES = {
+    'ffjord': 'FFJORD blocks between a Gaussian base and a trainable '
+              'diagonal affine map (tfp_ffjord.vi.'
+              'build_ffjord_surrogate_posterior)',
+    'mean-field': 'independent normals (tfp.experimental.vi.'
+                  'build_affine_surrogate_posterior, operators="diag")',
+    'full-covariance': 'a multivariate normal (tfp.experimental.vi.'
+                       'build_affine_surrogate_posterior, operators="tril")',
+    'iaf': 'inverse autoregressive flow: two tfb.MaskedAutoregressiveFlow '
+           'blocks, inverted, then a diagonal affine map',
+}
+
+VI_ESTIMATORS = {
+    'reparameterization': 'the gradient of the ELBO of reparameterised '
+                          'samples (one forward solve per step)',
+    'stl': 'sticking the landing: the score term dropped, log q evaluated '
+           'with stopped parameters (an inverse solve more per step; lower '
+           'variance near the optimum)',
 }
 
 

@@ -17,6 +17,9 @@ COLAB = os.path.join(os.path.dirname(__file__), os.pardir, 'colab')
 NOTEBOOK_TIMEOUT = 900  # seconds per cell
 # Nats the smoke-trained moons flow must beat the identity flow by.
 LEARNED_MARGIN = 0.2
+# Nats the smoke-fitted FFJORD surrogate of the VI notebook must gain over
+# the untrained one (N(0, I)).
+SMOKE_VI_GAIN = 0.5
 
 
 def run_notebook(name, tmp_path):
@@ -114,3 +117,21 @@ def test_hutchinson_trace(tmp_path):
     assert row['rademacher']['theory_var'] < row['gaussian']['theory_var']
   assert np.isfinite(r['exact_nll'])
   assert abs(r['unbiased_nll'] - r['exact_nll']) < 0.5
+
+
+@pytest.mark.slow
+def test_ffjord_vi(tmp_path):
+  r = run_notebook('ffjord_vi.ipynb', tmp_path)
+  assert r['solves_sample_and_log_prob'] == 1
+  assert r['solves_sample_then_log_prob'] == 2
+  # Banana is normalised: no ELBO may exceed 0 (beyond Monte Carlo noise).
+  for kind, elbo in r['elbo'].items():
+    assert elbo < 0.05, (kind, elbo)
+  # 150 smoke steps move the FFJORD surrogate well away from N(0, I).
+  assert r['elbo']['ffjord'] > r['untrained_elbo'] + SMOKE_VI_GAIN, r
+  assert r['tfp_vi_last_loss'] < r['tfp_vi_first_loss']
+  assert r['eight_schools_keys'] == ['avg_effect', 'log_stddev',
+                                     'school_effects']
+  assert r['eight_schools_last_loss'] < r['eight_schools_first_loss']
+  assert (tmp_path / 'banana_surrogates.png').stat().st_size > 5000
+  assert (tmp_path / 'elbo.png').stat().st_size > 5000

@@ -30,6 +30,7 @@ samples = q.sample(1000)
 import collections
 import math
 import time
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -132,6 +133,19 @@ def restructuring_bijector(event_shape, bijector=None, dtype=tf.float32):
   ], name='restructure')
 
 
+def _seeded_weights(modules, seed):
+  """Redraws the hidden layers' weight matrices of `MLPODE` `modules` (the
+  output layers start at zero) from a stateless seed, with Sonnet's default
+  distribution for `snt.Linear`."""
+  base = trace_lib.stateless_seed(seed, salt='tfp_ffjord.vi.weights')
+  weights = [layer.w for m in modules for layer in m._hidden]  # pylint: disable=protected-access
+  for i, v in enumerate(weights):
+    stddev = 1. / math.sqrt(int(v.shape[0]))
+    v.assign(tf.random.stateless_truncated_normal(
+        v.shape, tf.random.experimental.stateless_fold_in(base, i),
+        stddev=stddev, dtype=v.dtype))
+
+
 def _trainable_affine(dim, dtype, name):
   """Trainable `x -> loc + scale * x` (scale > 0 by softplus), identity at
   the start."""
@@ -150,7 +164,7 @@ def build_ffjord_surrogate_posterior(
     event_shape, bijector=None, dtype=tf.float32, *, blocks: int = 2,
     hidden: Sequence[int] = (32, 32), activation: str = 'tanh',
     ode_solve_fn=None, trace: Optional[str] = None, affine: bool = True,
-    name: str = 'ffjord_surrogate') -> tfd.TransformedDistribution:
+    seed=None, name: str = 'ffjord_surrogate') -> tfd.TransformedDistribution:
   """An FFJORD surrogate posterior for events of `event_shape`.
 
   Arguments follow `tfp.experimental.vi.build_affine_surrogate_posterior`:
@@ -165,12 +179,17 @@ def build_ffjord_surrogate_posterior(
     hidden: hidden layer sizes of each block's MLP. Default: (32, 32).
     activation: a name of `registry.ACTIVATIONS`. Default: 'tanh'.
     ode_solve_fn: the blocks' solver (ours or `tfp.math.ode`'s `solve`).
-      Default: `tfp_ffjord.ode.DormandPrince(gradient='backprop')`.
+      Default: `tfp_ffjord.ode.DormandPrince(gradient='backprop')`. A
+      fixed-step solver of ours draws a warning: its log-det is not exact,
+      and the ELBO learns to exploit that.
     trace: 'exact' or 'hutchinson'; default: exact up to
       `EXACT_TRACE_MAX_DIM` unconstrained coordinates, Hutchinson above.
     affine: end the flow with a trainable diagonal affine map (scales and
       locations of the target's coordinates, which the flow then need not
       learn). Default: True.
+    seed: an int (or stateless seed) for the initial weights, drawn as
+      Sonnet's default (truncated normal, stddev 1/sqrt(fan in)); None uses
+      the global random state.
     name: name of the distribution.
 
   Returns:
@@ -183,6 +202,14 @@ def build_ffjord_surrogate_posterior(
   if activation not in registry.ACTIVATIONS:
     raise ValueError(f'`activation` must be one of '
                      f'{", ".join(registry.ACTIVATIONS)}; got {activation!r}.')
+  owner = getattr(ode_solve_fn, '__self__', None)
+  if isinstance(owner, ode.FixedStepSolver):
+    warnings.warn(
+        f'{type(owner).__name__} integrates the log-det with a fixed step: '
+        'the surrogate is then not exactly normalised, and maximising the '
+        'ELBO can exploit the discretisation error (an ELBO above log Z). '
+        'Prefer an adaptive solver (DormandPrince, Tsit5) for variational '
+        'inference.', stacklevel=2)
   constrain = _constraining(bijector)
   flat_dtypes = tf.nest.flatten(dtype)
   if len(set(flat_dtypes)) != 1:
@@ -201,6 +228,8 @@ def build_ffjord_surrogate_posterior(
            for i in range(blocks)]
     for f in fns:  # Sonnet creates variables on the first call.
       f(tf.zeros([], flat_dtype), tf.zeros([1, dim], flat_dtype))
+    if seed is not None:
+      _seeded_weights(fns, seed)
     ffjord = bijector_lib.StackedFFJORD(
         fns, ode_solve_fn=ode_solve_fn,
         trace_augmentation_fn=registry.resolve(registry.TRACES, trace,
@@ -257,7 +286,8 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
   name = kind.replace('-', '_')
   if kind == 'ffjord':
     return build_ffjord_surrogate_posterior(
-        event_shape, constrain, dtype, hidden=hidden, **ffjord_kwargs)
+        event_shape, constrain, dtype, hidden=hidden, seed=seed,
+        **ffjord_kwargs)
   if ffjord_kwargs:
     raise ValueError(f'{sorted(ffjord_kwargs)} apply only to the ffjord '
                      'surrogate.')
@@ -265,7 +295,8 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
     return _build_iaf(event_shape, constrain, dtype, hidden, name)
   return tfp.experimental.vi.build_affine_surrogate_posterior(
       event_shape, operators='diag' if kind == 'mean-field' else 'tril',
-      bijector=constrain, dtype=dtype, seed=seed, name=name)
+      bijector=constrain, dtype=tf.nest.flatten(dtype)[0], seed=seed,
+      name=name)
 
 
 def _target_spec(target):

@@ -9,15 +9,25 @@ included), then the ELBO over 4,096 draws and the standardised errors of
 the posterior mean and standard deviation against the target's ground
 truth (`max over coordinates of |estimate - truth| / truth std`).
 
+With `--loops`: instead, the FFJORD surrogate of Banana trained by
+`tfp.vi.fit_surrogate_posterior` (TFP's `tf.while_loop` over steps, with
+and without `jit_compile=True`) and by `tfp_ffjord.vi.fit` (one
+XLA-compiled, checked step per call): the wall time of a first run
+(tracing and compilation included) and the steady time per step, from runs
+of `--short` and `--long` steps.
+
 Usage:
   python benchmarks/bench_vi.py [--seconds 60] [--targets banana funnel ...]
       [--out benchmarks/RESULTS.md]
+  python benchmarks/bench_vi.py --loops [--out benchmarks/RESULTS.md]
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -31,8 +41,53 @@ from bench_training_step import write_section  # noqa: E402
 SURROGATES = ('ffjord', 'mean-field', 'full-covariance', 'iaf')
 
 
-def _fmt(value, digits=3):
-  return '–' if value is None else f'{value:.{digits}f}'
+def _timed_fit(loop, steps):
+  """Seconds to build a fresh Banana FFJORD surrogate's loop and run it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
+  target = vi.load_target('banana')
+  q = vi.surrogate_for(target, seed=0)
+  start = time.perf_counter()
+  if loop == 'vi.fit':
+    losses = vi.fit(q, target.unnormalized_log_prob, steps, seed=0).losses
+  else:
+    losses = tfp.vi.fit_surrogate_posterior(
+        target.unnormalized_log_prob, q,
+        optimizer=tf.keras.optimizers.Adam(1e-2), num_steps=steps,
+        sample_size=64, seed=(0, 0),
+        jit_compile=True if loop.endswith('XLA') else None).numpy()
+  seconds = time.perf_counter() - start
+  return seconds, float(losses[-50:].mean())
+
+
+def loop_comparison(short, long):
+  loops = ('tfp.vi.fit_surrogate_posterior',
+           'tfp.vi.fit_surrogate_posterior, XLA', 'vi.fit')
+  rows = []
+  for loop in loops:
+    first, _ = _timed_fit(loop, short)
+    total, loss = _timed_fit(loop, long)
+    per_step = (total - first) / (long - short)
+    rows.append((loop, first, per_step, loss))
+    print(loop, first, per_step, loss, flush=True)
+  lines = [
+      "## Variational inference: TFP's loop against `vi.fit`",
+      '',
+      f'`python benchmarks/bench_vi.py --loops --short {short} --long {long}`'
+      ' (2-core CPU): the Banana FFJORD surrogate (defaults, seed 0), Adam '
+      '1e-2, 64 samples per step. First run: a fresh surrogate trained for '
+      f'{short} steps, tracing and compilation included; steady step: the '
+      f'difference between {long}- and {short}-step runs over '
+      f'{long - short} steps.',
+      '',
+      f'| loop | first run ({short} steps, s) | steady step (ms) | '
+      f'-ELBO, last 50 of {long} |',
+      '|---|---:|---:|---:|',
+  ]
+  for loop, first, per_step, loss in rows:
+    lines.append(f'| {loop} | {first:.1f} | {1000 * per_step:.2f} | '
+                 f'{loss:.3f} |')
+  return '\n'.join(lines) + '\n'
 
 
 def main(argv=None):
@@ -44,53 +99,85 @@ def main(argv=None):
   parser.add_argument('--surrogates', nargs='+', default=list(SURROGATES),
                       choices=list(SURROGATES))
   parser.add_argument('--json', default=None, help='also write raw results')
-  parser.add_argument('--from-json', default=None,
+  parser.add_argument('--seeds', type=int, nargs='+', default=[0],
+                      help='one run per seed; the table shows the mean ELBO '
+                      'and the median [min, max] of the errors')
+  parser.add_argument('--from-json', nargs='+', default=None,
                       help='write the table of raw results saved by --json '
                       '(no training)')
   parser.add_argument('--out', default=None, help='results file to update')
+  parser.add_argument('--loops', action='store_true',
+                      help="compare TFP's loop with vi.fit instead")
+  parser.add_argument('--short', type=int, default=100)
+  parser.add_argument('--long', type=int, default=600)
   args = parser.parse_args(argv)
+
+  if args.loops:
+    section = loop_comparison(args.short, args.long)
+    print(section)
+    if args.out:
+      write_section(args.out, section)
+    return
 
   rows = []
   if args.from_json:
-    with open(args.from_json) as f:
-      rows = json.load(f)
+    for path in args.from_json:
+      with open(path) as f:
+        rows += json.load(f)
     args.targets = []
   for target in args.targets:
     for surrogate in args.surrogates:
-      m = vi.run(target, surrogate, num_steps=10**7, max_seconds=args.seconds,
-                 verbose=True)
-      print(json.dumps({k: v for k, v in m.items() if k != 'config'}),
-            flush=True)
-      rows.append(m)
+      for seed in args.seeds:
+        m = vi.run(target, surrogate, num_steps=10**7, seed=seed,
+                   max_seconds=args.seconds, verbose=True)
+        print(json.dumps({k: v for k, v in m.items() if k != 'config'}),
+              flush=True)
+        rows.append(m)
   if args.json and not args.from_json:
     with open(args.json, 'w') as f:
       json.dump(rows, f, indent=1)
 
   seconds = rows[0]['config']['max_seconds'] if rows else args.seconds
   targets = list(dict.fromkeys(m['target'] for m in rows))
+  seeds = sorted({m['config']['seed'] for m in rows})
   lines = [
       '## Variational inference: surrogates at equal wall time',
       '',
       f'`python benchmarks/bench_vi.py --seconds {seconds:g} --targets '
-      f'{" ".join(targets)}` (2-core '
+      f'{" ".join(targets)} --seeds {" ".join(map(str, seeds))}` (2-core '
       'CPU; each surrogate trained by `tfp_ffjord.vi.fit` for the same wall '
-      'time, compilation included; Adam 1e-2, 64 samples per step). ELBO over '
-      '4,096 draws (± its standard error); errors are the largest '
-      'standardised error over coordinates, `|estimate - truth| / truth std`, '
-      "against inference_gym's ground truth. FFJORD: 2 blocks, MLP 32-32 "
-      'tanh, dopri5 (rtol 1e-3, atol 1e-6, backprop), exact trace up to 16 '
-      'dimensions, Hutchinson above.',
+      'time, compilation included; Adam 1e-2, 64 samples per step; seeds '
+      'set the initial weights, the training draws and the evaluation draws).'
+      ' ELBO over 4,096 draws, mean over seeds; errors are the largest '
+      'standardised error over coordinates, `|estimate - truth| / truth '
+      "std`, against inference_gym's ground truth, median [min, max] over "
+      'seeds. FFJORD: 2 blocks, MLP 32-32 tanh, dopri5 (rtol 1e-3, atol '
+      '1e-6, backprop), exact trace up to 16 dimensions, Hutchinson above.',
       '',
-      '| target | surrogate | steps | first step (s) | ELBO | mean error '
-      '| std error |',
-      '|---|---|---:|---:|---:|---:|---:|',
+      '| target | surrogate | seeds | steps (mean) | first step (s) | ELBO '
+      '| mean error | std error |',
+      '|---|---|---:|---:|---:|---:|---:|---:|',
   ]
+  groups = {}
   for m in rows:
+    groups.setdefault((m['target'], m['surrogate']), []).append(m)
+
+  def spread(ms, key):
+    values = [m[key] for m in ms if m[key] is not None]
+    if not values:
+      return '–'
+    if len(values) == 1:
+      return f'{values[0]:.3f}'
+    return (f'{statistics.median(values):.3f} [{min(values):.3f}, '
+            f'{max(values):.3f}]')
+
+  for (target, surrogate), ms in groups.items():
     lines.append(
-        f'| {m["target"]} | {m["surrogate"]} | {m["steps"]} | '
-        f'{m["first_step_seconds"]:.1f} | {m["elbo"]:.3f} ± '
-        f'{m["elbo_stderr"]:.3f} | {_fmt(m["mean_error"])} | '
-        f'{_fmt(m["std_error"])} |')
+        f'| {target} | {surrogate} | {len(ms)} | '
+        f'{statistics.mean(m["steps"] for m in ms):.0f} | '
+        f'{statistics.mean(m["first_step_seconds"] for m in ms):.1f} | '
+        f'{statistics.mean(m["elbo"] for m in ms):.3f} | '
+        f'{spread(ms, "mean_error")} | {spread(ms, "std_error")} |')
   section = '\n'.join(lines) + '\n'
   print(section)
   if args.out:

@@ -63,6 +63,39 @@ def test_checked_function_raises_solver_error_with_and_without_xla(jit):
     f(tf.ones([3]))
 
 
+@pytest.mark.parametrize('jit', [True, False], ids=['xla', 'function'])
+def test_checked_while_loop_carries_a_failure_out_and_stops_there(jit):
+  # Iteration i solves dy/dt = -rate * y with rate = 4^i: Tsit5 takes 3, 7,
+  # 16, 29 steps for i = 0..3, so a budget of 12 fails from i = 2 on.
+  solver = ode.Tsit5(max_num_steps=12, rtol=1e-3, atol=1e-6)
+  first_bad = 2
+  counter = tf.Variable(0)
+
+  def body(i, total):
+    rate = tf.pow(4., tf.cast(i, tf.float32))
+    y = solver.solve(lambda t, y: -rate * y, 0., tf.ones([2]), [1.])
+    counter.assign_add(1)
+    return (total + tf.reduce_sum(y.states[-1]),)
+
+  @ode.checked_function(jit_compile=jit)
+  def run(n):
+    return ode.checked_while_loop(body, n, (tf.constant(0.),))
+
+  done, (total,) = run(tf.constant(2))   # both iterations succeed
+  assert int(done) == 2
+  np.testing.assert_allclose(
+      float(total), 2 * (np.exp(-1.) + np.exp(-4.)), rtol=1e-2)
+  counter.assign(0)
+  with pytest.raises(ode.SolverError) as info:
+    run(tf.constant(6))
+  assert info.value.solver == 'Tsit5'
+  assert info.value.status == ode.Status.MAX_NUM_STEPS_EXCEEDED
+  assert 0. < info.value.time_reached < 1.
+  assert int(counter.numpy()) <= first_bad + 1   # stopped at the failure
+  with pytest.raises(RuntimeError, match='checked_function'):
+    tf.function(lambda: ode.checked_while_loop(body, 1, (tf.constant(0.),)))()
+
+
 def test_eager_failures_raise_solver_error_for_forward_and_adjoint():
   solver = ode.Tsit5(max_num_steps=TOO_FEW_STEPS, rtol=1e-9, atol=1e-9)
   with pytest.raises(ode.SolverError) as info:

@@ -257,3 +257,14 @@ def test_a_fixed_step_solver_draws_a_warning():
   with pytest.warns(UserWarning, match='not exactly normalised'):
     vi.build_ffjord_surrogate_posterior(
         [2], ode_solve_fn=ode.RK4(num_steps=4).solve, hidden=(4,))
+
+
+def test_steps_per_call_changes_nothing_but_speed():
+  target = correlated_gaussian()
+
+  def run(steps_per_call):
+    q = vi.surrogate_for(target, hidden=(8,), trace='hutchinson', seed=2)
+    return vi.fit(q, target.log_prob, num_steps=7, seed=5,
+                  steps_per_call=steps_per_call).losses
+
+  np.testing.assert_allclose(run(1), run(3), rtol=1e-5)

@@ -12,6 +12,7 @@ from tfp_ffjord.ode.base import Status
 from tfp_ffjord.ode.base import XLA_BACKPROP_MAX_NUM_STEPS
 from tfp_ffjord.ode.base import status_message
 from tfp_ffjord.ode.checked import checked_function
+from tfp_ffjord.ode.checked import checked_while_loop
 from tfp_ffjord.ode.solvers import AdaptiveSolver
 from tfp_ffjord.ode.solvers import DormandPrince
 from tfp_ffjord.ode.solvers import Euler
@@ -38,5 +39,6 @@ __all__ = [
     'Tsit5',
     'XLA_BACKPROP_MAX_NUM_STEPS',
     'checked_function',
+    'checked_while_loop',
     'status_message',
 ]

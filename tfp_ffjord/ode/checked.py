@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from tfp_ffjord.ode import base
 
-__all__ = ['checked_function']
+__all__ = ['checked_function', 'checked_while_loop']
 
 _local = threading.local()
 
@@ -123,3 +123,72 @@ def checked_function(fn=None, **function_kwargs):
   wrapper.python_function = fn
   wrapper.compiled_function = compiled
   return wrapper
+
+
+def checked_while_loop(body, num_iterations, loop_vars, stop_fn=None):
+  """`tf.while_loop` running `body` up to `num_iterations` times, with the
+  solver checks of `checked_function` carried out of the loop.
+
+  A solve inside a loop body cannot hand its status to the enclosing
+  `checked_function` (it lives in the body's graph). Here the loop carries
+  the first failure (which solve, status, time reached, step count) as loop
+  variables, stops at it, and registers every solve of the body with the
+  enclosing `checked_function`, which raises after the call as usual.
+
+  Args:
+    body: `body(i, *loop_vars) -> loop_vars` (same structure, dtypes and
+      shapes), `i` the int32 iteration index.
+    num_iterations: int32 scalar, the most iterations.
+    loop_vars: a tuple of Tensors.
+    stop_fn: optional `stop_fn(*loop_vars) -> bool Tensor`, checked after
+      each iteration: True ends the loop early.
+
+  Returns:
+    `(iterations, loop_vars)`: the number of iterations run and the final
+    values.
+  """
+  if not getattr(_local, 'stack', None):
+    raise RuntimeError('checked_while_loop must run inside a function '
+                       'wrapped by tfp_ffjord.ode.checked_function (which '
+                       'raises the failures it carries out).')
+  solves = []
+  loop_vars = tuple(loop_vars)
+
+  def step(i, failed_at, status, t, n, *values):
+    with _collecting() as records:
+      values = tuple(body(i, *values))
+    if not solves:
+      solves.extend(solve for solve, *_ in records)
+    if records:
+      statuses = tf.stack([tf.cast(r[1], tf.int32) for r in records])
+      first = tf.cast(tf.argmax(tf.cast(tf.not_equal(statuses, 0),
+                                        tf.int32)), tf.int32)
+      new_status = tf.gather(statuses, first)
+      new_t = tf.gather(tf.stack([tf.cast(r[2], tf.float64)
+                                  for r in records]), first)
+      new_n = tf.gather(tf.stack([tf.cast(r[3], tf.int32)
+                                  for r in records]), first)
+      fresh = tf.logical_and(tf.equal(status, 0), tf.not_equal(new_status, 0))
+      failed_at = tf.where(fresh, first, failed_at)
+      status = tf.where(fresh, new_status, status)
+      t = tf.where(fresh, new_t, t)
+      n = tf.where(fresh, new_n, n)
+    return (i + 1, failed_at, status, t, n) + values
+
+  def cond(i, failed_at, status, t, n, *values):
+    del failed_at, t, n
+    go = tf.logical_and(i < num_iterations, tf.equal(status, 0))
+    if stop_fn is not None:
+      go = tf.logical_and(go, tf.logical_or(
+          tf.equal(i, 0), tf.logical_not(stop_fn(*values))))
+    return go
+
+  start = (tf.constant(0, tf.int32), tf.constant(-1, tf.int32),
+           tf.constant(0, tf.int32), tf.constant(0., tf.float64),
+           tf.constant(0, tf.int32))
+  i, failed_at, status, t, n, *values = tf.while_loop(
+      cond, step, start + loop_vars)
+  for k, solve in enumerate(solves):
+    mine = tf.equal(failed_at, k)
+    register(solve, tf.where(mine, status, 0), t, n)
+  return i, tuple(values)

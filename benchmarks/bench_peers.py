@@ -1,0 +1,174 @@
+"""The seed training step against JAX/diffrax and PyTorch/torchdiffeq.
+
+The seed moons model (4 FFJORD blocks, MLP 8-8 tanh, base N(0, 0.8^2 I),
+exact trace, 256 points, Adam 1e-2) with the same initial weights in each
+framework, one after the other:
+  * tfp_ffjord: `StackedFFJORD` with Tsit5 (rtol 1e-3, atol 1e-5, backprop),
+    the step XLA-compiled (the `tfp-ffjord train` default);
+  * JAX + diffrax, Tsit5 and Dopri5, `jax.jit` of the whole step
+    (`peers/jax_diffrax.py`);
+  * PyTorch + torchdiffeq, dopri5, eager (`peers/torch_torchdiffeq.py`);
+each peer at several tolerances. Accuracy: the largest |log p(x) - reference|
+at the initial weights, the reference being SciPy's DOP853 at 1e-12 on the
+same model written out in NumPy (`peers/model.py`). "At equal accuracy"
+takes, for each peer, the loosest tolerance whose error is at most ours.
+
+The peers run in a separate Python (`--peer-python`) that has jax, diffrax,
+torch and torchdiffeq; tfp_ffjord's own environment does not need them:
+  python -m venv /tmp/peers
+  /tmp/peers/bin/pip install "jax[cpu]" diffrax torch torchdiffeq scipy
+  python benchmarks/bench_peers.py --peer-python /tmp/peers/bin/python \
+      [--out benchmarks/RESULTS.md]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import sonnet as snt  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfp_ffjord import datasets  # noqa: E402
+from tfp_ffjord import ode  # noqa: E402
+from tfp_ffjord import training  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, 'peers'))
+from bench_training_step import write_section  # noqa: E402
+import model as numpy_model  # noqa: E402
+
+BATCH = 256
+STEADY_STEPS = 20
+
+
+def seed_model():
+  tf.random.set_seed(0)
+  return training.FlowModel(dim=2, blocks=4, hidden=(8, 8))
+
+
+def export_weights(flow_model, x, path):
+  arrays = {'x': x}
+  for k, dyn in enumerate(flow_model.dynamics):
+    layers = list(dyn._hidden) + [dyn._output]  # pylint: disable=protected-access
+    for j, layer in enumerate(layers):
+      arrays[f'w{k}_{j}'] = layer.w.numpy()
+      arrays[f'b{k}_{j}'] = layer.b.numpy()
+  np.savez(path, **arrays)
+
+
+def ours(x, reference):
+  solver = ode.Tsit5(rtol=1e-3, atol=1e-5, gradient='backprop')
+  probe = seed_model()
+  dist, _ = probe.flow(solver, 'exact')
+  error = float(np.max(np.abs(
+      tf.function(dist.log_prob, jit_compile=True)(x).numpy() - reference)))
+  del probe, dist
+
+  flow_model = seed_model()
+  dist, _ = flow_model.flow(solver, 'exact')
+  variables = flow_model.trainable_variables
+  optimizer = snt.optimizers.Adam(1e-2)
+
+  @ode.checked_function(jit_compile=True)
+  def step(x):
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(dist.log_prob(x))
+    optimizer.apply(tape.gradient(loss, variables), variables)
+    return loss
+
+  start = time.perf_counter()
+  step(x).numpy()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(STEADY_STEPS):
+    start = time.perf_counter()
+    step(x).numpy()
+    times.append(time.perf_counter() - start)
+  return dict(implementation='tfp_ffjord Tsit5 (XLA)', rtol=1e-3, atol=1e-5,
+              max_error=error, first_step_s=first,
+              steady_step_ms=1000 * statistics.median(times),
+              version=f'tensorflow {tf.__version__}')
+
+
+def peer(python, script, weights):
+  result = subprocess.run([python, os.path.join(HERE, 'peers', script),
+                           weights], capture_output=True, text=True,
+                          check=False)
+  rows = [json.loads(line) for line in result.stdout.splitlines()
+          if line.startswith('{')]
+  if result.returncode or not rows:
+    raise RuntimeError(f'{script} failed:\n{result.stderr[-3000:]}')
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--peer-python', required=True)
+  parser.add_argument('--out', default=None)
+  args = parser.parse_args(argv)
+
+  x = datasets.load('moons', seed=0).train[:BATCH].astype(np.float32)
+  with tempfile.TemporaryDirectory() as tmp:
+    weights = os.path.join(tmp, 'weights.npz')
+    export_weights(seed_model(), x, weights)
+    params, _ = numpy_model.load(weights)
+    reference = numpy_model.reference_log_prob(params, x)
+    rows = [ours(tf.constant(x), reference)]
+    print(json.dumps(rows[0]), flush=True)
+    for script in ('jax_diffrax.py', 'torch_torchdiffeq.py'):
+      for row in peer(args.peer_python, script, weights):
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+  mine = rows[0]
+  lines = [
+      '## Peers: JAX/diffrax and PyTorch/torchdiffeq, same model and weights',
+      '',
+      '`python benchmarks/bench_peers.py --peer-python PYTHON` (2-core CPU; '
+      + ', '.join(sorted({r['version'] for r in rows})) + '). The seed moons '
+      'training step (4 blocks, MLP 8-8 tanh, exact trace, 256 points, Adam),'
+      ' the same initial weights everywhere. Error: the largest |log p(x) - '
+      "reference| at the initial weights (reference: SciPy's DOP853 at 1e-12 "
+      'in float64). First step: trace, compile and run. Steady step: median '
+      f'of the next {STEADY_STEPS} (10 for PyTorch).',
+      '',
+      '| implementation | rtol / atol | max log p error | first step (s) | '
+      'steady step (ms) | steady step ÷ ours |',
+      '|---|---|---:|---:|---:|---:|',
+  ]
+  for r in rows:
+    lines.append(
+        f'| {r["implementation"]} | {r["rtol"]:g} / {r["atol"]:g} | '
+        f'{r["max_error"]:.1e} | {r["first_step_s"]:.1f} | '
+        f'{r["steady_step_ms"]:.1f} | '
+        f'{r["steady_step_ms"] / mine["steady_step_ms"]:.2f} |')
+  lines += ['', 'At equal accuracy (each peer at its loosest tolerance '
+            f'whose error is at most ours, {mine["max_error"]:.1e}):', '',
+            '| implementation | rtol / atol | first step ÷ ours | steady step '
+            '÷ ours |', '|---|---|---:|---:|']
+  for name in dict.fromkeys(r['implementation'] for r in rows[1:]):
+    candidates = [r for r in rows if r['implementation'] == name]
+    good = [r for r in candidates if r['max_error'] <= mine['max_error']]
+    r = good[0] if good else candidates[-1]
+    note = '' if good else ' (never as accurate: tightest shown)'
+    lines.append(
+        f'| {name}{note} | {r["rtol"]:g} / {r["atol"]:g} | '
+        f'{r["first_step_s"] / mine["first_step_s"]:.2f} | '
+        f'{r["steady_step_ms"] / mine["steady_step_ms"]:.2f} |')
+  section = '\n'.join(lines) + '\n'
+  print(section)
+  if args.out:
+    write_section(args.out, section)
+
+
+if __name__ == '__main__':
+  main()

@@ -139,12 +139,19 @@ def main(argv=None):
 
   seconds = rows[0]['config']['max_seconds'] if rows else args.seconds
   targets = list(dict.fromkeys(m['target'] for m in rows))
-  seeds = sorted({m['config']['seed'] for m in rows})
+  by_seeds = {}
+  for t in targets:
+    seeds = tuple(sorted({m['config']['seed'] for m in rows
+                          if m['target'] == t}))
+    by_seeds.setdefault(seeds, []).append(t)
+  commands = ' and '.join(
+      f'`python benchmarks/bench_vi.py --seconds {seconds:g} --targets '
+      f'{" ".join(ts)} --seeds {" ".join(map(str, ss))}`'
+      for ss, ts in by_seeds.items())
   lines = [
       '## Variational inference: surrogates at equal wall time',
       '',
-      f'`python benchmarks/bench_vi.py --seconds {seconds:g} --targets '
-      f'{" ".join(targets)} --seeds {" ".join(map(str, seeds))}` (2-core '
+      f'{commands} (2-core '
       'CPU; each surrogate trained by `tfp_ffjord.vi.fit` for the same wall '
       'time, compilation included; Adam 1e-2, 64 samples per step; seeds '
       'set the initial weights, the training draws and the evaluation draws).'

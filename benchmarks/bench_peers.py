@@ -26,16 +26,13 @@ torch and torchdiffeq; tfp_ffjord's own environment does not need them:
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # noqa: E402
-import sonnet as snt  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfp_ffjord import datasets  # noqa: E402
@@ -45,7 +42,7 @@ from tfp_ffjord import training  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, 'peers'))
-from bench_training_step import write_section  # noqa: E402
+from bench_training_step import publish  # noqa: E402
 import model as numpy_model  # noqa: E402
 
 BATCH = 256
@@ -81,27 +78,11 @@ def ours(x, reference, rtol, atol):
 
   flow_model = seed_model()
   dist, _ = flow_model.flow(solver, 'exact')
-  variables = flow_model.trainable_variables
-  optimizer = snt.optimizers.Adam(1e-2)
-
-  @ode.checked_function(jit_compile=True)
-  def step(x):
-    with tf.GradientTape() as tape:
-      loss = -tf.reduce_mean(dist.log_prob(x))
-    optimizer.apply(tape.gradient(loss, variables), variables)
-    return loss
-
-  start = time.perf_counter()
-  step(x).numpy()
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(STEADY_STEPS):
-    start = time.perf_counter()
-    step(x).numpy()
-    times.append(time.perf_counter() - start)
+  timing = training.time_train_step(dist, flow_model.trainable_variables, x,
+                                    steps=STEADY_STEPS, jit_compile=True)
   return dict(implementation='tfp_ffjord Tsit5 (XLA)', rtol=rtol, atol=atol,
-              max_error=error, first_step_s=first,
-              steady_step_ms=1000 * statistics.median(times),
+              max_error=error, first_step_s=timing['first_step'],
+              steady_step_ms=1000 * timing['step'],
               version=f'tensorflow {tf.__version__}')
 
 
@@ -176,10 +157,7 @@ def main(argv=None):
           f'| {name}{note} | {r["rtol"]:g} / {r["atol"]:g} | '
           f'{r["first_step_s"] / m["first_step_s"]:.2f} | '
           f'{r["steady_step_ms"] / m["steady_step_ms"]:.2f} |')
-  section = '\n'.join(lines) + '\n'
-  print(section)
-  if args.out:
-    write_section(args.out, section)
+  publish(args.out, '\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':

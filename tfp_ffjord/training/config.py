@@ -92,9 +92,21 @@ class TrainConfig:
   steps_per_epoch: Optional[int] = _field(
       None, 'positive-int', 'optimizer steps between held-out evaluations '
       'and checkpoints; default: one pass over the training set', fixed=True)
-  blocks: int = _field(4, 'positive-int', 'FFJORD blocks', fixed=True)
+  model: str = _field('ffjord', 'choice', 'the model (FFJORD variants and '
+                      "TFP's discrete flows as baselines)", registry.MODELS,
+                      fixed=True)
+  blocks: int = _field(4, 'positive-int', 'FFJORD blocks (multiscale: per '
+                       'level; realnvp/maf: layers; glow: steps per level)',
+                       fixed=True)
   hidden: Tuple[int, ...] = _field((8, 8), 'sizes',
-                                   'hidden layer sizes, e.g. 64,64,64', fixed=True)
+                                   'hidden layer sizes, e.g. 64,64,64 (conv '
+                                   'models: channels)', fixed=True)
+  levels: int = _field(2, 'positive-int', 'multiscale and glow: levels '
+                       '(scales)', fixed=True)
+  logit_alpha: Optional[float] = _field(
+      None, 'positive', 'model logit(alpha + (1 - 2 alpha) x) of data in '
+      '[0, 1] (mnist), a bijector whose log-det is counted; default: no '
+      'transform', fixed=True)
   activation: str = _field('tanh', 'choice', 'activation of the dynamics',
                            registry.ACTIVATIONS, fixed=True)
   solver: str = _field('tsit5', 'choice', 'ODE solver of the training solves',
@@ -160,6 +172,28 @@ class TrainConfig:
     if self.ot_pairing and self.objective != 'flow-matching':
       raise ValueError("`ot_pairing` applies to objective='flow-matching'; "
                        f'got objective={self.objective!r}.')
+    info = registry.MODELS[self.model]
+    if info.images_only and self.dataset not in registry.IMAGE_DATASETS:
+      raise ValueError(
+          f'`model={self.model!r}` needs image data '
+          f'({", ".join(registry.IMAGE_DATASETS)}); got {self.dataset!r}.')
+    if (self.objective == 'flow-matching'
+        and self.model not in registry.FLOW_MATCHING_MODELS):
+      raise ValueError(
+          "objective='flow-matching' trains the models "
+          f'{", ".join(registry.FLOW_MATCHING_MODELS)}; got '
+          f'model={self.model!r}.')
+    if info.kind != 'ffjord' and (self.regularized or self.conditional):
+      raise ValueError(
+          'RNODE terms and conditional flows apply to the FFJORD models '
+          f'({", ".join(registry.FFJORD_MODELS)}); got model={self.model!r}.')
+    if self.logit_alpha is not None:
+      if not registry.DATASETS[self.dataset].unit_range:
+        raise ValueError('`logit_alpha` needs data in [0, 1] (mnist); got '
+                         f'dataset={self.dataset!r}.')
+      if not self.logit_alpha < 0.5:
+        raise ValueError('`logit_alpha` must be in (0, 0.5); got '
+                         f'{self.logit_alpha!r}.')
     if self.conditional and self.dataset not in registry.LABELLED_DATASETS:
       raise ValueError(
           '`conditional=True` needs a dataset with class labels '

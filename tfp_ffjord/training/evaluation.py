@@ -45,12 +45,19 @@ class Evaluator:
     self._forward = ode.checked_function(
         lambda x, lab: chain.forward(x, **model.bijector_kwargs(lab)),
         input_signature=[points(None), labels(None)], autograph=False)
-    self._sample = ode.checked_function(
-        lambda n, seed, lab: flow.sample(
-            n, seed=seed, bijector_kwargs=model.bijector_kwargs(lab)),
-        input_signature=[tf.TensorSpec([], tf.int32),
-                         tf.TensorSpec([2], tf.int32), labels(None)],
-        autograph=False)
+    sample = lambda n, seed, lab: flow.sample(
+        n, seed=seed, bijector_kwargs=model.bijector_kwargs(lab))
+    if getattr(model, 'is_ffjord', True):
+      self._sample = ode.checked_function(
+          sample, input_signature=[tf.TensorSpec([], tf.int32),
+                                   tf.TensorSpec([2], tf.int32),
+                                   labels(None)], autograph=False)
+    else:
+      # tfb.Glow's forward fails on a batch of unknown size in a graph (TFP
+      # 0.25: int32/int64 shapes in its Reshape), so a baseline's sampler
+      # is traced for each number of samples.
+      traced = tf.function(sample, autograph=False)
+      self._sample = lambda n, seed, lab: traced(int(n), seed, lab)
 
   def labels(self, labels, n) -> np.ndarray:
     """Labels for `n` points: the given ones, or zeros for unconditional

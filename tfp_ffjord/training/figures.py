@@ -76,8 +76,12 @@ def write_figures(trainer, out_dir: Optional[str] = None, tag: str = 'last',
     plotting.plot_pdf_1d(path('pdf.png'), xs[:, 0], learned, true, data.train)
   elif data.image_shape is not None and last:
     images = trainer.sample(40, seed=seed)
-    plotting.plot_image_samples(path('samples.png'), images,
-                                side=data.image_shape[0])
+    plotting.plot_image_samples(
+        path('samples.png'), images, data.image_shape,
+        title=f'{data.name}: samples of the model ({trainer.config.model})')
+    plotting.plot_image_samples(path('data.png'), data.test[:40],
+                                data.image_shape,
+                                title=f'{data.name}: held-out data')
   if trainer.history and last:
     plotting.plot_curves(path('curves.png'), trainer.history, data.entropy)
   return written

@@ -176,18 +176,19 @@ def make_steps(model, optimizer, variables, step, config, chunk: int,
       on_trace()
 
     def body(i, losses, _):
+      data_i = model.to_flow_space(data[i])   # e.g. through the logit
       if base is None:
         step_i = step.read_value()
         base_i, tau_i = noise(config.seed, step_i, config.batch_size, dim,
                               model.base_scale)
         if config.ot_pairing:
           base_i = sinkhorn_pairing(
-              base_i, data[i], pairing_seed(config.seed, step_i),
+              base_i, data_i, pairing_seed(config.seed, step_i),
               config.ot_epsilon)
       else:
         base_i, tau_i = base[i], tau[i]
       with tf.GradientTape() as tape:
-        loss = flow_matching_loss(model.dynamics, data[i], base_i, tau_i,
+        loss = flow_matching_loss(model.dynamics, data_i, base_i, tau_i,
                                   model.context_kwargs(labels[i]))
       apply_gradients(optimizer, loss, tape.gradient(loss, variables),
                       variables, step, config.clip_norm)

@@ -1,15 +1,18 @@
 """`FlowModel`: the variables of a stack of FFJORD blocks, and its flows."""
 
 import collections
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
+import numpy as np
 import sonnet as snt
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_ffjord import baselines
 from tfp_ffjord import bijector as bijector_lib
 from tfp_ffjord import dynamics
 from tfp_ffjord import ode
+from tfp_ffjord import multiscale
 from tfp_ffjord import registry
 from tfp_ffjord import trace as trace_lib
 from tfp_ffjord.training import flow_matching
@@ -63,18 +66,40 @@ def make_trace(name: str):
 
 
 class FlowModel(snt.Module):
-  """`blocks` FFJORD blocks with MLP dynamics over a Gaussian base.
+  """A flow's variables, and its flows with any solver: FFJORD blocks over a
+  Gaussian base (or one of TFP's discrete flows, as a baseline).
 
   The variables live here (Sonnet dynamics modules); `flow()` wraps them into
   a `tfd.TransformedDistribution` with any solver and trace estimator, so
   the same weights serve training (fast solver, possibly Hutchinson) and
   evaluation (exact trace, tight tolerance).
+
+  `architecture` (a name of `registry.MODELS`):
+
+  * 'ffjord' (default): `blocks` FFJORD blocks with `MLPODE(hidden)`
+    dynamics on the flat `[dim]` points (the seed colab's model).
+  * 'conv': `blocks` FFJORD blocks with `ConvODE(image_shape, hidden)`
+    dynamics (the points are flattened images).
+  * 'multiscale': `MultiscaleFFJORD` of `levels` levels of `blocks` conv
+    blocks each.
+  * 'realnvp', 'maf', 'glow': TFP's `tfb.RealNVP`, `tfb.MaskedAutoregressive
+    Flow` (`blocks` layers, MLPs of `hidden` units) and `tfb.Glow`
+    (`levels` levels of `blocks` steps, `hidden[0]` channels), built by
+    `tfp_ffjord.baselines`. Call `initialize(batch)` before reading their
+    variables; solvers and traces do not apply to them.
+
+  `logit_alpha` (data in [0, 1]) puts `x = (sigmoid(y) - alpha) / (1 - 2
+  alpha)` on the data side of the chain (a bijector named 'logit', its
+  log-det counted), so the flow models `y = logit(alpha + (1 - 2 alpha) x)`.
   """
 
   def __init__(self, dim: int, blocks: int = 4,
                hidden: Sequence[int] = (8, 8), activation: str = 'tanh',
                base_scale: float = 0.8, num_classes: int = 0,
-               dtype=tf.float32, name='flow_model'):
+               dtype=tf.float32, name='flow_model', *,
+               architecture: str = 'ffjord',
+               image_shape: Optional[Sequence[int]] = None, levels: int = 2,
+               logit_alpha: Optional[float] = None, seed: int = 0):
     super().__init__(name=name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or (
         num_classes < 0):
@@ -84,19 +109,97 @@ class FlowModel(snt.Module):
       raise ValueError(f'`activation` must be one of '
                        f'{", ".join(registry.ACTIVATIONS)}; got '
                        f'{activation!r}.')
+    if architecture not in registry.MODELS:
+      raise ValueError(f'`architecture` must be one of '
+                       f'{", ".join(registry.MODELS)}; got {architecture!r}.')
+    info = registry.MODELS[architecture]
+    if info.images_only:
+      if image_shape is None or int(np.prod(image_shape)) != int(dim):
+        raise ValueError(
+            f'`architecture={architecture!r}` needs `image_shape` (height, '
+            f'width, channels) with {dim} elements; got {image_shape!r}.')
+    if num_classes and info.kind != 'ffjord':
+      raise ValueError(f'`architecture={architecture!r}` is not '
+                       'conditional: `num_classes` must be 0.')
     self.num_classes = num_classes
     self.dim = int(dim)
     self.dtype = tf.as_dtype(dtype)
     self.base_scale = float(base_scale)
+    self.architecture = architecture
+    self.image_shape = None if image_shape is None else tuple(image_shape)
+    self.logit_alpha = logit_alpha
     context_keys = (CONTEXT_KEY,) if num_classes else ()
     act = registry.resolve(registry.ACTIVATIONS, activation, tf)
-    self.dynamics = [
-        dynamics.MLPODE(list(hidden), self.dim, act,
-                        context_keys=context_keys, name=f'dynamics_{i}')
-        for i in range(blocks)]
-    for d in self.dynamics:  # Sonnet creates variables on the first call.
-      d(tf.zeros([], self.dtype), tf.zeros([1, self.dim], self.dtype),
+    self.level_dynamics = None
+    self.baseline = None
+    if architecture == 'ffjord':
+      self.dynamics = [
+          dynamics.MLPODE(list(hidden), self.dim, act,
+                          context_keys=context_keys, name=f'dynamics_{i}')
+          for i in range(blocks)]
+    elif architecture == 'conv':
+      self.dynamics = [
+          dynamics.ConvODE(self.image_shape, list(hidden), act,
+                           context_keys=context_keys, name=f'dynamics_{i}')
+          for i in range(blocks)]
+    elif architecture == 'multiscale':
+      self.level_dynamics = multiscale.conv_level_dynamics(
+          self.image_shape, levels, blocks, list(hidden), act, context_keys)
+      self.dynamics = [d for level in self.level_dynamics for d in level]
+    else:
+      self.dynamics = []
+      if architecture == 'glow':
+        self.baseline = baselines.make_glow(self.image_shape, levels, blocks,
+                                            hidden[0], seed=seed)
+      else:
+        make = (baselines.make_realnvp if architecture == 'realnvp'
+                else baselines.make_maf)
+        self.baseline = make(self.dim, blocks, tuple(hidden), act, seed=seed)
+    # Sonnet creates variables on the first call.
+    sizes = ([int(np.prod(lv.flow_shape)) for lv in
+              multiscale.plan_levels(self.image_shape, levels)
+              for _ in range(blocks)] if self.level_dynamics
+             else [self.dim] * len(self.dynamics))
+    for d, size in zip(self.dynamics, sizes):
+      d(tf.zeros([], self.dtype), tf.zeros([1, size], self.dtype),
         **self.context_kwargs(tf.zeros([1], tf.int32)))
+    self._levels = levels
+
+  @classmethod
+  def from_config(cls, config, data) -> 'FlowModel':
+    """The model a `TrainConfig` describes, for a `datasets.Dataset`."""
+    return cls(data.dim, config.blocks, config.hidden, config.activation,
+               config.base_scale,
+               num_classes=data.num_classes if config.conditional else 0,
+               architecture=config.model, image_shape=data.image_shape,
+               levels=config.levels, logit_alpha=config.logit_alpha,
+               seed=config.seed)
+
+  @property
+  def is_ffjord(self) -> bool:
+    """Whether the model is made of FFJORD blocks (not a baseline)."""
+    return self.baseline is None
+
+  def initialize(self, batch) -> None:
+    """Creates a baseline's variables from a `[N, dim]` data batch (Glow's
+    ActNorm also initialises from it); nothing for FFJORD models. Call it
+    before reading `trainable_variables` or restoring a checkpoint."""
+    if self.baseline is not None:
+      self.baseline.initialize(self.to_flow_space(
+          tf.convert_to_tensor(batch, self.dtype)))
+
+  def preprocessing(self) -> Optional[tfb.Bijector]:
+    """The data-side bijector (flow space -> data), or None."""
+    if self.logit_alpha is None:
+      return None
+    alpha = tf.constant(self.logit_alpha, self.dtype)
+    return tfb.Chain([tfb.Scale(1. / (1. - 2. * alpha)), tfb.Shift(-alpha),
+                      tfb.Sigmoid()], name='logit')
+
+  def to_flow_space(self, x):
+    """Data points as the flow sees them (through the logit transform)."""
+    pre = self.preprocessing()
+    return x if pre is None else pre.inverse(x)
 
   def context_kwargs(self, labels) -> Dict:
     """Keyword arguments that condition the dynamics on class `labels`.
@@ -121,24 +224,36 @@ class FlowModel(snt.Module):
   def flow(self, solver, trace: str = 'exact'):
     """`(distribution, chain)`: base -> data through every block in order.
 
-    `chain` is a `tfb.Chain` holding one `StackedFFJORD` named 'ffjord'
-    (its `blocks` are the per-block `FFJORD`s).
+    `chain` is a `tfb.Chain` holding the FFJORD part named 'ffjord' (a
+    `StackedFFJORD`, whose `blocks` are the per-block `FFJORD`s, or a
+    `MultiscaleFFJORD`; a baseline's bijector instead), after the 'logit'
+    bijector on the data side when the model has one.
 
     `solver` is a solver object (ours or `tfp.math.ode`'s: its `solve` is
     used) or any `ode_solve_fn`; `trace` a name of `registry.TRACES`.
     """
     trace_fn = make_trace(trace)
     solve = solver.solve if hasattr(solver, 'solve') else solver
-    # One StackedFFJORD for all the blocks: with our solvers they are the
-    # segments of one solve, traced and compiled once (a chain of K FFJORDs
-    # would trace and compile K solves). Forward runs dynamics_0 first. It
-    # sits in a chain named for the kwargs routing (`bijector_kwargs=
-    # {'ffjord': ...}`) and a fixed salt keeps a seed's noise the same in
-    # every process (determinism, resumes).
-    stacked = bijector_lib.StackedFFJORD(
-        self.dynamics, ode_solve_fn=solve, trace_augmentation_fn=trace_fn,
-        dtype=self.dtype, name='ffjord', seed_salt='tfp_ffjord.training')
-    chain = tfb.Chain([stacked], name='ffjord_chain')
+    if self.baseline is not None:
+      core = self.baseline.bijector
+    elif self.level_dynamics is not None:
+      core = multiscale.MultiscaleFFJORD(
+          self.image_shape, self.level_dynamics, ode_solve_fn=solve,
+          trace_augmentation_fn=trace_fn, dtype=self.dtype, name='ffjord',
+          seed_salt='tfp_ffjord.training')
+    else:
+      # One StackedFFJORD for all the blocks: with our solvers they are the
+      # segments of one solve, traced and compiled once (a chain of K
+      # FFJORDs would trace and compile K solves). Forward runs dynamics_0
+      # first. It sits in a chain named for the kwargs routing
+      # (`bijector_kwargs={'ffjord': ...}`) and a fixed salt keeps a seed's
+      # noise the same in every process (determinism, resumes).
+      core = bijector_lib.StackedFFJORD(
+          self.dynamics, ode_solve_fn=solve, trace_augmentation_fn=trace_fn,
+          dtype=self.dtype, name='ffjord', seed_salt='tfp_ffjord.training')
+    pre = self.preprocessing()
+    chain = tfb.Chain(([pre] if pre is not None else []) + [core],
+                      name='ffjord_chain')
     return tfd.TransformedDistribution(self.base_distribution(), chain), chain
 
   def bijector_kwargs(self, labels=None, seed=None) -> Dict:
@@ -169,6 +284,10 @@ class FlowModel(snt.Module):
     ildj = kinetic = frobenius = tf.zeros(tf.shape(x)[:-1], self.dtype)
     nfe = []
     for block in chain.bijectors:   # the inverse runs the last block first
+      if not hasattr(block, 'solve_inverse'):   # logit, baselines
+        ildj += block.inverse_log_det_jacobian(x, event_ndims=1)
+        x = block.inverse(x)
+        continue
       result = block.solve_inverse(x, regularize=regularize, **kwargs)
       x = result.value
       ildj += tf.reduce_sum(result.log_det_jacobian, -1)
@@ -187,8 +306,15 @@ class FlowModel(snt.Module):
     return tuple(self.log_prob_terms(chain, x, seed, labels, True)[:3])
 
   def flow_matching_loss(self, data, base, tau, labels=None):
-    """Conditional flow matching loss (see `training.flow_matching`)."""
+    """Conditional flow matching loss (see `training.flow_matching`); data
+    are taken to the flow space first (`to_flow_space`)."""
+    if self.architecture not in registry.FLOW_MATCHING_MODELS:
+      raise ValueError(
+          'Flow matching trains the models '
+          f'{", ".join(registry.FLOW_MATCHING_MODELS)}; this one is '
+          f'{self.architecture!r}.')
+    data = self.to_flow_space(tf.convert_to_tensor(data, self.dtype))
     return flow_matching.flow_matching_loss(
-        self.dynamics, tf.convert_to_tensor(data, self.dtype),
+        self.dynamics, data,
         tf.convert_to_tensor(base, self.dtype),
         tf.convert_to_tensor(tau, self.dtype), self.context_kwargs(labels))

@@ -32,7 +32,7 @@ Attributes:
 def apply_gradients(optimizer, loss, grads, variables, step=None,
                     clip_norm: Optional[float] = None):
   """Clips `grads` (to `clip_norm`) and applies them unless `loss` is not
-  finite.
+  finite; then re-applies the variables' constraints (Keras layers').
 
   A non-finite loss leaves the weights and the optimizer state those of the
   last good step (the caller stops training); `step`, if given, counts the
@@ -43,6 +43,11 @@ def apply_gradients(optimizer, loss, grads, variables, step=None,
 
   def update():
     optimizer.apply(grads, variables)
+    # Keras variable constraints (e.g. MADE's masks in tfb.AutoregressiveNetwork)
+    # are the layer's structure; Sonnet optimizers do not apply them.
+    for v in variables:
+      if getattr(v, 'constraint', None) is not None:
+        v.assign(v.constraint(v))
     if step is not None:
       step.assign_add(1)
     return tf.constant(True)

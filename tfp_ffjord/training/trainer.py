@@ -89,10 +89,10 @@ class Trainer:
     # Every variable is created under the strategy's scope: mirrored on each
     # replica when distributed.
     with self.strategy.scope():
-      self.model = FlowModel(
-          self.data.dim, config.blocks, config.hidden, config.activation,
-          config.base_scale,
-          num_classes=self.data.num_classes if config.conditional else 0)
+      self.model = FlowModel.from_config(config, self.data)
+      # Baselines create their variables (Glow its ActNorm scales) from a
+      # first batch; a resumed run's checkpoint then overwrites them.
+      self.model.initialize(self.data.train[:config.batch_size])
       self.flow, self.chain = self.model.flow(make_solver(config),
                                               config.trace)
       self.eval_flow, self.eval_chain = self.model.flow(

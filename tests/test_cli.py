@@ -72,8 +72,8 @@ def test_argument_error_is_one_line_without_traceback():
 
 
 @pytest.mark.parametrize('argv,match', [
-    (['train', '--dataset', 'mnist'], "argument --dataset: invalid choice: "
-     "'mnist'"),
+    (['train', '--dataset', 'cifar10'], "argument --dataset: invalid choice: "
+     "'cifar10'"),
     (['train', '--solver', 'rk45'], "argument --solver: invalid choice"),
     (['train', '--epochs', '0'], 'argument --epochs: expected a positive'),
     (['train', '--rtol', 'abc'], 'argument --rtol: expected a positive'),

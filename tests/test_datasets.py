@@ -12,13 +12,13 @@ from tfp_ffjord import datasets
 # size is ~0.004 nats; the tolerance is 4 standard errors.
 ENTROPY_MC_SAMPLES = 40_000
 ENTROPY_TOLERANCE = 0.016
-GENERATED = [n for n in datasets.NAMES if n != 'digits']
+GENERATED = [n for n in datasets.NAMES if n not in datasets.IMAGE_DATASETS]
 
 
 @pytest.mark.parametrize('name', datasets.NAMES)
 def test_shapes_dtypes_and_default_sizes(name):
   data = datasets.load(name, seed=0)
-  dim = {'gaussian1d': 1, 'digits': 64}.get(name, 2)
+  dim = {'gaussian1d': 1, 'digits': 64, 'mnist': 784}.get(name, 2)
   assert data.dim == dim
   assert data.train.dtype == np.float32 and data.test.dtype == np.float32
   default = datasets.DEFAULT_SIZES.get(name, datasets.DEFAULT_SIZE)
@@ -133,7 +133,10 @@ def test_pipelines_have_fixed_batches_and_reshuffle():
 
 
 @pytest.mark.parametrize('call,match', [
-    (lambda: datasets.load('mnist'), 'Unknown dataset'),
+    (lambda: datasets.load('cifar10'), 'Unknown dataset'),
+    (lambda: datasets.load('mnist', num_train=4500, num_test=1000),
+     'mnist has 5000'),
+    (lambda: datasets.sample('mnist', 10), 'fixed set'),
     (lambda: datasets.load('moons', num_train=0), 'num_train'),
     (lambda: datasets.load('digits', num_train=1700, num_test=200),
      'digits has 1797'),

@@ -154,7 +154,17 @@ def test_plots_are_written(tmp_path, dataset, expected):
 
 
 @pytest.mark.parametrize('overrides,match', [
-    (dict(dataset='mnist'), '`dataset` must be one of'),
+    (dict(dataset='cifar10'), '`dataset` must be one of'),
+    (dict(model='conv'), "`model='conv'` needs image data"),
+    (dict(model='glow', dataset='moons'), "`model='glow'` needs image data"),
+    (dict(model='multiscale', dataset='digits', objective='flow-matching'),
+     "objective='flow-matching' trains the models ffjord, conv"),
+    (dict(model='maf', kinetic_weight=0.1), 'RNODE terms and conditional'),
+    (dict(model='realnvp', dataset='digits', conditional=True),
+     'RNODE terms and conditional'),
+    (dict(logit_alpha=0.05), '`logit_alpha` needs data in'),
+    (dict(dataset='mnist', logit_alpha=0.5), '`logit_alpha` must be in'),
+    (dict(dataset='mnist', model='vae'), '`model` must be one of'),
     (dict(epochs=0), '`epochs` must be a positive integer'),
     (dict(epochs=-3), '`epochs`'),
     (dict(hidden=()), '`hidden`'),

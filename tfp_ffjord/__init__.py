@@ -11,15 +11,20 @@ __version__ = '0.1.0'
 
 # Public name -> (module, attribute or None for the module itself).
 _EXPORTS = {
+    'ConcatSquashConv2D': ('tfp_ffjord.dynamics', 'ConcatSquashConv2D'),
     'ConcatSquashLinear': ('tfp_ffjord.dynamics', 'ConcatSquashLinear'),
     'ConcatSquashMLPODE': ('tfp_ffjord.dynamics', 'ConcatSquashMLPODE'),
+    'ConvODE': ('tfp_ffjord.dynamics', 'ConvODE'),
     'FFJORD': ('tfp_ffjord.bijector', 'FFJORD'),
     'FlowResult': ('tfp_ffjord.bijector', 'FlowResult'),
     'MLPODE': ('tfp_ffjord.dynamics', 'MLPODE'),
+    'MultiscaleFFJORD': ('tfp_ffjord.multiscale', 'MultiscaleFFJORD'),
     'StackedFFJORD': ('tfp_ffjord.bijector', 'StackedFFJORD'),
+    'baselines': ('tfp_ffjord.baselines', None),
     'datasets': ('tfp_ffjord.datasets', None),
     'ffjord': ('tfp_ffjord.ffjord', None),
     'gaussian_noise': ('tfp_ffjord.trace', 'gaussian_noise'),
+    'multiscale': ('tfp_ffjord.multiscale', None),
     'ode': ('tfp_ffjord.ode', None),
     'plotting': ('tfp_ffjord.plotting', None),
     'rademacher_noise': ('tfp_ffjord.trace', 'rademacher_noise'),

@@ -39,6 +39,7 @@ DIGITS_LEVELS = 17          # pixel values 0..16
 DIGITS_RANGE = 4.0          # dequantised pixels are mapped onto [-2, 2]
 MNIST_LEVELS = 256          # pixel values 0..255, dequantised onto [0, 1]
 MNIST_SHAPE = (28, 28, 1)
+MNIST_BIN_MARGIN = 2. ** -14
 
 # Differential entropies (nats) of the distributions the generators sample.
 # Closed forms where they exist; for moons and circles a Monte Carlo
@@ -371,8 +372,10 @@ def _load_mnist(num_train, num_test, train_rng, test_rng):
                                      num_test)
   width = 1. / MNIST_LEVELS
 
-  def dequantise(p, rng):   # (pixel + U[0, 1)) / 256: inside [0, 1)
-    u = rng.uniform(size=p.shape)
+  def dequantise(p, rng):   # (pixel + u) / 256: inside [0, 1)
+    # u uniform on [0, 1 - 2^-14): float32 rounding of (255 + u) / 256 (a
+    # spacing of 2^-16 pixel near 1) never lands in the next bin.
+    u = rng.uniform(size=p.shape) * (1. - MNIST_BIN_MARGIN)
     return ((p.astype(np.float64) + u) * width).astype(np.float32)
 
   return Dataset(name='mnist', train=dequantise(pixels[train_idx], train_rng),

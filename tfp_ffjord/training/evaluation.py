@@ -1,6 +1,7 @@
 """`Evaluator`: a trained flow in use — exact log-densities, samples, maps.
 
-Everything here runs the evaluation flow (exact trace, tight tolerance) in
+Everything here runs the evaluation flow (tight tolerance; the exact trace up
+to `config.EXACT_EVAL_MAX_DIM` dimensions, seeded Hutchinson above) in
 compiled functions built once: `log_prob` in fixed-size padded batches, so
 evaluation compiles once too.
 """
@@ -13,7 +14,9 @@ import tensorflow as tf
 from tfp_ffjord import ode
 from tfp_ffjord.training import steps as steps_lib
 
-__all__ = ['Evaluator']
+__all__ = ['Evaluator', 'EVAL_SEED']
+
+EVAL_SEED = 20190101   # the second half of each evaluation batch's seed
 
 
 class Evaluator:
@@ -21,7 +24,8 @@ class Evaluator:
 
   Args:
     model: the `FlowModel`.
-    flow, chain: its evaluation flow (`model.flow(eval_solver, 'exact')`).
+    flow, chain: its evaluation flow (`model.flow(eval_solver, trace)`; the
+      exact trace, or Hutchinson's for high-dimensional data).
     data: the `datasets.Dataset` (dimension, test set, labels, bits/dim).
     batch_size: points per compiled `log_prob` call.
     jit_compile: compile `log_prob` with XLA.
@@ -37,9 +41,13 @@ class Evaluator:
     points = lambda n: tf.TensorSpec([n, dim], tf.float32)
     # Labels are always an input (ignored by unconditional models), so both
     # kinds of model share one compiled signature.
+    # A seed per batch: Hutchinson's probes (if the evaluation flow uses
+    # them) are the same on every call; the exact trace ignores it.
     self._log_prob = steps_lib.make_eval_step(
-        lambda x, lab: model.log_prob_terms(chain, x, labels=lab)[::3],
-        [points(batch_size), labels(batch_size)], jit_compile=jit_compile)
+        lambda x, lab, seed: model.log_prob_terms(chain, x, seed=seed,
+                                                  labels=lab)[::3],
+        [points(batch_size), labels(batch_size),
+         tf.TensorSpec([2], tf.int32)], jit_compile=jit_compile)
     # Checked functions: a failed solve raises `ode.SolverError` after the
     # call instead of through assertion ops (host ops on an accelerator).
     self._forward = ode.checked_function(
@@ -79,7 +87,8 @@ class Evaluator:
     return labels.astype(np.int32)
 
   def log_prob(self, points, labels=None) -> np.ndarray:
-    """Exact log-density (nats) of `[N, D]` points, in fixed-size batches.
+    """Log-density (nats) of `[N, D]` points, in fixed-size batches (exact,
+    or an unbiased Hutchinson estimate for high-dimensional data).
 
     Conditional models need `labels` (`[N]` ints) and return
     `log p(x | label)`.
@@ -99,7 +108,8 @@ class Evaluator:
         chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - n, 0)])
         chunk_labels = np.concatenate(
             [chunk_labels, np.repeat(chunk_labels[:1], size - n)])
-      lp, nfe = self._log_prob(tf.constant(chunk), tf.constant(chunk_labels))
+      lp, nfe = self._log_prob(tf.constant(chunk), tf.constant(chunk_labels),
+                               tf.constant([start // size, EVAL_SEED]))
       out.append(lp.numpy()[:n])
       self.last_nfe.append(int(nfe))
     return np.concatenate(out) if out else np.zeros([0], np.float32)

@@ -42,7 +42,7 @@ COSINE_FLOOR = 0.01
 class Trainer:
   """Trains a `FlowModel` on a dataset; checkpoints into `out_dir`.
 
-  Every epoch ends with a held-out evaluation (exact trace, tight
+  Every epoch ends with a held-out evaluation (`config.eval_trace`, tight
   tolerance), a checkpoint (model, optimizer state, epoch, step),
   `tf.summary` scalars and an updated `metrics.json`; `fit()` on the same
   `out_dir` continues from the last checkpoint. The training step is one
@@ -96,7 +96,8 @@ class Trainer:
       self.flow, self.chain = self.model.flow(make_solver(config),
                                               config.trace)
       self.eval_flow, self.eval_chain = self.model.flow(
-          make_solver(config, for_eval=True), 'exact')
+          make_solver(config, for_eval=True),
+          config.eval_trace_for(self.data.dim))
       self.variables = list(self.model.trainable_variables)
       self.learning_rate = tf.Variable(config.learning_rate, trainable=False,
                                        dtype=tf.float32, name='learning_rate')
@@ -193,7 +194,7 @@ class Trainer:
   # ----------------------------------------------------------- evaluation
 
   def log_prob(self, points, labels=None) -> np.ndarray:
-    """Exact log-density (nats) of `[N, D]` points (see `Evaluator`)."""
+    """Log-density (nats) of `[N, D]` points (see `Evaluator`)."""
     return self.evaluator.log_prob(points, labels)
 
   def marginal_log_prob(self, points) -> np.ndarray:
@@ -233,7 +234,8 @@ class Trainer:
 
   def fit(self, progress: bool = True,
           callback: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
-    """Trains until `config.epochs`, resuming from `out_dir` if possible.
+    """Trains until `config.epochs` (or `config.max_train_seconds` of
+    training steps), resuming from `out_dir` if possible.
 
     Returns the per-epoch history (also in `metrics.json`). Raises
     `TrainingError` if the loss becomes non-finite or a solve fails; the
@@ -259,6 +261,9 @@ class Trainer:
     skip = skip if 0 <= skip < self.steps_per_epoch else 0
     start = time.perf_counter() - (self.history[-1]['wall_time']
                                    if self.history else 0.)
+    # Seconds in training steps only (no evaluations, checkpoints, logs).
+    train_time = (self.history[-1].get('train_time', 0.) if self.history
+                  else 0.)
     bar = tqdm.trange(first, config.epochs, initial=first,
                       total=config.epochs, desc=config.dataset,
                       disable=not progress)
@@ -270,9 +275,15 @@ class Trainer:
             self.learning_rate.assign(config.learning_rate * (
                 COSINE_FLOOR + (1. - COSINE_FLOOR) * 0.5 * (
                     1. + math.cos(math.pi * min(progress_, 1.)))))
+          began = time.perf_counter()
           losses, nfes, regs = self._train_epoch(epoch, skip, interrupted)
+          train_time += time.perf_counter() - began
           skip = 0
-          self._end_epoch(epoch, losses, nfes, regs, start, bar, callback)
+          self._end_epoch(epoch, losses, nfes, regs, start, bar, callback,
+                          train_time)
+          if (config.max_train_seconds is not None
+              and train_time >= config.max_train_seconds):
+            break   # the time budget; `fit()` again continues
     finally:
       if self.checkpoints is not None:
         self.checkpoints.close()
@@ -330,7 +341,8 @@ class Trainer:
                             f'{self._kept()}', e.solver_error) from None
       yield [(loss, nfe, self.last_regularizers)]
 
-  def _end_epoch(self, epoch, losses, nfes, regs, start, bar, callback):
+  def _end_epoch(self, epoch, losses, nfes, regs, start, bar, callback,
+                 train_time):
     """Held-out evaluation, the epoch's record, checkpoint, logs, metrics."""
     try:
       evaluation = self.evaluate()
@@ -344,7 +356,8 @@ class Trainer:
                   learning_rate=float(self.learning_rate.numpy()),
                   train_loss=mean(losses), test_nll=evaluation['nll'],
                   nfe_per_step=mean(nfes), eval_nfe=evaluation['nfe'],
-                  wall_time=time.perf_counter() - start)
+                  wall_time=time.perf_counter() - start,
+                  train_time=train_time)
     if 'bits_per_dim' in evaluation:
       record['test_bits_per_dim'] = evaluation['bits_per_dim']
     if self.config.regularized and regs:

@@ -8,9 +8,10 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tfp_ffjord
+from tfp_ffjord import ode
 from tests.helpers import RUN_MODES, run_in_mode
 
-tfb = tfp.bijectors
+tfb, tfd = tfp.bijectors, tfp.distributions
 
 EXACT_ATOL = {tf.float32: 1e-5, tf.float64: 1e-12}
 NUM_SEEDS = 400          # Hutchinson draws for the mean test
@@ -40,7 +41,7 @@ def _jacobian_trace(fn, t, z):
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
 @pytest.mark.parametrize('mode', RUN_MODES)
-@pytest.mark.parametrize('dim', [1, 2, 7])
+@pytest.mark.parametrize('dim', [1, 2, 7, 24])
 def test_exact_trace_matches_batch_jacobian(dim, mode, dtype):
   fn = _mlp_dynamics(dim, dtype)
   z = tf.random.normal([6, dim], dtype=dtype)
@@ -52,6 +53,63 @@ def test_exact_trace_matches_batch_jacobian(dim, mode, dtype):
                              atol=EXACT_ATOL[dtype])
   np.testing.assert_allclose(dz.numpy(), fn(0.3, z).numpy(),
                              atol=EXACT_ATOL[dtype])
+
+
+@pytest.mark.parametrize('dim', [7, 24])
+def test_exact_trace_gradient_compiles_under_xla(dim):
+  # A training step differentiates the trace again. Above UNROLL_MAX_DIM
+  # (the copies path) this failed to compile with `tf.vectorized_map`.
+  rng = np.random.RandomState(0)
+  w = tf.Variable(rng.randn(dim, dim) / dim ** .5, dtype=tf.float32)
+  fn = lambda t, z: tf.tanh(tf.matmul(z, w)) * t
+  z = tf.constant(rng.randn(5, dim), tf.float32)
+  aug = tfp_ffjord.trace_jacobian_exact(fn, z.shape, tf.float32,
+                                        regularize=True)
+
+  def loss():
+    with tf.GradientTape() as tape:
+      _, diag, _, frob = aug(0.7, (z, tf.zeros_like(z), tf.zeros_like(z),
+                                   tf.zeros_like(z)))
+      value = tf.reduce_sum(diag) + tf.reduce_sum(frob)
+    return value, tape.gradient(value, w)
+
+  value, grad = tf.function(loss, jit_compile=True)()
+  with tf.GradientTape() as tape:   # reference: the dense Jacobian
+    with tf.GradientTape() as inner:
+      inner.watch(z)
+      out = fn(0.7, z)
+    jac = inner.batch_jacobian(out, z)
+    expected = tf.reduce_sum(tf.linalg.trace(jac)) + tf.reduce_sum(
+        tf.square(jac))
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  np.testing.assert_allclose(grad, tape.gradient(expected, w), rtol=1e-4,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('dim', [7, 24])
+def test_exact_trace_training_step_through_a_solve_compiles_under_xla(dim):
+  # The gradient of a log-likelihood through an RK4 solve (a while loop)
+  # with the exact trace: with `tf.vectorized_map` above D = 16 this failed
+  # to compile ("shape argument ... could not be evaluated at compile
+  # time").
+  dynamics = tfp_ffjord.MLPODE([16], dim)
+  bij = tfp_ffjord.FFJORD(dynamics, ode_solve_fn=ode.RK4(num_steps=2).solve,
+                          trace_augmentation_fn=tfp_ffjord.trace_jacobian_exact)
+  dist = tfd.TransformedDistribution(
+      tfd.MultivariateNormalDiag(tf.zeros([dim])), bij)
+  x = tf.random.stateless_normal([8, dim], (1, 2))
+  dynamics(0., x)
+
+  def step(x):
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(dist.log_prob(x))
+    return loss, tape.gradient(loss, dynamics.trainable_variables)
+
+  loss, grads = tf.function(step, jit_compile=True)(x)
+  eager_loss, eager_grads = step(x + 0.)
+  np.testing.assert_allclose(loss, eager_loss, rtol=1e-5)
+  for g, e in zip(grads, eager_grads):
+    np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-5)
 
 
 def test_exact_trace_without_batch_axis_is_right():

@@ -294,8 +294,10 @@ class ConvODE(snt.Module):
       if key not in kwargs:
         raise ValueError(f'{self.name}: missing context keyword `{key}`.')
       c = tf.cast(kwargs[key], z.dtype)
-      c = tf.broadcast_to(tf.reshape(c, [-1, c.shape[-1]]),
-                          tf.concat([n, tf.shape(c)[-1:]], 0))
+      c = tf.reshape(c, [-1, c.shape[-1]])
+      # One row per image, or rows repeated over extra leading state axes
+      # (e.g. the exact trace's copies of the batch).
+      c = tf.tile(c, [n[0] // tf.shape(c)[0], 1])
       parts.append(tf.broadcast_to(
           c[:, tf.newaxis, tf.newaxis, :],
           tf.concat([tf.shape(x)[:3], tf.shape(c)[-1:]], 0)))

@@ -18,7 +18,7 @@ Both functions here also plug into `tfp.bijectors.FFJORD`.
 Limits: the dynamics must treat batch members independently (no mixing across
 the batch, e.g. no batch norm), as every per-sample trace estimator assumes.
 The exact trace costs one vector-Jacobian product per event dimension D
-(unrolled for D <= 16, vectorised with `tf.vectorized_map` above);
+(unrolled for D <= 16; above, one pass over D copies of the batch);
 Hutchinson's estimator costs one per probe.
 """
 
@@ -43,7 +43,7 @@ _autograph.skip_package()
 NOISE_TYPES = ('gaussian', 'rademacher')
 
 # The exact trace unrolls its D vector-Jacobian products up to this event
-# size and vectorises them with `tf.vectorized_map` above it.
+# size and runs them as one pass over D copies of the state above it.
 UNROLL_MAX_DIM = 16
 
 
@@ -107,9 +107,9 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
   The event is the last axis of the state (size D); every other axis is a
   batch axis, including none at all (a state of shape `[D]`). It takes D
   vector-Jacobian products, one per row of the identity: written out one
-  by one for D <= 16 (and eagerly), vectorised with `tf.vectorized_map`
-  above. Both compile under XLA and can be differentiated again for
-  training.
+  by one for D <= 16 (and eagerly); above, one pass over the state
+  replicated D times (copy i pulled back with row i). Both compile under
+  XLA and can be differentiated again for training.
 
   Args:
     ode_fn: `ode_fn(time, state, **kwargs)` -> time derivative of `state`.
@@ -164,11 +164,30 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
       if regularize:
         frobenius = tf.add_n([tf.square(r) for r in rows])
     else:
-      rows = tf.vectorized_map(row, eye)        # [D, ..., D]
+      # Above UNROLL_MAX_DIM, one pass for all D rows: the state replicated
+      # D times along a new leading axis, copy i pulled back with e_i. The
+      # same work as D VJPs (the dynamics treat batch members
+      # independently), no per-row graph, and it compiles under XLA and
+      # differentiates again, which `tf.vectorized_map`'s pfor rewrite did
+      # not (its second-order gradient failed to compile in a training
+      # step).
+      del tape
+      copies = tf.broadcast_to(state[tf.newaxis],
+                               tf.concat([[dim], tf.shape(state)], 0))
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(copies)
+        out = _call(ode_fn, time, copies, kwargs)
+      cotangent = tf.broadcast_to(
+          tf.reshape(eye, [dim] + [1] * (state.shape.rank - 1) + [dim]),
+          tf.shape(out))
+      rows = tape.gradient(out, copies, output_gradients=cotangent,
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      # rows[i] = e_i^T J for every batch member: [D, ..., D].
       diag = tf.linalg.diag_part(
           tf.experimental.numpy.moveaxis(rows, 0, -2))  # [..., D]
       if regularize:
         frobenius = tf.reduce_sum(tf.square(rows), axis=0)
+      tape = None
     del tape
     outputs = (dstate, diag)
     if regularize:

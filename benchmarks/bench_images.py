@@ -1,0 +1,163 @@
+"""Image flows at equal training time: FFJORD models against TFP's RealNVP,
+MAF and Glow, all trained by the same `Trainer` on the same data.
+
+Each model trains for `--seconds` of training steps (evaluations excluded;
+`TrainConfig.max_train_seconds`), evaluated on the held-out set after every
+`epoch` of its own `steps_per_epoch`. Reported: held-out bits/dim of the
+discrete images at the end and over time (a figure), steps taken, and for
+FFJORD models the NFE per step. FFJORD models are evaluated with
+Hutchinson's estimator above 64 dimensions (unbiased for log p).
+
+    python benchmarks/bench_images.py --dataset digits --seconds 300 \
+        --threads 1 --out benchmarks/RESULTS.md
+
+`--threads 1` pins the process to one core (and one TensorFlow thread), so
+two benchmarks, or a benchmark and other work, can share the 2-core machine
+without disturbing each other's timings.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Model name -> TrainConfig overrides (on top of COMMON[dataset]).
+# FFJORD's conv models run without XLA: on this CPU, XLA made a multiscale
+# training step 7.6x slower (2.9 s against 0.38 s, digits, batch 128, one
+# core); TFP's Glow and the dense models are as fast or faster with it.
+FFJORD_CONV = dict(levels=2, blocks=2, hidden=(32, 32), solver='rk4',
+                   num_steps=4, trace='hutchinson', jit_compile=False,
+                   steps_per_epoch=100)
+MODELS = {
+    'ffjord-multiscale': dict(FFJORD_CONV, model='multiscale'),
+    'ffjord-multiscale-rnode': dict(FFJORD_CONV, model='multiscale',
+                                    kinetic_weight=0.01,
+                                    jacobian_weight=0.01),
+    'ffjord-conv-fm': dict(model='conv', blocks=1, hidden=(64, 64, 64),
+                           objective='flow-matching', jit_compile=False,
+                           steps_per_epoch=500),
+    'realnvp': dict(model='realnvp', blocks=8, hidden=(256, 256),
+                    steps_per_epoch=1000),
+    'maf': dict(model='maf', blocks=5, hidden=(256, 256),
+                steps_per_epoch=1000),
+    'glow': dict(model='glow', levels=2, blocks=4, hidden=(64,),
+                 steps_per_epoch=1000),
+}
+COMMON = {
+    'digits': dict(dataset='digits', batch_size=128, learning_rate=1e-3,
+                   lr_schedule='constant', base_scale=1.0, activation='softplus',
+                   eval_rtol=1e-4, eval_atol=1e-4, eval_trace='hutchinson',
+                   eval_batch_size=300, epochs=100000, clip_norm=10.),
+    'mnist': dict(dataset='mnist', batch_size=64, learning_rate=1e-3,
+                  lr_schedule='constant', base_scale=1.0,
+                  activation='softplus', logit_alpha=1e-3, eval_rtol=1e-3,
+                  eval_atol=1e-3, eval_batch_size=500, epochs=100000,
+                  clip_norm=10.),
+}
+
+
+def pin(threads):
+  """Pins this process to the first `threads` CPUs and TensorFlow's thread
+  pools to `threads` (before TensorFlow starts)."""
+  if threads:
+    os.sched_setaffinity(0, set(range(threads)))
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def run_model(name, dataset, seconds, seed):
+  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+  kw = dict(COMMON[dataset])
+  kw.update(MODELS[name])
+  kw.update(max_train_seconds=seconds, seed=seed)
+  config = training.TrainConfig(**kw)
+  start = time.perf_counter()
+  trainer = training.Trainer(config)
+  untrained = trainer.evaluate()
+  history = trainer.fit(progress=False)
+  total = time.perf_counter() - start
+  params = sum(int(v.shape.num_elements()) for v in trainer.variables)
+  last = history[-1]
+  return dict(
+      name=name, config=config.to_dict(), params=params,
+      untrained_bits_per_dim=untrained['bits_per_dim'],
+      bits_per_dim=last['test_bits_per_dim'], steps=len(history) *
+      trainer.steps_per_epoch, train_time=last['train_time'],
+      total_time=total, nfe_per_step=last['nfe_per_step'],
+      eval_nfe=last['eval_nfe'],
+      curve=[(h['train_time'], h['test_bits_per_dim']) for h in history])
+
+
+def table(results, dataset, seconds, command):
+  rows = [f'## Image flows on `{dataset}` at equal training time', '',
+          f'Each model: {seconds:.0f} s of training steps, one core. Command: '
+          f'`{command}`', '',
+          '| model | parameters | steps | held-out bits/dim (untrained) | '
+          'best bits/dim | NFE per step |',
+          '|---|---:|---:|---:|---:|---:|']
+  for r in results:
+    best = min(b for _, b in r['curve'])
+    nfe = '—' if not r['nfe_per_step'] else f'{r["nfe_per_step"]:.0f}'
+    rows.append(f'| {r["name"]} | {r["params"]:,} | {r["steps"]:,} | '
+                f'{r["bits_per_dim"]:.3f} ({r["untrained_bits_per_dim"]:.2f})'
+                f' | {best:.3f} | {nfe} |')
+  return '\n'.join(rows) + '\n'
+
+
+def plot(results, path, dataset):
+  from tfp_ffjord import plotting  # pylint: disable=g-import-not-at-top
+  plt = plotting._pyplot()  # pylint: disable=protected-access
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in results:
+    t, b = zip(*r['curve'])
+    ax.plot(t, b, marker='.', label=r['name'])
+  ax.set_xlabel('training time (s)')
+  ax.set_ylabel('held-out bits/dim')
+  ax.set_title(f'{dataset}: bits/dim against training time')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dataset', choices=sorted(COMMON), default='digits')
+  parser.add_argument('--seconds', type=float, default=300.)
+  parser.add_argument('--models', nargs='+', default=list(MODELS),
+                      choices=list(MODELS))
+  parser.add_argument('--threads', type=int, default=0,
+                      help='pin to this many CPUs (0: all)')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', default=None, help='raw results')
+  parser.add_argument('--figure', default=None, help='bits/dim curves (png)')
+  parser.add_argument('--from-json', default=None,
+                      help='only tabulate a previous --json')
+  parser.add_argument('--out', default=None, help='results file to update')
+  args = parser.parse_args(argv)
+  command = 'python benchmarks/bench_images.py ' + ' '.join(
+      sys.argv[1:] if argv is None else argv)
+  if args.from_json:
+    results = json.load(open(args.from_json))
+  else:
+    pin(args.threads)
+    results = []
+    for name in args.models:
+      results.append(run_model(name, args.dataset, args.seconds, args.seed))
+      r = results[-1]
+      print(f'{name}: {r["bits_per_dim"]:.3f} bits/dim after {r["steps"]} '
+            f'steps ({r["train_time"]:.0f} s training, {r["total_time"]:.0f} '
+            's in all)', flush=True)
+      if args.json:   # after each model: a long run keeps what it has
+        json.dump(results, open(args.json, 'w'), indent=1)
+  if args.figure:
+    plot(results, args.figure, args.dataset)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from bench_training_step import publish  # pylint: disable=g-import-not-at-top
+  publish(args.out, table(results, args.dataset, args.seconds, command))
+
+
+if __name__ == '__main__':
+  main()

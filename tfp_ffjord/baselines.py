@@ -51,14 +51,19 @@ class _CouplingNet(snt.Module):
                name=None):
     super().__init__(name=name)
     self._hidden, self._activation = list(hidden), activation
-    self._mlp = None
+    self._mlp = self._out = None
 
   def __call__(self, x, output_units, **kwargs):
     if self._mlp is None:
-      self._mlp = snt.nets.MLP(self._hidden + [2 * output_units],
-                               activation=self._activation,
-                               w_init=None, name='mlp')
-    h = self._mlp(x)
+      self._mlp = snt.nets.MLP(self._hidden, activation=self._activation,
+                               activate_final=True, name='mlp')
+      # Zero-initialised output: each coupling starts as the identity (as
+      # Glow's); random outputs compounded over 8 couplings overflowed on
+      # MNIST's logit-space pixels at the first step.
+      zeros = snt.initializers.Zeros()
+      self._out = snt.Linear(2 * output_units, w_init=zeros, b_init=zeros,
+                             name='out')
+    h = self._out(self._mlp(x))
     shift, log_scale = tf.split(h, 2, axis=-1)
     return shift, LOG_SCALE_BOUND * tf.tanh(log_scale / LOG_SCALE_BOUND)
 
@@ -85,8 +90,9 @@ def make_realnvp(dim: int, layers: int = 4, hidden: Sequence[int] = (64, 64),
                  activation: Callable = tf.nn.relu,
                  seed: int = 0) -> BaselineFlow:
   """`layers` `tfb.RealNVP` affine couplings (half the dimensions masked,
-  MLP shift/log-scale networks, bounded log-scales) with fixed random
-  permutations between them (Dinh et al., 2017)."""
+  MLP shift/log-scale networks with zero-initialised outputs, bounded
+  log-scales) with fixed random permutations between them (Dinh et al.,
+  2017)."""
   _check(dim, layers)
   if dim < 2:
     raise ValueError(f'RealNVP needs `dim` >= 2; got {dim}.')

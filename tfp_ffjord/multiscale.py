@@ -27,6 +27,7 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
 from tfp_ffjord import bijector as bijector_lib
+from tfp_ffjord import dynamics
 from tfp_ffjord import trace as trace_lib
 
 tfb = tfp.bijectors
@@ -161,12 +162,16 @@ class MultiscaleFFJORD(tfb.Bijector):
               validate_args=validate_args, dtype=dtype,
               name=f'{name}_level{i}', seed_salt=f'{salt}.{i}')
           for i, fns in enumerate(level_dynamics)]
-      self._squeeze, self._factor = [], []
-      for level in self.plan:
-        self._squeeze.append(squeeze_permutation(level.shape)[0]
-                             if level.squeeze else None)
-        self._factor.append(None if level.kept_shape is None
-                            else factor_permutation(level.flow_shape)[0])
+      # Each level's permutations and their inverses (None: no squeeze,
+      # or nothing factored out).
+      self._squeeze = [squeeze_permutation(level.shape)[0]
+                       if level.squeeze else None for level in self.plan]
+      self._factor = [None if level.kept_shape is None
+                      else factor_permutation(level.flow_shape)[0]
+                      for level in self.plan]
+      inverse = lambda p: None if p is None else np.argsort(p)
+      self._unsqueeze = [inverse(p) for p in self._squeeze]
+      self._unfactor = [inverse(p) for p in self._factor]
       super().__init__(forward_min_event_ndims=1, dtype=dtype,
                        validate_args=validate_args, parameters=parameters,
                        name=scope)
@@ -219,7 +224,7 @@ class MultiscaleFFJORD(tfb.Bijector):
       out = z.shape[-1] - int(np.prod(self.plan[i].kept_shape))
       below = self._forward_level(i + 1, z[..., out:], regularize, kwargs)
       z = tf.concat([z[..., :out], below[0]], -1)
-      z = _gather(z, np.argsort(self._factor[i]))
+      z = _gather(z, self._unfactor[i])
     r = self.levels[i].solve_forward(z, regularize=regularize, **kwargs)
     parts = [r.value, r.log_det_jacobian, r.kinetic_energy,
              r.jacobian_frobenius]
@@ -228,9 +233,9 @@ class MultiscaleFFJORD(tfb.Bijector):
       for j in range(1, 4):
         if parts[j] is not None:
           extra = tf.concat([tf.zeros_like(z[..., :out]), below[j]], -1)
-          parts[j] = parts[j] + _gather(extra, np.argsort(self._factor[i]))
+          parts[j] = parts[j] + _gather(extra, self._unfactor[i])
     if self._squeeze[i] is not None:
-      parts = [_gather(p, np.argsort(self._squeeze[i])) for p in parts]
+      parts = [_gather(p, self._unsqueeze[i]) for p in parts]
     return parts + [[r.diagnostics] + ([] if below is None else below[4])]
 
   def _result(self, parts):
@@ -284,7 +289,6 @@ def conv_level_dynamics(image_shape, levels: int, blocks: int,
                         name: Optional[str] = 'multiscale'):
   """`ConvODE` dynamics for each level of `plan_levels(image_shape,
   levels)`: `blocks` per level, zero-initialised outputs."""
-  from tfp_ffjord import dynamics  # pylint: disable=g-import-not-at-top
   return [[dynamics.ConvODE(level.flow_shape, hidden_channels, activation,
                             context_keys=context_keys,
                             name=f'{name}_level{i}_block{k}')

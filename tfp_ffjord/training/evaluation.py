@@ -55,7 +55,7 @@ class Evaluator:
         input_signature=[points(None), labels(None)], autograph=False)
     sample = lambda n, seed, lab: flow.sample(
         n, seed=seed, bijector_kwargs=model.bijector_kwargs(lab))
-    if getattr(model, 'is_ffjord', True):
+    if model.is_ffjord:
       self._sample = ode.checked_function(
           sample, input_signature=[tf.TensorSpec([], tf.int32),
                                    tf.TensorSpec([2], tf.int32),

@@ -155,15 +155,9 @@ class FlowModel(snt.Module):
         make = (baselines.make_realnvp if architecture == 'realnvp'
                 else baselines.make_maf)
         self.baseline = make(self.dim, blocks, tuple(hidden), act, seed=seed)
-    # Sonnet creates variables on the first call.
-    sizes = ([int(np.prod(lv.flow_shape)) for lv in
-              multiscale.plan_levels(self.image_shape, levels)
-              for _ in range(blocks)] if self.level_dynamics
-             else [self.dim] * len(self.dynamics))
-    for d, size in zip(self.dynamics, sizes):
-      d(tf.zeros([], self.dtype), tf.zeros([1, size], self.dtype),
+    for d in self.dynamics:  # Sonnet creates variables on the first call.
+      d(tf.zeros([], self.dtype), tf.zeros([1, d.output_size], self.dtype),
         **self.context_kwargs(tf.zeros([1], tf.int32)))
-    self._levels = levels
 
   @classmethod
   def from_config(cls, config, data) -> 'FlowModel':

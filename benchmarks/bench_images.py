@@ -34,6 +34,17 @@ MODELS = {
     'ffjord-multiscale-rnode': dict(FFJORD_CONV, model='multiscale',
                                     kinetic_weight=0.01,
                                     jacobian_weight=0.01),
+    # RNODE on images: the same multiscale model trained with an adaptive
+    # solver (Tsit5 at rtol = atol = 1e-3), unregularised and regularised,
+    # so the NFE per step is the model's own (the RNODE paper's comparison).
+    'ffjord-multiscale-tsit5': dict(FFJORD_CONV, model='multiscale',
+                                    solver='tsit5', rtol=1e-3, atol=1e-3,
+                                    steps_per_epoch=50),
+    'ffjord-multiscale-tsit5-rnode': dict(FFJORD_CONV, model='multiscale',
+                                          solver='tsit5', rtol=1e-3,
+                                          atol=1e-3, steps_per_epoch=50,
+                                          kinetic_weight=0.01,
+                                          jacobian_weight=0.01),
     'ffjord-conv-fm': dict(model='conv', blocks=1, hidden=(64, 64, 64),
                            objective='flow-matching', jit_compile=False,
                            steps_per_epoch=500),
@@ -59,11 +70,11 @@ COMMON = {
 }
 
 
-def pin(threads):
-  """Pins this process to the first `threads` CPUs and TensorFlow's thread
-  pools to `threads` (before TensorFlow starts)."""
+def pin(threads, first_cpu=0):
+  """Pins this process to `threads` CPUs from `first_cpu` on and
+  TensorFlow's thread pools to `threads` (before TensorFlow starts)."""
   if threads:
-    os.sched_setaffinity(0, set(range(threads)))
+    os.sched_setaffinity(0, set(range(first_cpu, first_cpu + threads)))
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
@@ -89,7 +100,8 @@ def run_model(name, dataset, seconds, seed):
       trainer.steps_per_epoch, train_time=last['train_time'],
       total_time=total, nfe_per_step=last['nfe_per_step'],
       eval_nfe=last['eval_nfe'],
-      curve=[(h['train_time'], h['test_bits_per_dim']) for h in history])
+      curve=[(h['train_time'], h['test_bits_per_dim']) for h in history],
+      nfe_curve=[h['nfe_per_step'] for h in history])
 
 
 def table(results, dataset, seconds, command):
@@ -105,6 +117,45 @@ def table(results, dataset, seconds, command):
     rows.append(f'| {r["name"]} | {r["params"]:,} | {r["steps"]:,} | '
                 f'{r["bits_per_dim"]:.4g} ({r["untrained_bits_per_dim"]:.3g})'
                 f' | {best:.3f} ({when:.0f}) | {nfe} |')
+  return '\n'.join(rows) + '\n'
+
+
+RNODE_PAIR = ('ffjord-multiscale-tsit5', 'ffjord-multiscale-tsit5-rnode')
+# A run has reached the level at its first evaluation at most this above it.
+EQUAL_BITS = 0.01
+
+
+def rnode_table(results):
+  """The RNODE comparison at equal held-out bits/dim, if both runs of
+  `RNODE_PAIR` are in `results`: the level is the worse of the two runs'
+  best bits/dim; for each run, the first evaluation at or below the level
+  plus `EQUAL_BITS`, its training time, the NFE per step of the epoch that
+  reached it and the mean NFE per step of the whole run up to it."""
+  found = {r['name']: r for r in results}
+  if not all(n in found for n in RNODE_PAIR):
+    return ''
+  level = max(min(b for _, b in found[n]['curve']) for n in RNODE_PAIR)
+  rows = ['### RNODE at equal held-out bits/dim', '',
+          f'Level: {level:.3f} bits/dim (the worse run\'s best); each run at '
+          f'its first evaluation at or below {level + EQUAL_BITS:.3f}.', '',
+          '| run | bits/dim there | training time to it (s) | steps | NFE '
+          'per step there | mean NFE per step until then |',
+          '|---|---:|---:|---:|---:|---:|']
+  reached = {}
+  for name in RNODE_PAIR:
+    r = found[name]
+    per_epoch = r['steps'] // len(r['curve'])
+    for i, ((t, b), nfe) in enumerate(zip(r['curve'], r['nfe_curve'])):
+      if b <= level + EQUAL_BITS:
+        mean = sum(r['nfe_curve'][:i + 1]) / (i + 1)
+        reached[name] = (t, nfe, mean)
+        rows.append(f'| {name} | {b:.3f} | {t:.0f} | {(i + 1) * per_epoch} | '
+                    f'{nfe:.1f} | {mean:.1f} |')
+        break
+  (t0, n0, m0), (t1, n1, m1) = (reached[n] for n in RNODE_PAIR)
+  rows += ['', f'RNODE: {n0 / n1:.2f}x fewer NFE per step at that point '
+           f'({m0 / m1:.2f}x on average until then), {t0 / t1:.2f}x less '
+           'training time to reach it.']
   return '\n'.join(rows) + '\n'
 
 
@@ -135,6 +186,8 @@ def main(argv=None):
                       choices=list(MODELS))
   parser.add_argument('--threads', type=int, default=0,
                       help='pin to this many CPUs (0: all)')
+  parser.add_argument('--first-cpu', type=int, default=0,
+                      help='with --threads: the first CPU to pin to')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', default=None, help='raw results')
   parser.add_argument('--figure', default=None, help='bits/dim curves (png)')
@@ -152,7 +205,7 @@ def main(argv=None):
         merged[r['name']] = r
     results = list(merged.values())
   else:
-    pin(args.threads)
+    pin(args.threads, args.first_cpu)
     results = []
     for name in args.models:
       results.append(run_model(name, args.dataset, args.seconds, args.seed))
@@ -166,7 +219,8 @@ def main(argv=None):
     plot(results, args.figure, args.dataset)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from bench_training_step import publish  # pylint: disable=g-import-not-at-top
-  publish(args.out, table(results, args.dataset, args.seconds, command))
+  publish(args.out, table(results, args.dataset, args.seconds, command)
+          + rnode_table(results))
 
 
 if __name__ == '__main__':

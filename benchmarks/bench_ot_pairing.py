@@ -1,7 +1,8 @@
 """Flow matching with and without minibatch optimal-transport pairing.
 
-Trains the moons flow-matching model of `bench_flow_matching.py` (1 block,
-MLP 64-64-64 swish, batch 512, Adam 3e-2 cosine) for `--epochs` epochs of
+Trains a moons flow-matching model (1 block, MLP 64-64-64 swish, batch 512,
+Adam 3e-2 cosine; `bench_flow_matching.py` used it until it moved to a
+smaller MLP) for `--epochs` epochs of
 250 steps three ways, one after the other in one process:
   * independent pairs (base samples drawn in the compiled loop);
   * `ot_solver='exact'`: SciPy's assignment on the host between steps;

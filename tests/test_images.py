@@ -8,6 +8,8 @@ map, on images small enough for a dense Jacobian (4x4).
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +40,9 @@ LOG_DET_TOLERANCE = {tf.float64: 1e-7, tf.float32: 1e-3}
 ROUND_TRIP_TOLERANCE = {tf.float64: 1e-9, tf.float32: 1e-4}
 # A baseline's log-det is closed form: only float32 rounding differs.
 BASELINE_LOG_DET_TOLERANCE = 1e-4
+# A SavedModel runs the same ops as the in-memory flow (no XLA): float32
+# rounding of log-densities of order 100 nats.
+SAVED_MODEL_RTOL = 1e-5
 
 
 def _conv_dynamics(shape, dtype, seed, name):
@@ -383,3 +388,58 @@ def test_cli_trains_mnist_multiscale_and_writes_the_grids(tmp_path):
   assert metrics['config']['model'] == 'multiscale'
   for png in ('samples.png', 'data.png', 'curves.png'):
     assert os.path.getsize(os.path.join(out, png)) > 5000, png
+
+
+@pytest.mark.slow
+def test_image_models_export_saved_models_that_load_without_tfp(tmp_path):
+  """Each image model's SavedModel loads with TensorFlow alone and gives the
+  in-memory evaluation flow's log-densities (Hutchinson's with the export's
+  fixed probes for the FFJORD model) and deterministic samples."""
+  kinds = ['multiscale', 'realnvp', 'maf', 'glow']
+  points = None
+  expected = {}
+  for kind in kinds:
+    trainer = training.Trainer(_digits_config(kind, steps_per_epoch=5))
+    trainer.fit(progress=False)
+    training.export_saved_model(trainer, str(tmp_path / kind))
+    points = trainer.data.test[:20]
+    kwargs = trainer.model.bijector_kwargs(
+        None, training.EXPORT_SEED if trainer.model.is_ffjord else None)
+    # A static batch: tfb.Glow cannot take an unknown one in a graph.
+    expected[kind] = tf.function(
+        lambda x, t=trainer, kw=kwargs: t.eval_flow.log_prob(
+            x, bijector_kwargs=kw))(tf.constant(points)).numpy()
+  np.save(tmp_path / 'x.npy', points)
+  code = f'''
+import json, sys
+import numpy as np
+import tensorflow as tf
+x = np.load({str(tmp_path / 'x.npy')!r})
+out = {{}}
+for kind in {kinds!r}:
+  m = tf.saved_model.load({str(tmp_path)!r} + '/' + kind)
+  lp = m.log_prob(x)['log_prob'].numpy()
+  again = m.signatures['log_prob'](x=tf.constant(x))['log_prob'].numpy()
+  s1 = m.sample(tf.constant(5), tf.constant([3, 4]))['samples'].numpy()
+  s2 = m.sample(tf.constant(5), tf.constant([3, 4]))['samples'].numpy()
+  s3 = m.sample(tf.constant(7), tf.constant([5, 6]))['samples'].numpy()
+  out[kind] = dict(lp=lp.tolist(), same_lp=bool(np.array_equal(lp, again)),
+                   same_samples=bool(np.array_equal(s1, s2)),
+                   shapes=[s1.shape, s3.shape],
+                   finite=bool(np.all(np.isfinite(s3))))
+out['modules'] = ['tfp_ffjord' in sys.modules,
+                  'tensorflow_probability' in sys.modules]
+print(json.dumps(out))
+'''
+  res = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, timeout=600,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert out.pop('modules') == [False, False]
+  for kind in kinds:
+    got = out[kind]
+    assert got['same_lp'] and got['same_samples'], kind
+    assert got['shapes'] == [[5, 64], [7, 64]] and got['finite'], kind
+    np.testing.assert_allclose(got['lp'], expected[kind],
+                               rtol=SAVED_MODEL_RTOL, err_msg=kind)

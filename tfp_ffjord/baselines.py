@@ -31,12 +31,17 @@ class BaselineFlow(tf.Module):
   Attributes:
     bijector: the `tfb.Bijector`, forward from the latent to the data.
     kind: 'realnvp', 'maf' or 'glow'.
+    static_batch: whether the bijector needs a batch of known size inside a
+      graph (`tfb.Glow` in TFP 0.25: int32/int64 shapes in its `Reshape`
+      fail on an unknown batch size, in both directions).
   """
 
-  def __init__(self, bijector, kind: str, networks=(), name=None):
+  def __init__(self, bijector, kind: str, networks=(), name=None,
+               static_batch: bool = False):
     super().__init__(name=name or kind)
     self.bijector, self.kind = bijector, kind
     self.networks = list(networks)
+    self.static_batch = static_batch
 
   def initialize(self, x):
     """Runs the inverse on a data batch `x` (`[N, D]`) once: builds the
@@ -153,4 +158,5 @@ def make_glow(image_shape: Sequence[int], levels: int = 2,
           shape, num_hidden=hidden_channels),
       exit_bijector_fn=tfb.GlowDefaultExitNetwork, seed=seed)
   flat = tfb.Reshape(event_shape_out=[h * w * c], event_shape_in=[h, w, c])
-  return BaselineFlow(tfb.Chain([flat, glow]), 'glow', [glow])
+  return BaselineFlow(tfb.Chain([flat, glow]), 'glow', [glow],
+                      static_batch=True)

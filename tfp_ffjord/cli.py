@@ -98,7 +98,9 @@ def config_options():
     shown = ','.join(map(str, default)) if isinstance(default, tuple) else (
         default)
     help_text = meta['help']
-    if 'default:' not in help_text:
+    if meta['kind'] == 'flag' and default:   # a --no-... flag
+      help_text = f'turn off: {help_text} (on by default)'
+    elif 'default:' not in help_text:
       help_text += f'; default: {shown}'
     kwargs = dict(dest=f.name, help=help_text)
     if meta['kind'] == 'flag':

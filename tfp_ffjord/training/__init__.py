@@ -34,6 +34,7 @@ _EXPORTS = {
     'is_chief': 'distribute',
     'ot_pairing': 'flow_matching',
     'export_saved_model': 'export',
+    'EXPORT_SEED': 'export',
     'fit_adam': 'fitting',
     'fit_lbfgs': 'fitting',
     'total_variation': 'fitting',

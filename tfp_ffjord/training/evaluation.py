@@ -53,8 +53,11 @@ class Evaluator:
     self._forward = ode.checked_function(
         lambda x, lab: chain.forward(x, **model.bijector_kwargs(lab)),
         input_signature=[points(None), labels(None)], autograph=False)
+    # FFJORD models seed their Hutchinson probes from the sample's seed (an
+    # adaptive solve's steps follow the log-det's error too).
     sample = lambda n, seed, lab: flow.sample(
-        n, seed=seed, bijector_kwargs=model.bijector_kwargs(lab))
+        n, seed=seed, bijector_kwargs=model.bijector_kwargs(
+            lab, seed if model.is_ffjord else None))
     if model.is_ffjord:
       self._sample = ode.checked_function(
           sample, input_signature=[tf.TensorSpec([], tf.int32),

@@ -5,7 +5,37 @@ import os
 
 import tensorflow as tf
 
-__all__ = ['export_saved_model']
+__all__ = ['export_saved_model', 'EXPORT_SEED']
+
+# The seed of the exported `log_prob`'s Hutchinson probes (models evaluated
+# with Hutchinson's estimator, i.e. above 64 dimensions by default): fixed,
+# so the exported density is a deterministic function of `x`.
+EXPORT_SEED = (0, 20190101)
+# Points per call of a flow that needs a static batch size (`tfb.Glow`):
+# the exported functions run it over chunks of this many.
+STATIC_CHUNK = 64
+
+
+def _chunked_log_prob(log_prob, x, chunk):
+  """`log_prob` of `x` (`[N, D]`, N unknown) over zero-padded chunks of a
+  static size (`tf.map_fn`)."""
+  n, dim = tf.shape(x)[0], x.shape[-1]
+  k = (n + chunk - 1) // chunk
+  padded = tf.pad(x, [[0, k * chunk - n], [0, 0]])
+  out = tf.map_fn(log_prob, tf.reshape(padded, [k, chunk, dim]),
+                  fn_output_signature=tf.TensorSpec([chunk], x.dtype))
+  return tf.reshape(out, [-1])[:n]
+
+
+def _chunked_sample(sample, n, seed, chunk, dim):
+  """`n` samples from chunks of `chunk` (each `sample(chunk, seed_i)` with
+  `seed_i` folded from `seed` and the chunk's index)."""
+  k = (n + chunk - 1) // chunk
+  out = tf.map_fn(
+      lambda i: sample(chunk, tf.random.experimental.stateless_fold_in(
+          seed, i)), tf.range(k),
+      fn_output_signature=tf.TensorSpec([chunk, dim], tf.float32))
+  return tf.reshape(out, [-1, dim])[:n]
 
 
 class _ExportModule(tf.Module):
@@ -20,6 +50,15 @@ class _ExportModule(tf.Module):
     self.num_classes = tf.Variable(classes, trainable=False, dtype=tf.int32)
     self.config_json = tf.Variable(json.dumps(config), trainable=False)
     points = tf.TensorSpec([None, dim], tf.float32, name='x')
+    # FFJORD blocks take the seed (the exact trace ignores it); TFP's
+    # discrete flows take no keyword arguments.
+    probe_seed = EXPORT_SEED if model.is_ffjord else None
+    kwargs = lambda labels: model.bijector_kwargs(labels, probe_seed)
+    # Sampling seeds the probes from the sample's seed: an adaptive solve's
+    # steps follow the log-det's error too, so unseeded probes would make
+    # the samples vary slightly between calls.
+    sample_kwargs = lambda labels, seed: model.bijector_kwargs(
+        labels, seed if model.is_ffjord else None)
     count = tf.TensorSpec([], tf.int32, name='n')
     seed = tf.TensorSpec([2], tf.int32, name='seed')
     if classes:
@@ -27,22 +66,33 @@ class _ExportModule(tf.Module):
 
       @tf.function(input_signature=[points, label_spec])
       def log_prob(x, labels):
-        return {'log_prob': flow.log_prob(
-            x, bijector_kwargs=model.bijector_kwargs(labels))}
+        return {'log_prob': flow.log_prob(x, bijector_kwargs=kwargs(labels))}
 
       @tf.function(input_signature=[count, seed,
                                     tf.TensorSpec([], tf.int32, name='label')])
       def sample(n, seed, label):
-        kwargs = model.bijector_kwargs(tf.fill([n], label))
-        return {'samples': flow.sample(n, seed=seed, bijector_kwargs=kwargs)}
-    else:
+        return {'samples': flow.sample(n, seed=seed, bijector_kwargs=(
+            sample_kwargs(tf.fill([n], label), seed)))}
+    elif getattr(model.baseline, 'static_batch', False):
       @tf.function(input_signature=[points])
       def log_prob(x):
-        return {'log_prob': flow.log_prob(x)}
+        return {'log_prob': _chunked_log_prob(flow.log_prob, x,
+                                              STATIC_CHUNK)}
 
       @tf.function(input_signature=[count, seed])
       def sample(n, seed):
-        return {'samples': flow.sample(n, seed=seed)}
+        return {'samples': _chunked_sample(
+            lambda m, s: flow.sample(m, seed=s), n, seed, STATIC_CHUNK,
+            dim)}
+    else:
+      @tf.function(input_signature=[points])
+      def log_prob(x):
+        return {'log_prob': flow.log_prob(x, bijector_kwargs=kwargs(None))}
+
+      @tf.function(input_signature=[count, seed])
+      def sample(n, seed):
+        return {'samples': flow.sample(
+            n, seed=seed, bijector_kwargs=sample_kwargs(None, seed))}
     self.log_prob = log_prob
     self.sample = sample
 
@@ -54,11 +104,16 @@ def export_saved_model(trainer, path: str) -> str:
   no tfp_ffjord or TFP import), and runs the held-out evaluation's solver
   and exact trace:
 
-  * `log_prob(x)`: `x` float32 `[N, D]` -> `{'log_prob': [N]}`;
+  * `log_prob(x)`: `x` float32 `[N, D]` -> `{'log_prob': [N]}` (for a
+    model evaluated with Hutchinson's estimator, an unbiased estimate with
+    probes fixed by `EXPORT_SEED`: the same `x` gives the same value);
   * `sample(n, seed)`: int32 scalar and int32 `[2]` -> `{'samples': [n, D]}`,
     the same points for the same seed (stateless sampling);
   * conditional models take `labels` (`[N]` int32) in `log_prob` and one
-    `label` (int32 scalar) in `sample`.
+    `label` (int32 scalar) in `sample`;
+  * a baseline that needs a static batch size (`tfb.Glow`) runs over
+    chunks of `STATIC_CHUNK` points; its samples come chunk by chunk, with
+    seeds folded from `seed`.
 
   Both are also `signatures` (for TF Serving and `saved_model_cli`), and
   the module has `dim`, `num_classes` and `config_json` constants. The

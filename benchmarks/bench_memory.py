@@ -34,6 +34,27 @@ import sys
 BATCH, DIM = 4096, 16
 
 
+def measure(make_step, x, gradient, num_steps):
+  """Prints, as JSON, the growth of peak RSS during one call of
+  `make_step(num_steps)(x)` (a traced `tf.function` returning `(loss,
+  grads)`): traced before measuring, after a warm-up call of
+  `make_step(1)`, so tracing and start-up allocations are not counted."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  warm = make_step(1)
+  warm(x)[0].numpy()
+  step = make_step(num_steps)
+  step.get_concrete_function(x)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  loss, grads = step(x)
+  loss.numpy()
+  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  print(json.dumps(dict(gradient=gradient, num_steps=num_steps,
+                        peak_growth_mib=(after - before) / 1024.,
+                        peak_mib=after / 1024.,
+                        finite=bool(tf.reduce_all([tf.reduce_all(
+                            tf.math.is_finite(g)) for g in grads])))))
+
+
 def child(gradient, num_steps):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -50,24 +71,14 @@ def child(gradient, num_steps):
     @tf.function
     def step(x):
       with tf.GradientTape() as tape:
-        y, ldj, _ = bij.solve_forward(x, seed=1)
-        loss = tf.reduce_mean(y ** 2) - tf.reduce_mean(ldj)
+        r = bij.solve_forward(x, seed=1)
+        loss = (tf.reduce_mean(r.value ** 2)
+                - tf.reduce_mean(r.log_det_jacobian))
       return loss, tape.gradient(loss, mlp.trainable_variables)
 
     return step
 
-  warm = make_step(1)
-  warm(x)[0].numpy()
-  step = make_step(num_steps)
-  step.get_concrete_function(x)
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  loss, grads = step(x)
-  loss.numpy()
-  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  print(json.dumps(dict(gradient=gradient, num_steps=num_steps,
-                        peak_growth_mib=(after - before) / 1024.,
-                        finite=bool(tf.reduce_all([tf.reduce_all(
-                            tf.math.is_finite(g)) for g in grads])))))
+  measure(make_step, x, gradient, num_steps)
 
 
 MNIST_BATCH = 64
@@ -82,18 +93,17 @@ def child_mnist(gradient, num_steps):
   data = datasets.load('mnist', num_train=MNIST_BATCH, num_test=16)
   x = tf.constant(data.train[:MNIST_BATCH])
 
-  def make_step(n):
-    config = training.TrainConfig(
+  def config(n):
+    return training.TrainConfig(
         dataset='mnist', model='multiscale', levels=2, blocks=2,
         hidden=(32, 32), activation='softplus', logit_alpha=1e-3,
         base_scale=1.0, solver='rk4', num_steps=n, gradient=gradient,
         trace='hutchinson', jit_compile=False)
-    return config
 
-  model = training.FlowModel.from_config(make_step(1), data)
+  model = training.FlowModel.from_config(config(1), data)
 
-  def step_fn(n):
-    _, chain = model.flow(training.make_solver(make_step(n)), 'hutchinson')
+  def make_step(n):
+    _, chain = model.flow(training.make_solver(config(n)), 'hutchinson')
 
     @tf.function
     def step(x):
@@ -104,19 +114,7 @@ def child_mnist(gradient, num_steps):
 
     return step
 
-  warm = step_fn(1)
-  warm(x)[0].numpy()
-  step = step_fn(num_steps)
-  step.get_concrete_function(x)
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  loss, grads = step(x)
-  loss.numpy()
-  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  print(json.dumps(dict(gradient=gradient, num_steps=num_steps,
-                        peak_growth_mib=(after - before) / 1024.,
-                        peak_mib=after / 1024.,
-                        finite=bool(tf.reduce_all([tf.reduce_all(
-                            tf.math.is_finite(g)) for g in grads])))))
+  measure(make_step, x, gradient, num_steps)
 
 
 def main(argv=None):

@@ -56,19 +56,18 @@ class Evaluator:
     # FFJORD models seed their Hutchinson probes from the sample's seed (an
     # adaptive solve's steps follow the log-det's error too).
     sample = lambda n, seed, lab: flow.sample(
-        n, seed=seed, bijector_kwargs=model.bijector_kwargs(
-            lab, seed if model.is_ffjord else None))
+        n, seed=seed, bijector_kwargs=model.bijector_kwargs(lab, seed))
+    signature = [tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int32),
+                 labels(None)]
     if model.is_ffjord:
-      self._sample = ode.checked_function(
-          sample, input_signature=[tf.TensorSpec([], tf.int32),
-                                   tf.TensorSpec([2], tf.int32),
-                                   labels(None)], autograph=False)
-    else:
-      # tfb.Glow's forward fails on a batch of unknown size in a graph (TFP
-      # 0.25: int32/int64 shapes in its Reshape), so a baseline's sampler
-      # is traced for each number of samples.
+      self._sample = ode.checked_function(sample, input_signature=signature,
+                                          autograph=False)
+    elif model.baseline.static_batch:   # tfb.Glow: traced per sample count
       traced = tf.function(sample, autograph=False)
       self._sample = lambda n, seed, lab: traced(int(n), seed, lab)
+    else:
+      self._sample = tf.function(sample, input_signature=signature,
+                                 autograph=False)
 
   def labels(self, labels, n) -> np.ndarray:
     """Labels for `n` points: the given ones, or zeros for unconditional

@@ -50,15 +50,12 @@ class _ExportModule(tf.Module):
     self.num_classes = tf.Variable(classes, trainable=False, dtype=tf.int32)
     self.config_json = tf.Variable(json.dumps(config), trainable=False)
     points = tf.TensorSpec([None, dim], tf.float32, name='x')
-    # FFJORD blocks take the seed (the exact trace ignores it); TFP's
-    # discrete flows take no keyword arguments.
-    probe_seed = EXPORT_SEED if model.is_ffjord else None
-    kwargs = lambda labels: model.bijector_kwargs(labels, probe_seed)
-    # Sampling seeds the probes from the sample's seed: an adaptive solve's
-    # steps follow the log-det's error too, so unseeded probes would make
-    # the samples vary slightly between calls.
-    sample_kwargs = lambda labels, seed: model.bijector_kwargs(
-        labels, seed if model.is_ffjord else None)
+    # FFJORD blocks take a seed for their Hutchinson probes (the exact trace
+    # ignores it, baselines get none). log_prob fixes the probes
+    # (EXPORT_SEED); sampling seeds them from the sample's seed, since an
+    # adaptive solve's steps follow the log-det's error too and unseeded
+    # probes would make the samples vary between calls.
+    kwargs = model.bijector_kwargs
     count = tf.TensorSpec([], tf.int32, name='n')
     seed = tf.TensorSpec([2], tf.int32, name='seed')
     if classes:
@@ -66,14 +63,15 @@ class _ExportModule(tf.Module):
 
       @tf.function(input_signature=[points, label_spec])
       def log_prob(x, labels):
-        return {'log_prob': flow.log_prob(x, bijector_kwargs=kwargs(labels))}
+        return {'log_prob': flow.log_prob(
+            x, bijector_kwargs=kwargs(labels, EXPORT_SEED))}
 
       @tf.function(input_signature=[count, seed,
                                     tf.TensorSpec([], tf.int32, name='label')])
       def sample(n, seed, label):
         return {'samples': flow.sample(n, seed=seed, bijector_kwargs=(
-            sample_kwargs(tf.fill([n], label), seed)))}
-    elif getattr(model.baseline, 'static_batch', False):
+            kwargs(tf.fill([n], label), seed)))}
+    elif not model.is_ffjord and model.baseline.static_batch:
       @tf.function(input_signature=[points])
       def log_prob(x):
         return {'log_prob': _chunked_log_prob(flow.log_prob, x,
@@ -87,12 +85,13 @@ class _ExportModule(tf.Module):
     else:
       @tf.function(input_signature=[points])
       def log_prob(x):
-        return {'log_prob': flow.log_prob(x, bijector_kwargs=kwargs(None))}
+        return {'log_prob': flow.log_prob(
+            x, bijector_kwargs=kwargs(None, EXPORT_SEED))}
 
       @tf.function(input_signature=[count, seed])
       def sample(n, seed):
         return {'samples': flow.sample(
-            n, seed=seed, bijector_kwargs=sample_kwargs(None, seed))}
+            n, seed=seed, bijector_kwargs=kwargs(None, seed))}
     self.log_prob = log_prob
     self.sample = sample
 

@@ -253,12 +253,14 @@ class FlowModel(snt.Module):
   def bijector_kwargs(self, labels=None, seed=None) -> Dict:
     """Keyword arguments for the FFJORD blocks of a `flow()` chain.
 
-    The label context (conditional models) and a per-call `seed`, routed to
-    every block by name: pass as `log_prob(x, bijector_kwargs=...)` or
-    `chain.forward(x, **...)`. `{}` when there is nothing to pass.
+    The label context (conditional models) and a per-call `seed` (of the
+    Hutchinson probes; ignored for a baseline, whose bijector takes no
+    keyword arguments), routed to every block by name: pass as
+    `log_prob(x, bijector_kwargs=...)` or `chain.forward(x, **...)`. `{}`
+    when there is nothing to pass.
     """
     block = dict(self.context_kwargs(labels))
-    if seed is not None:
+    if seed is not None and self.is_ffjord:
       block['seed'] = seed
     return {'ffjord': block} if block else {}
 

@@ -4,6 +4,7 @@ import collections
 import itertools
 import math
 import numbers
+from typing import Dict
 
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -443,6 +444,10 @@ class FFJORD(tfb.Bijector):
     return cached['ildj']
 
 
+# Keyword arguments carrying `_Blocks.stacked_weights` through a solve.
+_WEIGHT_PREFIX = '_stacked_block_weight_'
+
+
 class _Blocks(tf.Module):
   """The dynamics of a `StackedFFJORD`, tracked as one module."""
 
@@ -452,11 +457,27 @@ class _Blocks(tf.Module):
     # Built dynamics of one architecture share one traced computation.
     self._stacked_call = dynamics_lib.stacked_call(self.fns)
 
+  def stacked_weights(self) -> Dict[str, tf.Tensor]:
+    """The blocks' weights stacked per variable, as solver constants.
+
+    Empty unless the blocks share one architecture. Passed to the solve as
+    constants (and back here as keyword arguments), they make its gradient
+    accumulate a few `[K, ...]` Tensors rather than every block's variables
+    (fewer loop variables and ops: a shorter trace and compilation).
+    """
+    if self._stacked_call is None:
+      return {}
+    return {f'{_WEIGHT_PREFIX}{i:04d}': w
+            for i, w in enumerate(self._stacked_call.stack())}
+
   def __call__(self, time, state, block, **kwargs):
     """Block `block`'s dynamics (`block` an int or an int32 Tensor)."""
+    keys = sorted(k for k in kwargs if k.startswith(_WEIGHT_PREFIX))
+    weights = [kwargs.pop(k) for k in keys]
     if self._stacked_call is not None:
       # Blocks of one architecture: one copy of the dynamics in the graph.
-      return self._stacked_call(block, time, state, **kwargs)
+      return self._stacked_call(block, time, state,
+                                stacked_weights=weights or None, **kwargs)
     # Any dynamics: every block, the chosen one's output selected (K times
     # the work of an evaluation, still one solver loop).
     out = None
@@ -601,6 +622,7 @@ class StackedFFJORD(FFJORD):
       t0 = ode.base.as_float(self._initial_time, x.dtype)
       span = ode.base.as_float(self._final_time, x.dtype) - t0
       ends = t0 + span * tf.range(1, len(self._fns) + 1, dtype=x.dtype)
+      kwargs = dict(kwargs, **self._state_time_derivative_fn.stacked_weights())
       results = self._run_solve(self._segment_dynamics(inverse, x.dtype), x,
                                 kwargs, ends, regularize, segmented=True)
       finals = tf.nest.map_structure(lambda s: s[-1], results.states)

@@ -347,6 +347,12 @@ def stacked_call(modules) -> Optional[Callable]:
   variables). This is what lets `StackedFFJORD` trace and compile K blocks
   for the price of one.
 
+  `call.stack()` returns those stacked weights (one `[K, ...]` Tensor per
+  variable of a module, in a fixed order); `call(k, ..., stacked_weights=w)`
+  gathers from `w` instead of stacking the variables again. Stacked once
+  outside a solve and passed in as constants, the weights reach the solver's
+  gradient as a few stacked Tensors rather than K times as many variables.
+
   Returns `None` unless every module is a `tf.Module` of one class whose
   variables (built: call each module once first) have the same names and
   shapes, each held in an attribute.
@@ -368,9 +374,13 @@ def stacked_call(modules) -> Optional[Callable]:
   paths = [path for path, _ in first]
   stacks = list(zip(*[[v for _, v in layout] for layout in layouts]))
 
-  def call(k, *args, **kwargs):
-    values = [tf.gather(tf.stack([tf.convert_to_tensor(v) for v in vs]), k)
-              for vs in stacks]
+  def stack():
+    return [tf.stack([tf.convert_to_tensor(v) for v in vs]) for vs in stacks]
+
+  def call(k, *args, stacked_weights=None, **kwargs):
+    weights = stack() if stacked_weights is None else list(stacked_weights)
+    values = [tf.gather(w, k) for w in weights]
     with _swapped(modules[0], paths, values):
       return modules[0](*args, **kwargs)
+  call.stack = stack
   return call

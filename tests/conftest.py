@@ -11,6 +11,9 @@ the quick subset and the others only in the whole suite.
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Command-line runs in tests compile afresh and leave ~/.cache alone (the
+# cache's own tests give their processes a directory).
+os.environ.setdefault('TFP_FFJORD_XLA_CACHE', '0')
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -7,7 +7,13 @@ do not wait for TensorFlow to import.
 
 import importlib
 
+from tfp_ffjord import compilation_cache
+
 __version__ = '0.1.0'
+
+# TFP_FFJORD_XLA_CACHE=1 (or a directory), set before this import and before
+# TensorFlow's, turns the persistent XLA cache on (see `compilation_cache`).
+compilation_cache.configure(default_on=False)
 
 # Public name -> (module, attribute or None for the module itself).
 _EXPORTS = {
@@ -21,6 +27,7 @@ _EXPORTS = {
     'MultiscaleFFJORD': ('tfp_ffjord.multiscale', 'MultiscaleFFJORD'),
     'StackedFFJORD': ('tfp_ffjord.bijector', 'StackedFFJORD'),
     'baselines': ('tfp_ffjord.baselines', None),
+    'compilation_cache': ('tfp_ffjord.compilation_cache', None),
     'datasets': ('tfp_ffjord.datasets', None),
     'ffjord': ('tfp_ffjord.ffjord', None),
     'gaussian_noise': ('tfp_ffjord.trace', 'gaussian_noise'),

@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 
+from tfp_ffjord import compilation_cache
 from tfp_ffjord import registry
 from tfp_ffjord.training import config as config_lib
 from tfp_ffjord.training import run_dir as run_dir_lib
@@ -178,6 +179,12 @@ def build_parser():
                       help='a new or empty directory; default: '
                       'RUN/saved_model')
   _add_vi_parser(sub)
+  for command in sub.choices.values():
+    command.add_argument(
+        '--no-xla-cache', action='store_true',
+        help='turn off: keep compiled XLA executables on disk for the next '
+        'process (on by default, in ~/.cache/tfp_ffjord/xla; '
+        'TFP_FFJORD_XLA_CACHE=DIR moves it, =0 turns it off)')
   return parser
 
 
@@ -545,6 +552,8 @@ def main(argv=None):
     print(f'{PROG}: error: {e}', file=sys.stderr)
     return EXIT_USAGE
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # Before TensorFlow loads: it reads its XLA flags once, on import.
+  compilation_cache.configure(default_on=not args.no_xla_cache)
   with quiet_tensorflow_startup():
     return _run(args)
 

@@ -1,0 +1,129 @@
+"""The persistent XLA compilation cache (`tfp_ffjord.compilation_cache`)."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfp_ffjord import compilation_cache
+
+# A child process: tfp_ffjord first (it reads TFP_FFJORD_XLA_CACHE), then
+# TensorFlow, then one XLA-compiled function.
+CHILD = '''
+import tfp_ffjord
+import tensorflow as tf
+
+@tf.function(jit_compile=True)
+def f(x):
+  return tf.reduce_sum(tf.sin(x) * tf.exp(-x ** 2))
+
+print('VALUE', float(f(tf.linspace(0., 3., 64))))
+'''
+
+
+def _run_child(cache):
+  env = dict(os.environ, TFP_FFJORD_XLA_CACHE=str(cache),
+             TF_CPP_MIN_LOG_LEVEL='0',
+             TF_CPP_VMODULE='device_executable_persistor=1')
+  env.pop('TF_XLA_FLAGS', None)
+  result = subprocess.run([sys.executable, '-c', CHILD], env=env,
+                          capture_output=True, text=True, check=False,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  value = [float(line.split()[1]) for line in result.stdout.splitlines()
+           if line.startswith('VALUE')]
+  return value[0], 'Loading cached entry' in result.stderr
+
+
+def _entries(directory):
+  return sorted(n for n in os.listdir(directory)
+                if n.startswith(compilation_cache.prefix()))
+
+
+def _valid_proto():
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.constant(np.arange(100.), name='c')
+    tf.identity(tf.constant(1.), name='i')
+  return graph.as_graph_def().SerializeToString()
+
+
+def test_is_intact_tells_whole_entries_from_truncated_ones(tmp_path):
+  data = _valid_proto()
+  whole = tmp_path / 'whole.pb'
+  whole.write_bytes(data)
+  assert compilation_cache.is_intact(str(whole))
+  for cut in (1, len(data) // 2, len(data) - 1):
+    part = tmp_path / f'part{cut}.pb'
+    part.write_bytes(data[:cut])
+    assert not compilation_cache.is_intact(str(part)), cut
+  empty = tmp_path / 'empty.pb'
+  empty.write_bytes(b'')
+  assert not compilation_cache.is_intact(str(empty))
+  assert not compilation_cache.is_intact(str(tmp_path / 'missing.pb'))
+
+
+def test_tidy_removes_truncated_then_oldest_of_ours_only(tmp_path):
+  data = _valid_proto()
+  ours = compilation_cache.prefix()
+  paths = []
+  for i in range(3):
+    path = tmp_path / f'{ours}__{i}__XLA_CPU_JIT.pb'
+    path.write_bytes(data)
+    os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))
+    paths.append(path)
+  truncated = tmp_path / f'{ours}__9__XLA_CPU_JIT.pb'
+  truncated.write_bytes(data[:-3])
+  foreign = tmp_path / 'xla_compile_cache__1__XLA_CPU_JIT.pb'
+  foreign.write_bytes(b'not ours')
+  compilation_cache.tidy(str(tmp_path), max_bytes=2 * len(data))
+  assert not truncated.exists()
+  assert foreign.exists()
+  assert [p.exists() for p in paths] == [False, True, True]
+
+
+def test_enable_refuses_once_tensorflow_is_imported(monkeypatch):
+  monkeypatch.delenv('TF_XLA_FLAGS', raising=False)
+  with pytest.raises(RuntimeError, match='before TensorFlow is imported'):
+    compilation_cache.enable('/tmp/never')
+  # The automatic set-up quietly does nothing then.
+  monkeypatch.setenv(compilation_cache.ENV, '1')
+  assert compilation_cache.configure(default_on=True) is None
+  assert 'TF_XLA_FLAGS' not in os.environ
+
+
+def test_configure_respects_a_directory_already_in_tf_xla_flags(monkeypatch):
+  monkeypatch.delenv(compilation_cache.ENV, raising=False)
+  monkeypatch.setenv('TF_XLA_FLAGS',
+                     '--tf_xla_persistent_cache_directory=/some/dir')
+  assert compilation_cache.configure(default_on=False) == '/some/dir'
+  monkeypatch.setenv(compilation_cache.ENV, '0')
+  assert compilation_cache.configure(default_on=True) is None
+
+
+@pytest.mark.slow
+def test_second_process_loads_the_executable_and_truncated_entries_go(
+    tmp_path):
+  """Process 1 compiles and writes an entry; process 2 loads it (same
+  value); a truncated entry, which TensorFlow would fail the compilation
+  on, is removed at set-up and process 3 compiles again."""
+  cache = tmp_path / 'xla'
+  first, hit = _run_child(cache)
+  assert not hit
+  entries = _entries(cache)
+  assert len(entries) == 1, os.listdir(cache)
+  second, hit = _run_child(cache)
+  assert hit
+  assert second == first
+  assert _entries(cache) == entries
+
+  path = cache / entries[0]
+  path.write_bytes(path.read_bytes()[:-100])
+  third, hit = _run_child(cache)
+  assert not hit
+  assert third == first
+  assert compilation_cache.is_intact(str(cache / _entries(cache)[0]))

@@ -84,6 +84,8 @@ def test_argument_error_is_one_line_without_traceback():
     (['train', '--strategy', 'gpus'], "argument --strategy: invalid choice"),
     (['train', '--cpu-devices', '0'], 'argument --cpu-devices: expected a '
      'positive'),
+    (['train', '--intra-op-threads', '-1'], 'argument --intra-op-threads: '
+     'expected a non-negative integer'),
     ([], 'the following arguments are required: COMMAND'),
 ])
 def test_bad_arguments_give_one_line(capsys, argv, match):
@@ -91,6 +93,25 @@ def test_bad_arguments_give_one_line(capsys, argv, match):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('tfp-ffjord: error: ')
   assert match in err[0]
+
+
+def test_intra_op_threads_auto_is_one_for_small_mlp_flows_only(tmp_path):
+  from tfp_ffjord.training import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  def threads(argv):
+    args = cli.build_parser().parse_args(['train'] + argv)
+    args.out = str(tmp_path / 'run')
+    return cli.intra_op_threads(args.intra_op_threads, cli._train_config(args))  # pylint: disable=protected-access
+
+  assert threads([]) == 1                                   # seed moons
+  assert threads(['--dataset', 'circles']) == 1
+  assert threads(['--dataset', 'digits']) == 0              # 64-D
+  assert threads(['--dataset', 'mnist', '--model', 'multiscale']) == 0
+  assert threads(['--model', 'realnvp']) == 0
+  assert threads(['--intra-op-threads', '3']) == 3
+  assert threads(['--dataset', 'digits', '--intra-op-threads', '1']) == 1
+  assert threads(['--intra-op-threads', '0']) == 0
+  assert config_lib.TrainConfig().dataset == 'moons'
 
 
 def test_train_options_are_the_config_fields():

@@ -16,8 +16,10 @@ or `TFP_FFJORD_XLA_CACHE=0` turn it off), and a script or notebook calls
 What keeps it safe:
   * entries are keyed by the whole HLO module (TensorFlow compares it in
     full before using an entry), so only an identical computation hits;
-  * the file names carry the TensorFlow version, so an upgrade never loads
-    an executable built by another XLA;
+  * the file names carry the TensorFlow version and a fingerprint of the
+    CPU (model and instruction sets), so an upgrade or another machine
+    sharing the directory never loads an executable built by another XLA or
+    for other instructions;
   * TensorFlow fails a compilation whose entry cannot be read, so truncated
     entries (a process killed while writing) are deleted when the cache is
     set up, and the oldest entries go once the directory outgrows
@@ -36,9 +38,11 @@ or so processes compile and later ones load.
 This module imports nothing from TensorFlow.
 """
 
+import hashlib
 import importlib.metadata
 import logging
 import os
+import platform
 import sys
 from typing import Optional
 
@@ -46,6 +50,7 @@ ENV = 'TFP_FFJORD_XLA_CACHE'
 MAX_BYTES = 1 << 30   # 1 GiB; the seed model's training step is ~2.5 MB.
 _DIR_FLAG = '--tf_xla_persistent_cache_directory'
 _PREFIX_FLAG = '--tf_xla_persistent_cache_prefix'
+_NAME = 'tfp_ffjord'   # every entry of ours starts with this
 _OFF = ('0', 'false', 'off', 'no')
 _ON = ('1', 'true', 'on', 'yes')
 
@@ -59,8 +64,32 @@ def default_directory() -> str:
   return os.path.join(base, 'tfp_ffjord', 'xla')
 
 
+def cpu_fingerprint() -> str:
+  """8 hex digits naming this CPU: its model and instruction-set flags.
+
+  TensorFlow keys cache entries by HLO and device type only, and loads an
+  executable compiled for other instructions than the host's (a cache in a
+  home directory shared by different machines) with a warning that it may
+  crash with SIGILL. Entries are kept apart per CPU instead.
+  """
+  text = ''
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key = line.split(':', 1)[0].strip()
+        if key in ('model name', 'flags', 'Features', 'CPU part'):
+          text += line
+        elif not line.strip() and text:
+          break   # the first processor is enough
+  except OSError:
+    pass
+  text += '|'.join((platform.machine(), platform.processor(),
+                    platform.system()))
+  return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def prefix() -> str:
-  """The entries' file-name prefix: ours, with the TensorFlow version."""
+  """The entries' file-name prefix: ours, the TensorFlow version, the CPU."""
   version = 'unknown'
   for dist in ('tensorflow', 'tensorflow-cpu', 'tf-nightly'):
     try:
@@ -68,8 +97,8 @@ def prefix() -> str:
       break
     except importlib.metadata.PackageNotFoundError:
       continue
-  return 'tfp_ffjord_tf' + ''.join(
-      c if c.isalnum() or c in '.-' else '_' for c in version)
+  version = ''.join(c if c.isalnum() or c in '.-' else '_' for c in version)
+  return f'{_NAME}_tf{version}_cpu{cpu_fingerprint()}'
 
 
 def _varint(data: bytes, pos: int):
@@ -118,8 +147,8 @@ def is_intact(path: str) -> bool:
 
 def tidy(directory: str, max_bytes: int = MAX_BYTES) -> None:
   """Deletes our truncated entries, then the oldest until the entries fit
-  in `max_bytes`."""
-  ours = prefix().split('_tf')[0]
+  in `max_bytes` (entries of every TensorFlow version and CPU count)."""
+  ours = _NAME
   entries = []
   for entry in os.scandir(directory):
     if not (entry.is_file() and entry.name.startswith(ours)

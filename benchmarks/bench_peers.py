@@ -101,7 +101,17 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--peer-python', required=True)
   parser.add_argument('--out', default=None)
+  parser.add_argument('--one-core', type=int, default=None, metavar='CPU',
+                      help='pin this process and the peers to CPU number '
+                      'CPU: every framework single-core (`tfp-ffjord train` '
+                      'runs this model with one intra-op thread)')
   args = parser.parse_args(argv)
+  if args.one_core is not None:
+    os.sched_setaffinity(0, {args.one_core})   # inherited by the peers
+  where = ('one core of a 2-core CPU' if args.one_core is not None
+           else '2-core CPU')
+  flag = (f' --one-core {args.one_core}' if args.one_core is not None
+          else '')
 
   x = datasets.load('moons', seed=0).train[:BATCH].astype(np.float32)
   with tempfile.TemporaryDirectory() as tmp:
@@ -120,9 +130,11 @@ def main(argv=None):
 
   mine = rows[0]
   lines = [
-      '## Peers: JAX/diffrax and PyTorch/torchdiffeq, same model and weights',
+      '## Peers: JAX/diffrax and PyTorch/torchdiffeq, same model and weights'
+      + (' (one core)' if args.one_core is not None else ''),
       '',
-      '`python benchmarks/bench_peers.py --peer-python PYTHON` (2-core CPU; '
+      f'`python benchmarks/bench_peers.py --peer-python PYTHON{flag}` '
+      f'({where}; '
       + ', '.join(sorted({r['version'] for r in rows})) + '). The seed moons '
       'training step (4 blocks, MLP 8-8 tanh, exact trace, 256 points, Adam),'
       ' the same initial weights everywhere. Error: the largest |log p(x) - '

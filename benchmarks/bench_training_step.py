@@ -287,7 +287,19 @@ def main(argv=None):
   parser.add_argument('--limit-only', action='store_true',
                       help='only the rows with a limit, and only the limit '
                       'section')
+  parser.add_argument('--intra-op-threads', type=int, default=0,
+                      help='threads per op for every row (set before the '
+                      "first op; 0: TensorFlow's choice). `tfp-ffjord "
+                      'train` uses 1 for this model')
   args = parser.parse_args(argv)
+  if args.intra_op_threads:
+    tf.config.threading.set_intra_op_parallelism_threads(
+        args.intra_op_threads)
+  threads = (f' --intra-op-threads {args.intra_op_threads}'
+             if args.intra_op_threads else '')
+  suffix = (f' ({args.intra_op_threads} intra-op thread'
+            f'{"s" if args.intra_op_threads > 1 else ""})'
+            if args.intra_op_threads else '')
   x = tf.constant(sklearn.datasets.make_moons(
       BATCH, noise=.06, random_state=0)[0], tf.float32)
   configs = []
@@ -349,9 +361,10 @@ def main(argv=None):
   print(limit_table)
   if args.out:
     section = (
-        '## Training step, seed moons configuration\n\n'
+        f'## Training step, seed moons configuration{suffix}\n\n'
         'Produced by `python benchmarks/bench_training_step.py '
-        f'--steps {args.steps} --rounds {args.rounds} --out {args.out}` on a '
+        f'--steps {args.steps} --rounds {args.rounds}{threads} '
+        f'--out {args.out}` on a '
         '2-core CPU, all rows in one process. "first step" is the wall time '
         'of the first call (tracing, compilation, one step; Adam\'s slots '
         'are created beforehand, as the Trainer does, so each step is '
@@ -367,9 +380,9 @@ def main(argv=None):
     if not args.limit_only:
       write_section(args.out, section)
     section = (
-        '## Training step against the work it cannot avoid\n\n'
+        f'## Training step against the work it cannot avoid{suffix}\n\n'
         'Produced by `python benchmarks/bench_training_step.py '
-        f'--steps {args.steps} --rounds {args.rounds}'
+        f'--steps {args.steps} --rounds {args.rounds}{threads}'
         f'{" --limit-only" if args.limit_only else ""} --out {args.out}`. '
         'For the rows that train as the Trainer does, a '
         'compiled function that does only the work such a step cannot '

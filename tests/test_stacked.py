@@ -302,20 +302,25 @@ def test_stacked_hutchinson_and_regularisers_match_one_solve_per_block():
   np.testing.assert_allclose(a.kinetic_energy, total, rtol=0, atol=STACK_ATOL)
 
 
+def _gradient_graph_nodes(bijector, variables):
+  """Every node (functions included) of a traced log_prob gradient."""
+  @tf.function(autograph=False)
+  def grad(x):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(_flow(bijector).log_prob(x))
+    return tape.gradient(loss, variables)
+  graph = grad.get_concrete_function(
+      tf.TensorSpec([4, 2], tf.float64)).graph.as_graph_def()
+  return list(graph.node) + [n for f in graph.library.function
+                             for n in f.node_def]
+
+
 def test_stacked_traces_the_dynamics_once():
   """The point of the loop: the graph of a 3-block log_prob gradient holds
   as many matrix products as a 1-block one (a chain holds 3 times as many)."""
 
   def matmuls(bijector, variables):
-    @tf.function(autograph=False)
-    def grad(x):
-      with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(_flow(bijector).log_prob(x))
-      return tape.gradient(loss, variables)
-    graph = grad.get_concrete_function(
-        tf.TensorSpec([4, 2], tf.float64)).graph.as_graph_def()
-    nodes = list(graph.node) + [n for f in graph.library.function
-                                for n in f.node_def]
+    nodes = _gradient_graph_nodes(bijector, variables)
     return collections.Counter(n.op for n in nodes)['MatMul']
 
   solve = make_solver('dopri5-backprop').solve
@@ -337,15 +342,7 @@ def test_stacked_gradient_loops_carry_stacked_weights_not_each_block():
   variables."""
 
   def widest_loop(bijector, variables):
-    @tf.function(autograph=False)
-    def grad(x):
-      with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(_flow(bijector).log_prob(x))
-      return tape.gradient(loss, variables)
-    graph = grad.get_concrete_function(
-        tf.TensorSpec([4, 2], tf.float64)).graph.as_graph_def()
-    nodes = list(graph.node) + [n for f in graph.library.function
-                                for n in f.node_def]
+    nodes = _gradient_graph_nodes(bijector, variables)
     return max(len(n.attr['T'].list.type) for n in nodes
                if n.op in ('While', 'StatelessWhile'))
 

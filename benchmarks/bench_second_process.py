@@ -44,9 +44,11 @@ print('RESULT', json.dumps(dict(import_s=imported, **timing)))
 '''
 
 
-def run_child(cache):
+def run_child(cache, threads=0):
   env = dict(os.environ, TFP_FFJORD_XLA_CACHE=cache, TF_CPP_MIN_LOG_LEVEL='0',
              TF_CPP_VMODULE='device_executable_persistor=1')
+  if threads:
+    env['TF_NUM_INTRAOP_THREADS'] = str(threads)
   env.pop('TF_XLA_FLAGS', None)
   result = subprocess.run([sys.executable, '-c', CHILD], env=env,
                           capture_output=True, text=True, check=False)
@@ -63,23 +65,30 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--processes', type=int, default=6,
                       help='processes with the cache on (and 2 without)')
+  parser.add_argument('--intra-op-threads', type=int, default=0,
+                      help="threads per op in the processes (0: TensorFlow's "
+                      'choice; `tfp-ffjord train` uses 1 for this model)')
   parser.add_argument('--out', default=None,
                       help='append the table to this Markdown file')
   args = parser.parse_args(argv)
   rows = []
   for i in range(2):
-    rows.append(('off', i + 1, run_child('0')))
+    rows.append(('off', i + 1, run_child('0', args.intra_op_threads)))
     print(rows[-1], flush=True)
   with tempfile.TemporaryDirectory() as cache:
     for i in range(args.processes):
-      rows.append(('on', i + 1, run_child(cache)))
+      rows.append(('on', i + 1, run_child(cache, args.intra_op_threads)))
       print(rows[-1], flush=True)
     entries = len([n for n in os.listdir(cache) if n.endswith('.pb')])
+  threads = (f' --intra-op-threads {args.intra_op_threads}'
+             if args.intra_op_threads else '')
   lines = [
-      '## First training step in a fresh process: the persistent XLA cache',
+      '## First training step in a fresh process: the persistent XLA cache'
+      + (f' ({args.intra_op_threads} intra-op thread'
+         f'{"s" if args.intra_op_threads > 1 else ""})' if threads else ''),
       '',
       f'`python benchmarks/bench_second_process.py --processes '
-      f'{args.processes}` (2-core CPU, processes one after another). The '
+      f'{args.processes}{threads}` (2-core CPU, processes one after another). The '
       'seed moons training step (`StackedFFJORD`, Tsit5 1e-3 / 1e-5, '
       'backprop, XLA), first call: tracing, then XLA compilation or loading '
       'the cached executable, one step. "import" is `import tfp_ffjord` plus '

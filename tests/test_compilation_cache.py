@@ -64,6 +64,15 @@ def test_is_intact_tells_whole_entries_from_truncated_ones(tmp_path):
   empty = tmp_path / 'empty.pb'
   empty.write_bytes(b'')
   assert not compilation_cache.is_intact(str(empty))
+  # Cut exactly between top-level fields: whole, but too few fields.
+  graph = tf.compat.v1.GraphDef.FromString(data)
+  fields = len(graph.node) + 1            # the nodes, then `versions`
+  cut = tmp_path / 'between.pb'
+  cut.write_bytes(data[:len(data) - len(
+      tf.compat.v1.GraphDef(versions=graph.versions).SerializeToString())])
+  assert compilation_cache.is_intact(str(cut))
+  assert not compilation_cache.is_intact(str(cut), min_fields=fields)
+  assert compilation_cache.is_intact(str(whole), min_fields=fields)
   assert not compilation_cache.is_intact(str(tmp_path / 'missing.pb'))
 
 
@@ -84,6 +93,30 @@ def test_tidy_removes_truncated_then_oldest_of_ours_only(tmp_path):
   assert not truncated.exists()
   assert foreign.exists()
   assert [p.exists() for p in paths] == [False, True, True]
+
+
+def test_tidy_reads_each_entry_once_until_it_changes(tmp_path, monkeypatch):
+  data = _valid_proto()
+  ours = compilation_cache.prefix()
+  paths = [tmp_path / f'{ours}__{i}__XLA_CPU_JIT.pb' for i in range(3)]
+  for path in paths:
+    path.write_bytes(data)
+  read = []
+  real = compilation_cache.is_intact
+  monkeypatch.setattr(
+      compilation_cache, 'is_intact',
+      lambda p, **kw: read.append(os.path.basename(p)) or real(p, **kw))
+  compilation_cache.tidy(str(tmp_path))
+  assert sorted(read) == sorted(p.name for p in paths)
+  del read[:]
+  compilation_cache.tidy(str(tmp_path))
+  assert read == []
+  # Rewritten (here: truncated, with a new time): read again, and removed.
+  paths[1].write_bytes(data[:len(data) // 2])
+  os.utime(paths[1], ns=(time.time_ns() + 10**9,) * 2)
+  compilation_cache.tidy(str(tmp_path))
+  assert read == [paths[1].name]
+  assert not paths[1].exists() and paths[0].exists() and paths[2].exists()
 
 
 def test_enable_refuses_once_tensorflow_is_imported(monkeypatch):

@@ -40,6 +40,7 @@ This module imports nothing from TensorFlow.
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -48,6 +49,8 @@ from typing import Optional
 
 ENV = 'TFP_FFJORD_XLA_CACHE'
 MAX_BYTES = 1 << 30   # 1 GiB; the seed model's training step is ~2.5 MB.
+CHECKED_FILE = 'tfp_ffjord_checked.json'   # entries already found whole
+_ENTRY_FIELDS = 3   # an XlaSerializedCacheEntry: key, HLO module, executable
 _DIR_FLAG = '--tf_xla_persistent_cache_directory'
 _PREFIX_FLAG = '--tf_xla_persistent_cache_prefix'
 _NAME = 'tfp_ffjord'   # every entry of ours starts with this
@@ -114,17 +117,23 @@ def _varint(data: bytes, pos: int):
       return value, pos
 
 
-def is_intact(path: str) -> bool:
-  """Whether `path` is a whole protocol buffer: its top-level fields end
-  exactly at the end of the file (a truncated entry does not)."""
+def is_intact(path: str, min_fields: int = 1) -> bool:
+  """Whether `path` is a whole protocol buffer: at least `min_fields`
+  top-level fields, the last ending exactly at the end of the file.
+
+  A file cut inside a field fails the second test; one cut exactly between
+  fields has too few of them (a cache entry has 3: its key, its HLO and the
+  executable, which `tidy` asks for).
+  """
   try:
     with open(path, 'rb') as f:
       data = f.read()
   except OSError:
     return False
-  pos = 0
+  pos = fields = 0
   try:
     while pos < len(data):
+      fields += 1
       tag, pos = _varint(data, pos)
       wire = tag & 7
       if tag >> 3 == 0:
@@ -142,30 +151,50 @@ def is_intact(path: str) -> bool:
         return False
   except ValueError:
     return False
-  return pos == len(data) and len(data) > 0
+  return pos == len(data) and fields >= max(min_fields, 1)
 
 
 def tidy(directory: str, max_bytes: int = MAX_BYTES) -> None:
   """Deletes our truncated entries, then the oldest until the entries fit
-  in `max_bytes` (entries of every TensorFlow version and CPU count)."""
-  ours = _NAME
-  entries = []
+  in `max_bytes` (entries of every TensorFlow version and CPU count).
+
+  An entry is read once: those found whole are listed, with their size and
+  modification time, in `CHECKED_FILE`, and skipped while both are the same.
+  """
+  checked_path = os.path.join(directory, CHECKED_FILE)
+  try:
+    with open(checked_path) as f:
+      checked = json.load(f)
+    if not isinstance(checked, dict):
+      checked = {}
+  except (OSError, ValueError):
+    checked = {}
+  entries, whole = [], {}
   for entry in os.scandir(directory):
-    if not (entry.is_file() and entry.name.startswith(ours)
+    if not (entry.is_file() and entry.name.startswith(_NAME)
             and entry.name.endswith('.pb')):
       continue
-    if not is_intact(entry.path):
+    stat = entry.stat()
+    signature = [stat.st_size, stat.st_mtime_ns]
+    if (checked.get(entry.name) != signature
+        and not is_intact(entry.path, min_fields=_ENTRY_FIELDS)):
       _LOG.warning('Removing a truncated XLA cache entry: %s', entry.path)
       os.remove(entry.path)
       continue
-    stat = entry.stat()
+    whole[entry.name] = signature
     entries.append((stat.st_mtime, stat.st_size, entry.path))
   total = sum(size for _, size, _ in entries)
   for _, size, path in sorted(entries):
     if total <= max_bytes:
       break
     os.remove(path)
+    whole.pop(os.path.basename(path), None)
     total -= size
+  if whole != checked:
+    temporary = f'{checked_path}.{os.getpid()}'
+    with open(temporary, 'w') as f:
+      json.dump(whole, f)
+    os.replace(temporary, checked_path)   # atomic: readers see old or new
 
 
 def _configured_elsewhere() -> bool:

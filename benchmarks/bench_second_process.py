@@ -80,12 +80,13 @@ def main(argv=None):
       rows.append(('on', i + 1, run_child(cache, args.intra_op_threads)))
       print(rows[-1], flush=True)
     entries = len([n for n in os.listdir(cache) if n.endswith('.pb')])
-  threads = (f' --intra-op-threads {args.intra_op_threads}'
-             if args.intra_op_threads else '')
+  # Imported here: it loads TensorFlow, which the timed children need, not
+  # this process.
+  from bench_training_step import publish, thread_labels  # pylint: disable=g-import-not-at-top
+  threads, suffix = thread_labels(args.intra_op_threads)
   lines = [
       '## First training step in a fresh process: the persistent XLA cache'
-      + (f' ({args.intra_op_threads} intra-op thread'
-         f'{"s" if args.intra_op_threads > 1 else ""})' if threads else ''),
+      + suffix,
       '',
       f'`python benchmarks/bench_second_process.py --processes '
       f'{args.processes}{threads}` (2-core CPU, processes one after another). The '
@@ -103,12 +104,7 @@ def main(argv=None):
     lines.append(f'| {cache} | {i} | {"yes" if r["loaded"] else "no"} | '
                  f'{r["import_s"]:.1f} | {r["first_step"]:.2f} | '
                  f'{1000 * r["step"]:.1f} |')
-  text = '\n'.join(lines) + '\n'
-  if args.out:
-    from bench_training_step import publish  # pylint: disable=g-import-not-at-top
-    publish(args.out, text)
-  else:
-    print(text)
+  publish(args.out, '\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':

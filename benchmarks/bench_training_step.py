@@ -267,6 +267,16 @@ def write_section(path, section):
     f.write('\n'.join(body))
 
 
+def thread_labels(intra_op_threads):
+  """`(flag, title suffix)` naming an `--intra-op-threads` setting in a
+  results section (both empty for TensorFlow's own choice, 0)."""
+  if not intra_op_threads:
+    return '', ''
+  plural = 's' if intra_op_threads > 1 else ''
+  return (f' --intra-op-threads {intra_op_threads}',
+          f' ({intra_op_threads} intra-op thread{plural})')
+
+
 def publish(path, section):
   """Prints `section` and, if `path` is given, writes it there
   (`write_section`)."""
@@ -295,11 +305,7 @@ def main(argv=None):
   if args.intra_op_threads:
     tf.config.threading.set_intra_op_parallelism_threads(
         args.intra_op_threads)
-  threads = (f' --intra-op-threads {args.intra_op_threads}'
-             if args.intra_op_threads else '')
-  suffix = (f' ({args.intra_op_threads} intra-op thread'
-            f'{"s" if args.intra_op_threads > 1 else ""})'
-            if args.intra_op_threads else '')
+  threads, suffix = thread_labels(args.intra_op_threads)
   x = tf.constant(sklearn.datasets.make_moons(
       BATCH, noise=.06, random_state=0)[0], tf.float32)
   configs = []

@@ -580,14 +580,72 @@ def _vjp(fn, s, y, c_flat, variables, cotangent):
   return out, gy, gc, gv
 
 
+def _rk_step_vjp(fn, tableau, t, y, h, c_flat, variables, cotangent,
+                 num_stages):
+  """The exact VJP of one explicit Runge-Kutta step, by a reverse stage loop.
+
+  The step is `y' = y + h sum_s b_s k_s`, `k_s = fn(t + c_s h, Y_s, c)`,
+  `Y_s = y + h sum_{j<s} a_sj k_j`. With `K_s` the cotangent of `k_s`
+  (initially `h b_s a'`), stage `s = S-1, ..., 0` takes the VJP of `fn` at
+  `Y_s` with `K_s`, giving `Y'_s`; then `K_j += h a_sj Y'_s` for `j < s`,
+  and `Y'_s` adds to the cotangent of `y`, the VJP's parameter parts to
+  those of `c` and `variables`.
+
+  The stage loop runs forward once (no tape) and the VJPs run in a second
+  loop, each re-evaluating `fn` under its own tape. Differentiating the
+  stage loop with `tf.GradientTape` instead builds TensorFlow's loop
+  gradient, which stores every intermediate of `fn` and feeds constant zero
+  cotangents to the loop's unused outputs; XLA names those constants in an
+  order that varies between processes, so the compiled step's cache key
+  did too.
+
+  Returns:
+    `(dy, dc_float, dv)`: cotangents of `y`, of the float entries of
+    `c_flat`, and of `variables` (dense, zeros where unconnected).
+  """
+  stages = runge_kutta.rk_stages(lambda s, z: fn(s, z, c_flat), tableau, t,
+                                 y, h, num_stages=num_stages)
+  a_coef, b_coef, c_coef = runge_kutta.stage_coefficients(tableau, t.dtype)
+  float_c = [c for c in c_flat if _is_float(c)]
+
+  def expand(w, x):
+    return tf.reshape(tf.cast(w, x.dtype), [-1] + [1] * x.shape.rank)
+
+  def cast_h(x):
+    return tf.cast(h, x.dtype)
+
+  k_bar = [expand(b_coef, a_i) * (cast_h(a_i) * a_i)[tf.newaxis]
+           for a_i in cotangent]
+
+  def body(s, k_bar, dy, dc, dv):
+    y_s = runge_kutta.combine(y, h, stages, a_coef[s])
+    k_bar_s = [tf.gather(k, s) for k in k_bar]
+    _, gy, gc, gv = _vjp(fn, t + c_coef[s] * h, y_s, c_flat, variables,
+                         k_bar_s)
+    gc = [x for x, c in zip(gc, c_flat) if _is_float(c)]
+    k_bar = [k + expand(a_coef[s], g_i) * (cast_h(g_i) * g_i)[tf.newaxis]
+             for k, g_i in zip(k_bar, gy)]
+    return (s - 1, k_bar, [x + d for x, d in zip(dy, gy)],
+            [x + d for x, d in zip(dc, gc)], [x + d for x, d in zip(dv, gv)])
+
+  dy0 = list(cotangent)
+  dc0 = [tf.zeros_like(c) for c in float_c]
+  dv0 = [tf.zeros_like(v) for v in variables]
+  _, _, dy, dc, dv = tf.while_loop(
+      lambda s, *_: s >= 0, body,
+      (tf.constant(num_stages - 1), k_bar, dy0, dc0, dv0),
+      maximum_iterations=num_stages)
+  return dy, dc, dv
+
+
 def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
                         max_iter, unroll_stages=False, segmented=False):
   """Reverse sweep over the recorded accepted steps (exact discrete VJP).
 
   Only the start of each accepted step is recorded. Each step is re-run
-  under a tape and differentiated; with the stage loop (the default) TF
-  differentiates the `tf.while_loop`, so one VJP of `g` sits in the graph.
-  Recording the stages in the forward pass instead would save the re-run but
+  and differentiated: with the stage loop (the default) by `_rk_step_vjp`,
+  whose reverse stage loop holds the one VJP of `g` in the graph; with
+  `unroll_stages` by a tape over the written-out stages. Recording the stages in the forward pass instead would save the re-run but
   multiply the buffer (which XLA sizes for `max_iter` steps) by the number of
   stages; measured, that cost more than it saved (6.7 vs 3.4 ms a step on
   the seed moons model, max_num_steps=1000).
@@ -622,19 +680,25 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
     a = inject(a, lo, hi)
     # The step heads to output `lo`: with `segmented`, that is its segment.
     seg = (lo,) if segmented else ()
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch(y_j)
-      tape.watch(float_c)
-      tape.watch(variables)
-      stages = runge_kutta.rk_stages(
-          lambda s, y: g(s, y, c_flat, *seg), tableau, t_j, y_j, h_j,
-          unroll=unroll_stages, num_stages=num_stages)
-      y_next = runge_kutta.combine(y_j, h_j, stages, b_coef)
-    grads = _gradient(tape, y_next, y_j + float_c + list(variables), a)
-    n = len(y_j)
-    a = grads[:n]
-    ac = [x + d for x, d in zip(ac, grads[n:n + len(float_c)])]
-    av = [x + d for x, d in zip(av, grads[n + len(float_c):])]
+    if unroll_stages:
+      # The stages are written out (no loop): one tape differentiates them.
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(y_j)
+        tape.watch(float_c)
+        tape.watch(variables)
+        stages = runge_kutta.rk_stages(
+            lambda s, y: g(s, y, c_flat, *seg), tableau, t_j, y_j, h_j,
+            unroll=True, num_stages=num_stages)
+        y_next = runge_kutta.combine(y_j, h_j, stages, b_coef)
+      grads = _gradient(tape, y_next, y_j + float_c + list(variables), a)
+      n = len(y_j)
+      a, gc, gv = grads[:n], grads[n:n + len(float_c)], grads[n + len(float_c):]
+    else:
+      a, gc, gv = _rk_step_vjp(lambda s, y, c: g(s, y, c, *seg), tableau,
+                               t_j, y_j, h_j, c_flat, variables, a,
+                               num_stages)
+    ac = [x + d for x, d in zip(ac, gc)]
+    av = [x + d for x, d in zip(av, gv)]
     return j - 1, a, ac, av
 
   a0 = [tf.zeros_like(y) for y in y0]

@@ -2,11 +2,11 @@
 
 Each process imports tfp_ffjord (which sets up the persistent XLA cache
 from `TFP_FFJORD_XLA_CACHE`, as `tfp-ffjord train` does by default), builds
-the seed moons model (4 blocks, MLP 8-8 tanh, exact trace, `StackedFFJORD`,
-Tsit5 rtol 1e-3 / atol 1e-5 with backprop: the `tfp-ffjord train` default)
-and times the first call of its XLA-compiled Adam step on 256 points
-(tracing, compilation or loading, one step), then the median of the next
-steps. The processes run one after another: first with the cache off, then
+the `tfp-ffjord train` default `Trainer` (the seed moons model: 4 blocks,
+MLP 8-8 tanh, exact trace, `StackedFFJORD`, Tsit5 rtol 1e-3 / atol 1e-5 with
+backprop) and times the first call of its XLA-compiled training step on 256
+points (tracing, compilation or loading, one step), then the median of the
+next steps. The processes run one after another: first with the cache off, then
 with one fresh cache directory shared by all of them, so the first of those
 compiles and writes, and the later ones load what an earlier one wrote
 (when their HLO matches; see `tfp_ffjord.compilation_cache`).
@@ -26,21 +26,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 CHILD = r'''
-import json, time
+import json, statistics, time
 start = time.perf_counter()
-import tfp_ffjord
-import numpy as np
-import tensorflow as tf
-from tfp_ffjord import ode, training
+import tfp_ffjord   # first: it sets up the cache before TensorFlow loads
+import tensorflow
+import tensorflow_probability
+from tfp_ffjord import training
 imported = time.perf_counter() - start
-tf.random.set_seed(0)
-model = training.FlowModel(dim=2, blocks=4, hidden=(8, 8))
-dist, _ = model.flow(ode.Tsit5(rtol=1e-3, atol=1e-5, gradient='backprop'),
-                     'exact')
-x = np.random.RandomState(0).randn(256, 2).astype(np.float32)
-timing = training.time_train_step(dist, model.trainable_variables, x,
-                                  steps=10, jit_compile=True)
-print('RESULT', json.dumps(dict(import_s=imported, **timing)))
+# The step `tfp-ffjord train` runs with its defaults (the seed model).
+trainer = training.Trainer(training.TrainConfig())
+batch = trainer.data.train[:trainer.config.batch_size]
+start = time.perf_counter()
+trainer.train_step(batch)
+first = time.perf_counter() - start
+times = []
+for _ in range(10):
+  start = time.perf_counter()
+  trainer.train_step(batch)
+  times.append(time.perf_counter() - start)
+print('RESULT', json.dumps(dict(import_s=imported, first_step=first,
+                                step=statistics.median(times))))
 '''
 
 
@@ -90,12 +95,14 @@ def main(argv=None):
       '',
       f'`python benchmarks/bench_second_process.py --processes '
       f'{args.processes}{threads}` (2-core CPU, processes one after another). The '
-      'seed moons training step (`StackedFFJORD`, Tsit5 1e-3 / 1e-5, '
-      'backprop, XLA), first call: tracing, then XLA compilation or loading '
+      'training step of `tfp-ffjord train` with its defaults (the seed moons '
+      'model: `StackedFFJORD`, Tsit5 1e-3 / 1e-5, backprop, XLA; '
+      '`training.Trainer(TrainConfig()).train_step`), first call: tracing, then XLA compilation or loading '
       'the cached executable, one step. "import" is `import tfp_ffjord` plus '
       'TensorFlow and TFP. With the cache on, all processes share one '
-      f'fresh directory; it held {entries} entries at the end (one per '
-      'distinct HLO of the step).',
+      f'fresh directory; it held {entries} '
+      f'entr{"y" if entries == 1 else "ies"} at the end (one per distinct '
+      'HLO of the step).',
       '',
       '| cache | process | loaded from the cache | import (s) | first step '
       '(s) | steady step (ms) |',

@@ -301,7 +301,11 @@ def test_adjoint_backprop_and_finite_differences_agree(name):
 
 
 # Looping over stages and unrolling them run the same arithmetic in a
-# different order of graph construction: agreement to rounding.
+# different order of graph construction: agreement to rounding. With
+# backprop this also checks the looped gradient (a reverse loop over each
+# step's stages, `solvers._rk_step_vjp`) against a tape through the
+# written-out stages: dropping or mis-weighting its stage-cotangent update
+# fails every method with more than one stage.
 UNROLL_RTOL = 1e-12
 
 

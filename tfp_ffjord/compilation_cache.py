@@ -30,10 +30,11 @@ Not covered: two processes that compile the same computation at the same
 moment can race on its file. Give concurrent jobs their own directories
 (`TFP_FFJORD_XLA_CACHE=/path/per/job`).
 
-A hit needs the same HLO, and TensorFlow's XLA bridge names a few constants
-of the backprop gradient in an order that varies between processes: the seed
-model's training step came in 2 variants over 10 processes, so the first two
-or so processes compile and later ones load.
+A hit needs the same HLO, names included. TensorFlow's graph passes name
+the nodes they add `<name>/_<n>`, counting in an order that can change from
+process to process; our compiled steps hold no such names (a test checks the
+Trainer's), so every process after the first loads. A custom dynamics module
+could still bring some in; its steps would then compile again now and then.
 
 This module imports nothing from TensorFlow.
 """

@@ -645,8 +645,9 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
   Only the start of each accepted step is recorded. Each step is re-run
   and differentiated: with the stage loop (the default) by `_rk_step_vjp`,
   whose reverse stage loop holds the one VJP of `g` in the graph; with
-  `unroll_stages` by a tape over the written-out stages. Recording the stages in the forward pass instead would save the re-run but
-  multiply the buffer (which XLA sizes for `max_iter` steps) by the number of
+  `unroll_stages` by a tape over the written-out stages. Recording the
+  stages in the forward pass instead would save the re-run but multiply the
+  buffer (which XLA sizes for `max_iter` steps) by the number of
   stages; measured, that cost more than it saved (6.7 vs 3.4 ms a step on
   the seed moons model, max_num_steps=1000).
   """
@@ -681,18 +682,14 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
     # The step heads to output `lo`: with `segmented`, that is its segment.
     seg = (lo,) if segmented else ()
     if unroll_stages:
-      # The stages are written out (no loop): one tape differentiates them.
-      with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(y_j)
-        tape.watch(float_c)
-        tape.watch(variables)
+      # The stages are written out (no loop): one VJP of the whole step.
+      def step(t, y, c):
         stages = runge_kutta.rk_stages(
-            lambda s, y: g(s, y, c_flat, *seg), tableau, t_j, y_j, h_j,
-            unroll=True, num_stages=num_stages)
-        y_next = runge_kutta.combine(y_j, h_j, stages, b_coef)
-      grads = _gradient(tape, y_next, y_j + float_c + list(variables), a)
-      n = len(y_j)
-      a, gc, gv = grads[:n], grads[n:n + len(float_c)], grads[n + len(float_c):]
+            lambda s, z: g(s, z, c, *seg), tableau, t, y, h_j, unroll=True,
+            num_stages=num_stages)
+        return runge_kutta.combine(y, h_j, stages, b_coef)
+      _, a, gc, gv = _vjp(step, t_j, y_j, c_flat, variables, a)
+      gc = [x for x, c in zip(gc, c_flat) if _is_float(c)]
     else:
       a, gc, gv = _rk_step_vjp(lambda s, y, c: g(s, y, c, *seg), tableau,
                                t_j, y_j, h_j, c_flat, variables, a,

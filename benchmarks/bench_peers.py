@@ -56,11 +56,13 @@ def seed_model():
 
 def export_weights(flow_model, x, path):
   arrays = {'x': x}
-  for k, dyn in enumerate(flow_model.dynamics):
-    layers = list(dyn._hidden) + [dyn._output]  # pylint: disable=protected-access
-    for j, layer in enumerate(layers):
-      arrays[f'w{k}_{j}'] = layer.w.numpy()
-      arrays[f'b{k}_{j}'] = layer.b.numpy()
+  stacked = flow_model.stacked_dynamics   # MLPODE blocks, stacked
+  for k in range(stacked.num_blocks):
+    values = {path: v.numpy() for path, v in stacked.block_values(k)}
+    layers = sorted({path[:2] for path in values if path[0] == '_hidden'})
+    for j, layer in enumerate(layers + [('_output',)]):
+      arrays[f'w{k}_{j}'] = values[layer + ('w',)]
+      arrays[f'b{k}_{j}'] = values[layer + ('b',)]
   np.savez(path, **arrays)
 
 

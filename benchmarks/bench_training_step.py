@@ -35,6 +35,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 
 import tfp_ffjord  # noqa: E402
+from tfp_ffjord import dynamics  # noqa: E402
 from tfp_ffjord import ode  # noqa: E402
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -67,12 +68,14 @@ def make_flow(blocks, bijector_cls, solve_fn, trace_fn, dtype=tf.float32):
   return tfd.TransformedDistribution(base, chain), chain
 
 
-def reference_log_prob(blocks, x):
-  """Float64 log_prob with a tight tolerance, on copies of the weights."""
+def reference_log_prob(block_values, x):
+  """Float64 log_prob with a tight tolerance, on copies of the weights
+  (`block_values[k]`: block k's `(path, value)` pairs)."""
   blocks64 = make_blocks(tf.float64, seed=123)
-  for b32, b64 in zip(blocks, blocks64):
-    for v32, v64 in zip(b32.trainable_variables, b64.trainable_variables):
-      v64.assign(tf.cast(v32, tf.float64))
+  for values, b64 in zip(block_values, blocks64):
+    targets = dict(dynamics.variable_paths(b64))
+    for path, value in values:
+      targets[path].assign(tf.cast(value, tf.float64))
   flow, _ = make_flow(blocks64, tfp_ffjord.FFJORD,
                       ode.Tsit5(rtol=1e-10, atol=1e-10).solve,
                       tfp_ffjord.trace_jacobian_exact, tf.float64)
@@ -135,9 +138,16 @@ class Configuration:
   def __init__(self, name, bijector_cls, solve_fn, trace_fn, jit, x):
     self.name, self.trace_fn, self.x = name, trace_fn, x
     self.blocks = make_blocks()
-    self.flow, chain = make_flow(self.blocks, bijector_cls, solve_fn, trace_fn)
-    opt = snt.optimizers.Adam(1e-2)
     variables = [v for b in self.blocks for v in b.trainable_variables]
+    self.stacked = None
+    if bijector_cls is tfp_ffjord.StackedFFJORD:
+      # The blocks' variables stacked, as the Trainer's model holds them.
+      self.stacked = dynamics.StackedBlocks(self.blocks)
+      variables = list(self.stacked.trainable_variables)
+    self.flow, chain = make_flow(
+        self.blocks if self.stacked is None else self.stacked.blocks,
+        bijector_cls, solve_fn, trace_fn)
+    opt = snt.optimizers.Adam(1e-2)
     # Adam's slots exist before the first trace (as in the Trainer), so the
     # step is traced once, not twice; the same for every row.
     opt._initialize(variables)  # pylint: disable=protected-access
@@ -183,6 +193,13 @@ class Configuration:
     self.nfe_rounds.append(int(self.nfe))
     self.loss = float(loss)
 
+  def block_values(self):
+    """Each block's `(path, value)` pairs, as trained."""
+    if self.stacked is not None:
+      return [self.stacked.block_values(k)
+              for k in range(self.stacked.num_blocks)]
+    return [dynamics.variable_paths(b) for b in self.blocks]
+
   def result(self):
     # Accuracy at the trained weights, against a tight float64 solve.
     # (Hutchinson's log_prob is a stochastic estimate: no error to report.)
@@ -190,7 +207,7 @@ class Configuration:
     if self.trace_fn is not tfp_ffjord.trace_jacobian_hutchinson:
       log_prob = tf.function(self.flow.log_prob)(self.x).numpy()
       err = float(np.mean(np.abs(
-          log_prob - reference_log_prob(self.blocks, self.x))))
+          log_prob - reference_log_prob(self.block_values(), self.x))))
     return dict(name=self.name, first=self.first,
                 step=statistics.median(self.times), rounds=self.times,
                 nfe=int(self.nfe) if self.ours else None, err=err,

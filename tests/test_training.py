@@ -1,7 +1,9 @@
 """The training API: metrics, one trace, checkpoints, resume, failures."""
 
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -73,6 +75,59 @@ def test_resume_restores_optimizer_state_and_matches_an_uninterrupted_run(
     np.testing.assert_allclose(a, b, atol=RESUME_TOLERANCE)
   assert history[-1]['test_nll'] == pytest.approx(
       straight.history[-1]['test_nll'], abs=1e-5)
+
+
+# A run written by tfp_ffjord before `FlowModel` stacked its blocks'
+# variables (3 blocks, MLP 4, 2 epochs on 512 moons points): one variable
+# per block, and Adam's slots per block variable.
+SEPARATE_BLOCKS_RUN = os.path.join(os.path.dirname(__file__), 'data',
+                                   'separate_blocks_run')
+
+
+def test_checkpoint_of_separate_blocks_is_converted_on_restore(tmp_path):
+  run = str(tmp_path / 'run')
+  shutil.copytree(SEPARATE_BLOCKS_RUN, run)
+  path = os.path.join(run, 'checkpoints', 'ckpt-8')
+  reader = tf.train.load_checkpoint(path)
+
+  def saved(key):
+    return reader.get_tensor(f'{key}/.ATTRIBUTES/VARIABLE_VALUE')
+
+  with open(os.path.join(run, 'config.json')) as f:
+    config = training.TrainConfig.from_dict(json.load(f))
+  trainer = training.Trainer(dataclasses.replace(config, epochs=3),
+                             out_dir=run)
+  assert trainer.restore()
+  stacked = trainer.model.stacked_dynamics
+  assert stacked.num_blocks == 3
+  assert (trainer.epochs_done, int(trainer.step)) == (2, 8)
+  assert float(trainer.learning_rate) == saved('learning_rate')
+  assert int(trainer.optimizer.step) == saved('optimizer/step')
+  num = len(stacked.weights)
+  slot = {v.ref(): i for i, v in enumerate(trainer.variables)}
+  for j, weight in enumerate(stacked.weights):
+    for k in range(3):
+      path_k, value = stacked.block_values(k)[j]
+      name = '/'.join(str(p) for p in path_k)
+      np.testing.assert_array_equal(value, saved(f'model/dynamics/{k}/{name}'))
+      # The separate run's Adam slots: block k's variables in order.
+      for moments, key in ((trainer.optimizer.m, 'm'),
+                           (trainer.optimizer.v, 'v')):
+        np.testing.assert_array_equal(
+            moments[slot[weight.ref()]][k],
+            saved(f'optimizer/{key}/{k * num + j}'))
+  # The held-out NLL the separate run reported for this checkpoint.
+  with open(os.path.join(run, 'metrics.json')) as f:
+    reported = json.load(f)['epochs'][-1]['test_nll']
+  nll = -float(np.mean(trainer.log_prob(trainer.data.test)))
+  assert nll == pytest.approx(reported, abs=1e-5)
+  # Training goes on, and its checkpoints are stacked.
+  history = trainer.fit(progress=False)
+  assert [h['epoch'] for h in history] == [1, 2, 3]
+  assert history[-1]['test_nll'] < reported
+  latest = tf.train.latest_checkpoint(os.path.join(run, 'checkpoints'))
+  keys = tf.train.load_checkpoint(latest).get_variable_to_shape_map()
+  assert not any(k.startswith('model/dynamics/1/_') for k in keys)
 
 
 @pytest.mark.slow

@@ -314,7 +314,9 @@ class ConvODE(snt.Module):
         [lead, self.image_shape if image else [self.output_size]], 0))
 
 
-def _variable_paths(module):
+def variable_paths(module):
+  """`module`'s variables as `(path, variable)` pairs, in `_flatten` order
+  (`path` the attributes and indices that lead to it)."""
   return list(module._flatten(  # pylint: disable=protected-access
       predicate=lambda v: isinstance(v, tf.Variable), with_path=True))
 
@@ -327,7 +329,7 @@ def _common_layout(modules):
     return None
   if len({type(m) for m in modules}) != 1:
     return None
-  layouts = [_variable_paths(m) for m in modules]
+  layouts = [variable_paths(m) for m in modules]
   first = layouts[0]
   if not first or any(not isinstance(path[-1], str) for path, _ in first):
     return None

@@ -177,14 +177,15 @@ class FlowModel(snt.Module):
       self.dynamics = self.stacked_dynamics.blocks
 
   @classmethod
-  def from_config(cls, config, data) -> 'FlowModel':
-    """The model a `TrainConfig` describes, for a `datasets.Dataset`."""
+  def from_config(cls, config, data, **kwargs) -> 'FlowModel':
+    """The model a `TrainConfig` describes, for a `datasets.Dataset`
+    (`kwargs`, e.g. `stack_blocks`, go to the constructor)."""
     return cls(data.dim, config.blocks, config.hidden, config.activation,
                config.base_scale,
                num_classes=data.num_classes if config.conditional else 0,
                architecture=config.model, image_shape=data.image_shape,
                levels=config.levels, logit_alpha=config.logit_alpha,
-               seed=config.seed)
+               seed=config.seed, **kwargs)
 
   @property
   def is_ffjord(self) -> bool:

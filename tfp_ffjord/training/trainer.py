@@ -6,6 +6,7 @@ SIGINT (`interrupt`), figures and export live in their own modules.
 """
 
 import contextlib
+import logging
 import math
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -15,6 +16,7 @@ import sonnet as snt
 import tensorflow as tf
 
 from tfp_ffjord import datasets
+from tfp_ffjord import dynamics as dynamics_lib
 from tfp_ffjord import ode
 from tfp_ffjord.training import distribute
 from tfp_ffjord.training import flow_matching
@@ -220,10 +222,53 @@ class Trainer:
   def restore(self) -> bool:
     """Restores the latest readable checkpoint of `out_dir`; False if there
     is none (a truncated one is skipped, with a warning, for the previous)."""
-    if self.checkpoints is None or self.checkpoints.restore() is None:
+    if self.checkpoints is None or self.checkpoints.restore(
+        self._restore_separate_blocks) is None:
       return False
     self._restored = True
     self.history = self.run_dir.read_history(self.epochs_done)
+    return True
+
+  def _restore_separate_blocks(self, path: str) -> bool:
+    """Restores a checkpoint whose blocks are separate modules (as written
+    before `FlowModel` stacked their variables): reads it into such a model
+    and optimizer, then stacks their values into this trainer's. False if
+    `path` is not such a checkpoint of this configuration."""
+    stacked = self.model.stacked_dynamics
+    if stacked is None:
+      return False
+    separate = FlowModel.from_config(self.config, self.data,
+                                     stack_blocks=False)
+    variables = list(separate.trainable_variables)
+    learning_rate = tf.Variable(0., dtype=tf.float32)
+    optimizer = snt.optimizers.Adam(learning_rate)
+    optimizer._initialize(variables)  # pylint: disable=protected-access
+    counters = [tf.Variable(0, dtype=tf.int64) for _ in range(2)]
+    try:
+      tf.train.Checkpoint(
+          model=separate, optimizer=optimizer, epoch=counters[0],
+          step=counters[1], learning_rate=learning_rate).restore(
+              path).assert_consumed()
+    except Exception:  # pylint: disable=broad-except
+      return False
+    # Where each block's variable sits in the separate optimizer's slots.
+    slot_of = {v.ref(): i for i, v in enumerate(variables)}
+    rows = [[slot_of[v.ref()] for _, v in dynamics_lib.variable_paths(d)]
+            for d in separate.dynamics]
+    stacked.assign_blocks(separate.dynamics)
+    new_slot = {v.ref(): i for i, v in enumerate(self.variables)}
+    for j, weight in enumerate(stacked.weights):
+      i = new_slot[weight.ref()]
+      for mine, theirs in ((self.optimizer.m, optimizer.m),
+                           (self.optimizer.v, optimizer.v)):
+        mine[i].assign(tf.stack([theirs[row[j]] for row in rows]))
+    self.optimizer.step.assign(optimizer.step)
+    self.epoch.assign(counters[0])
+    self.step.assign(counters[1])
+    self.learning_rate.assign(learning_rate)
+    logging.getLogger('tfp_ffjord').warning(
+        'Converted %s (one variable per block) to stacked variables; the '
+        'next checkpoint is written stacked.', path)
     return True
 
   def save(self) -> Optional[str]:

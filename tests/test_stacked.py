@@ -546,6 +546,7 @@ def test_flow_model_stacks_its_blocks_with_the_same_initial_values():
       np.testing.assert_array_equal(value, v)
   x = tf.random.stateless_normal([8, 2], [5, 6])
   solver = ode.Tsit5(rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(model.flow(solver)[0].log_prob(x),
-                             separate.flow(solver)[0].log_prob(x),
-                             rtol=0, atol=BLOCKS_TOL[tf.float32])
+  np.testing.assert_allclose(
+      tf.function(model.flow(solver)[0].log_prob)(x),
+      tf.function(separate.flow(solver)[0].log_prob)(x),
+      rtol=0, atol=BLOCKS_TOL[tf.float32])

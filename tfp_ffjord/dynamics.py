@@ -389,7 +389,9 @@ class StackedBlocks(snt.Module):
 
   The first module computes every block (its own variables are set aside
   during the call); keep the modules' code free of Python state that
-  depends on which block runs.
+  depends on which block runs. Train `trainable_variables` (or those of a
+  bijector built on `blocks`): the modules passed in keep variables of
+  their own, which the blocks no longer read.
 
   ```python
   mlps = [tfp_ffjord.dynamics.MLPODE([8, 8], 2) for _ in range(4)]

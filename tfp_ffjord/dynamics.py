@@ -360,6 +360,12 @@ def _swapped(module, paths, values):
       object.__setattr__(owner, path[-1], value)
 
 
+def _stacked_values(layouts):
+  """One `[K, ...]` Tensor per variable of `_common_layout`'s K modules."""
+  return [tf.stack([tf.convert_to_tensor(layout[j][1]) for layout in layouts])
+          for j in range(len(layouts[0]))]
+
+
 def _gather(weights, k):
   """Row `k` (a Python int or an int32 Tensor) of each `[K, ...]` weight."""
   if isinstance(k, int):
@@ -406,12 +412,6 @@ class StackedBlocks(snt.Module):
       variables differ in names, shapes or dtypes (or are not built yet).
   """
 
-  # The first module runs every block; it and the views are not children
-  # (no duplicate variables, no cycle in the checkpoint graph).
-  _TF_MODULE_IGNORED_PROPERTIES = frozenset(
-      ('_template', '_blocks')).union(
-          snt.Module._TF_MODULE_IGNORED_PROPERTIES)  # pylint: disable=protected-access
-
   def __init__(self, modules, name: Optional[str] = 'stacked_blocks'):
     super().__init__(name=name)
     modules = list(modules) if isinstance(modules, (list, tuple)) else None
@@ -424,12 +424,14 @@ class StackedBlocks(snt.Module):
     self._paths = tuple(path for path, _ in layouts[0])
     weights = []
     with self.name_scope:
-      for j, (path, first) in enumerate(layouts[0]):
+      for j, ((path, first), value) in enumerate(
+          zip(layouts[0], _stacked_values(layouts))):
         label = '_'.join(str(p).strip('_') for p in path)
-        weights.append(tf.Variable(
-            tf.stack([layout[j][1] for layout in layouts]),
-            trainable=first.trainable, name=label or f'weight_{j}'))
+        weights.append(tf.Variable(value, trainable=first.trainable,
+                                   name=label or f'weight_{j}'))
     self.weights = weights
+    # The first module runs every block; it and the views are not children
+    # (no duplicate variables, no cycle in the checkpoint graph).
     self._template = _NotTracked(modules[0])
     self._blocks = _NotTracked(
         [StackedBlock(self, k, name=f'{self.name}_block{k}')
@@ -462,8 +464,8 @@ class StackedBlocks(snt.Module):
         or tuple(p for p, _ in layouts[0]) != self._paths):
       raise ValueError(f'`modules` must be {self.num_blocks} modules laid out '
                        f'like {self.template.name}; got {modules!r}.')
-    for j, w in enumerate(self.weights):
-      w.assign(tf.stack([layout[j][1] for layout in layouts]))
+    for w, value in zip(self.weights, _stacked_values(layouts)):
+      w.assign(value)
 
   def call_block(self, k, t, z, weights=None, **kwargs):
     """Block `k`'s dynamics (`k` an int or an int32 Tensor); `weights`
@@ -544,10 +546,9 @@ def stacked_call(modules) -> Optional[Callable]:
   if layouts is None:
     return None
   paths = [path for path, _ in layouts[0]]
-  stacks = list(zip(*[[v for _, v in layout] for layout in layouts]))
 
   def stack():
-    return [tf.stack([tf.convert_to_tensor(v) for v in vs]) for vs in stacks]
+    return _stacked_values(layouts)
 
   def call(k, *args, stacked_weights=None, **kwargs):
     weights = stack() if stacked_weights is None else list(stacked_weights)

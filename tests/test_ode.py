@@ -501,3 +501,68 @@ def test_plugs_into_tfp_ffjord(name):
   np.testing.assert_allclose(
       bij.forward_log_det_jacobian(x, event_ndims=1).numpy(), [1.0],
       rtol=1e-6)
+
+
+# --------------------------------------------------------- compile latency
+
+
+@pytest.mark.parametrize('segmented', [False, True])
+@pytest.mark.parametrize('solver', [
+    ode.Tsit5(), ode.DormandPrince(first_step_size=0.1), ode.RK4(num_steps=4),
+    ode.Euler(num_steps=4)], ids=['tsit5', 'dopri5-first-step', 'rk4', 'euler'])
+def test_a_traced_solve_builds_the_dynamics_once(solver, segmented):
+  # The stage loop evaluates a step's first derivative and the step-size
+  # probe itself, at the start of the solve and of each segment: the
+  # dynamics are traced (and compiled) once, not three times.
+  traces = []
+
+  def fn(t, y, segment=None):
+    del segment
+    traces.append(None)
+    return -y
+
+  @tf.function(jit_compile=True)
+  def solve(y0):
+    res = solver.solve(fn, 0., y0, [0.5, 1.], segmented=segmented)
+    return res.states, res.diagnostics.num_ode_fn_evaluations
+
+  states, nfe = solve(tf.constant([1.0, 2.0], tf.float64))
+  assert len(traces) == 1
+  # Four Euler steps are 14% off; the others' tolerances allow ~1e-3.
+  np.testing.assert_allclose(states[-1].numpy(), [np.exp(-1.), 2 * np.exp(-1.)],
+                             rtol=0.2 if isinstance(solver, ode.Euler) else 2e-3)
+  if isinstance(solver, ode.RK4):
+    assert int(nfe) == 4 * 4 * (2 if segmented else 1)
+
+
+# TensorFlow ops that XLA compiles through an MLIR legalisation, ~6 ms each
+# (`tfp_ffjord._lowering`).
+SLOW_TO_LOWER = {'Abs', 'Sqrt', 'IsFinite', 'Exp', 'Tanh', 'Rsqrt', 'Sign',
+                 'Reciprocal', 'Floor', 'Ceil', 'IsNan', 'IsInf'}
+
+
+def graph_op_types(concrete):
+  graph_def = concrete.graph.as_graph_def()
+  types = {node.op for node in graph_def.node}
+  for f in graph_def.library.function:
+    types.update(node.op for node in f.node_def)
+  return types
+
+
+@pytest.mark.parametrize('gradient', ['backprop', 'adjoint'])
+def test_solver_graphs_use_no_ops_that_are_slow_to_lower(gradient):
+  w = tf.Variable([[0.3, -0.8], [0.6, 0.1]])
+  solver = ode.Tsit5(gradient=gradient)
+
+  @tf.function(jit_compile=True)
+  def loss(y0):
+    with tf.GradientTape() as tape:
+      tape.watch(y0)
+      res = solver.solve(lambda t, y: tf.matmul(y, w), 0., y0, [0.5, 1.])
+      out = tf.reduce_sum(res.states[-1] ** 2)
+    return out, tape.gradient(out, [y0, w])
+
+  y0 = tf.constant([[1.0, -0.5]])
+  types = graph_op_types(loss.get_concrete_function(y0))
+  assert {'While', 'StatelessWhile'} & types
+  assert not types & SLOW_TO_LOWER, sorted(types & SLOW_TO_LOWER)

@@ -38,6 +38,7 @@ import sonnet as snt
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_ffjord import _lowering
 from tfp_ffjord import bijector as bijector_lib
 from tfp_ffjord import dynamics as dynamics_lib
 from tfp_ffjord import ode
@@ -468,7 +469,7 @@ def fit(surrogate, target_log_prob_fn: Callable, num_steps: int = 1000, *,
     losses = tf.fill([steps_per_call], tf.constant(np.nan, dtype))
     done, (losses, _) = ode.checked_while_loop(
         body, count, (losses, tf.constant(0, dtype)),
-        stop_fn=lambda losses, last: tf.logical_not(tf.math.is_finite(last)))
+        stop_fn=lambda losses, last: tf.logical_not(_lowering.is_finite(last)))
     return done, losses
 
   losses, seconds = [], []

@@ -12,8 +12,12 @@ so no interpolation error enters the outputs.
 import dataclasses
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
+from tfp_ffjord._lowering import is_finite
+from tfp_ffjord._lowering import magnitude
+from tfp_ffjord._lowering import sqrt
 from tfp_ffjord.ode import base
 from tfp_ffjord.ode import tableaus
 
@@ -143,12 +147,98 @@ def rk_stages(fn, tableau: tableaus.ButcherTableau, t, y, h, k1=None,
   return stages
 
 
-def is_finite(x):
-  """Elementwise finiteness; for complex `x`, of both parts."""
-  if x.dtype.is_complex:
-    return tf.math.is_finite(tf.math.real(x)) & tf.math.is_finite(
-        tf.math.imag(x))
-  return tf.math.is_finite(x)
+def rk_stages_restarting(fn, tableau: tableaus.ButcherTableau, t, y, k1,
+                         restart, h, step_for, probe=None):
+  """The stages of one step that may start (or restart) the integration.
+
+  One `tf.while_loop`, like `rk_stages`, so `fn` is traced once per step,
+  the start of a solve or segment included. When `restart` is true the loop
+  first evaluates `k1 = fn(t, y)` and, with `probe`, the step-size probe of
+  `initial_step_size`, `fn(t + h0, y + h0 k1)`, then the step's other
+  stages with the step size that probe gave. Writing the start as separate
+  calls of `fn` (before the loop or in a `tf.cond`) would trace and compile
+  the dynamics two more times.
+
+  Args:
+    fn: `fn(t, y) -> dy` on flat lists.
+    tableau: the method.
+    t: scalar time.
+    y: flat list of Tensors.
+    k1: `fn(t, y)` carried from the last step (FSAL methods); not used on
+      a restart or by other methods.
+    restart: scalar bool Tensor.
+    h: scalar, the proposed step size (not used on a restart with `probe`).
+    step_for: `step_for(h) -> (h_step, clipped)`, the step taken for the
+      proposal `h` (shortened to reach a solution time).
+    probe: `None` or `(guess, probed)`: `guess(k1) -> (h0, d1)` and
+      `probed(k1, f1, h0, d1) -> h`, the halves of `initial_step_size`.
+
+  Returns:
+    `(stages, h, h_step, clipped, num_evaluations)`, `stages` as from
+    `rk_stages`.
+  """
+  total = tableau.num_stages
+  dtype = t.dtype
+  a, _, c = tableau.as_numpy()
+  # Rows of the coefficients by loop index + 2: index -2 evaluates k1 at
+  # (t, y), index -1 the probe at (t + h0, y + h0 k1), 0.. the stages.
+  probe_row = np.eye(1, total)
+  a_ext = tf.constant(np.concatenate([np.zeros([1, total]), probe_row, a]),
+                      dtype)
+  c_ext = tf.constant(np.concatenate([[0., 1.], c]), dtype)
+  resume = 1 if tableau.fsal else 0   # the first stage a continuing step needs
+  restart_at = -2 if (tableau.fsal or probe is not None) else 0
+  first = tf.where(restart, restart_at, resume)
+  after_k1 = -1 if probe is not None else 1
+  zeros = [tf.zeros_like(y_i) for y_i in y]
+  row0 = ([tf.where(restart, z, k) for z, k in zip(zeros, k1)]
+          if tableau.fsal else zeros)
+  stages = [tf.stack([r] + [z] * (total - 1)) for r, z in zip(row0, zeros)]
+  h_step, clipped = step_for(h)
+  placeholder = tf.ones([], dtype)
+
+  def body(s, stages, h0, d1, h, h_step, clipped, n):
+    at_probe = tf.equal(s, -1)
+    h_use = tf.where(at_probe, h0, h_step)
+    y_s = combine(y, h_use, stages, tf.gather(a_ext, s + 2))
+    k = fn(t + tf.gather(c_ext, s + 2) * h_use, y_s)
+    # Index -1 (the probe) gives an all-zero one-hot: no stage is written.
+    stages = put_stage(stages, tf.where(tf.equal(s, -2), 0, s), k)
+    if probe is not None:
+      guess, probed = probe
+      # A constant output of the dynamics (zeros for a leaf that does not
+      # change) must not enter the `tf.cond` as it is: an XLA bridge pass
+      # would copy it into the branches under a name numbered in a
+      # per-process order, and the compilation cache's key would change
+      # between processes. A select on the loop index hides it (an Identity
+      # is pruned first).
+      graph = not tf.executing_eagerly()
+      f1 = [tf.where(at_probe, k_i, st[0])
+            if graph and tf.get_static_value(k_i) is not None else k_i
+            for k_i, st in zip(k, stages)]
+
+      def starting():
+        k1 = [st[0] for st in stages]
+        h0_new, d1_new = guess(k1)
+        h_new = probed(k1, f1, h0, d1)
+        h_step_new, clipped_new = step_for(h_new)
+        return (tf.where(at_probe, h0, h0_new), tf.where(at_probe, d1, d1_new),
+                tf.where(at_probe, h_new, h),
+                tf.where(at_probe, h_step_new, h_step),
+                tf.where(at_probe, clipped_new, clipped))
+
+      h0, d1, h, h_step, clipped = tf.cond(
+          s < 0, starting, lambda: (h0, d1, h, h_step, clipped))
+    nxt = tf.where(tf.equal(s, -2), after_k1,
+                   tf.where(at_probe, 1, s + 1))
+    return nxt, stages, h0, d1, h, h_step, clipped, n + 1
+
+  _, stages, _, _, h, h_step, clipped, n = tf.while_loop(
+      lambda s, *_: s < total, body,
+      (first, stages, placeholder, placeholder, h, h_step, clipped,
+       tf.constant(0)),
+      maximum_iterations=total + 2)
+  return stages, h, h_step, clipped, n
 
 
 def all_finite(tensors):
@@ -163,41 +253,54 @@ def error_norm(y, y_new, err, rtol, atol, mask):
   Complex components are measured by their magnitude. Nothing selected:
   0 (every step is accepted).
   """
-  scaled = [tf.abs(e_i) / (atol + rtol * tf.maximum(tf.abs(y_i), tf.abs(n_i)))
+  scaled = [magnitude(e_i) / (atol + rtol * tf.maximum(magnitude(y_i),
+                                                       magnitude(n_i)))
             if use else e_i for y_i, n_i, e_i, use in zip(y, y_new, err, mask)]
   return rms(scaled, mask)
 
 
 def rms(tensors, mask):
   """Root mean square magnitude over the leaves selected by `mask`."""
-  parts = [tf.reduce_sum(tf.square(tf.abs(x)))
+  parts = [tf.reduce_sum(tf.square(magnitude(x) if x.dtype.is_complex else x))
            for x, m in zip(tensors, mask) if m]
   count = sum(tf.size(x) for x, m in zip(tensors, mask) if m)
   if not parts:
     return tf.zeros([], tensors[0].dtype.real_dtype)
-  return tf.sqrt(tf.add_n(parts) / tf.cast(tf.maximum(count, 1), parts[0].dtype))
+  return sqrt(tf.add_n(parts) / tf.cast(tf.maximum(count, 1), parts[0].dtype))
 
 
-def initial_step_size(fn, t0, y0, f0, order, rtol, atol, mask, span):
-  """Hairer, Norsett & Wanner (1993), II.4: a starting step size (1 NFE)."""
-  dtype = t0.dtype
-  scale = [atol + rtol * tf.abs(y) for y in y0]
-  d0 = rms([tf.abs(y) / s for y, s in zip(y0, scale)], mask)
-  d1 = rms([tf.abs(f) / s for f, s in zip(f0, scale)], mask)
+def first_guess(y0, f0, rtol, atol, mask, span):
+  """The first half of `initial_step_size`: `(h0, d1)` from `y0`, `f0`."""
+  dtype = span.dtype
+  scale = [atol + rtol * magnitude(y) for y in y0]
+  d0 = rms([magnitude(y) / s for y, s in zip(y0, scale)], mask)
+  d1 = rms([magnitude(f) / s for f, s in zip(f0, scale)], mask)
   small = tf.constant(1e-5, dtype)
   h0 = tf.where((d0 < small) | (d1 < small), tf.constant(1e-6, dtype),
                 0.01 * d0 / tf.maximum(d1, small))
-  h0 = tf.minimum(h0, span)
-  y1 = [y + tf.cast(h0, y.dtype) * f for y, f in zip(y0, f0)]
-  f1 = fn(t0 + h0, y1)
-  d2 = rms([tf.abs(b - a) / s for a, b, s in zip(f0, f1, scale)], mask) / h0
+  return tf.minimum(h0, span), d1
+
+
+def probed_step(y0, f0, f1, h0, d1, order, rtol, atol, mask, span):
+  """The second half of `initial_step_size`, given `f1 = fn(t0 + h0,
+  y0 + h0 f0)`."""
+  dtype = span.dtype
+  scale = [atol + rtol * magnitude(y) for y in y0]
+  d2 = rms([magnitude(b - a) / s for a, b, s in zip(f0, f1, scale)], mask) / h0
   dmax = tf.maximum(d1, d2)
   h1 = tf.where(dmax <= 1e-15, tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
                 tf.pow(0.01 / tf.maximum(dmax, 1e-15), 1. / (order + 1.)))
   h = tf.minimum(100. * h0, h1)
   h = tf.minimum(h, span)
   # A non-finite estimate (dynamics returning NaN) is caught by the loop.
-  return tf.where(tf.math.is_finite(h) & (h > 0), h, span)
+  return tf.where(is_finite(h) & (h > 0), h, span)
+
+
+def initial_step_size(fn, t0, y0, f0, order, rtol, atol, mask, span):
+  """Hairer, Norsett & Wanner (1993), II.4: a starting step size (1 NFE)."""
+  h0, d1 = first_guess(y0, f0, rtol, atol, mask, span)
+  f1 = fn(t0 + h0, [y + tf.cast(h0, y.dtype) * f for y, f in zip(y0, f0)])
+  return probed_step(y0, f0, f1, h0, d1, order, rtol, atol, mask, span)
 
 
 @dataclasses.dataclass
@@ -267,6 +370,10 @@ def integrate(fn: Callable,
   stages_per_step = tableau.num_stages - (1 if tableau.fsal else 0)
 
   needs_k1 = tableau.fsal or adaptive
+  # Adaptive steps start with the step-size probe of `initial_step_size`
+  # unless a first step is given.
+  probe = (adaptive and first_step is None
+           and control.first_step_size is None)
 
   def start(t, y, seg, span):
     """`(k1, h, nfe)` at the start of a solve (or of a segment)."""
@@ -277,23 +384,27 @@ def integrate(fn: Callable,
     else:  # Recomputed at the start of every step.
       k1 = [tf.zeros_like(y_i) for y_i in y]
       nfe = tf.constant(0, tf.int32)
+    if probe:
+      h = initial_step_size(call, t, y, k1, tableau.order, control.rtol,
+                            control.atol, error_mask,
+                            tf.maximum(span, tf.constant(1e-12, dtype)))
+      nfe += 1
+      return k1, tf.where(h > 0, h, tf.ones([], dtype)), nfe
+    return k1, start_step(span), nfe
+
+  def start_step(span):
+    """The first step size of a solve or segment, when no probe sets it."""
     if adaptive:
       if first_step is not None:
         h = tf.cast(first_step, dtype)
-      elif control.first_step_size is not None:
-        h = tf.constant(control.first_step_size, dtype)
       else:
-        h = initial_step_size(call, t, y, k1, tableau.order, control.rtol,
-                              control.atol, error_mask,
-                              tf.maximum(span, tf.constant(1e-12, dtype)))
-        nfe += 1
+        h = tf.constant(control.first_step_size, dtype)
     elif control.num_steps is not None:
       h = span / tf.cast(control.num_steps, dtype)
     else:   # a Python float, or a Tensor (the adjoint of a `num_steps` grid)
       h = tf.cast(control.step_size, dtype)
     # A zero-length span would give h == 0; any positive step ends at once.
-    h = tf.where(h > 0, h, tf.ones([], dtype))
-    return k1, h, nfe
+    return tf.where(h > 0, h, tf.ones([], dtype))
 
   # Solution times equal to t0 are written before the first step.
   hit0 = ts <= t0
@@ -304,7 +415,10 @@ def integrate(fn: Callable,
     outputs.append(tf.where(mask, y_i[tf.newaxis], buf))
   out_index = tf.reduce_sum(tf.cast(hit0, tf.int32))
   out_index_initial = out_index
-  if segmented:
+  # Unless the stages are written out, the stage loop starts the solve (and
+  # each segment) itself: `fn` is then traced once, not three times.
+  fold_start = not control.unroll_stages
+  if segmented or fold_start:
     # The loop starts every segment itself (below), the first one included.
     k1 = [tf.zeros_like(y_i) for y_i in y0]
     h = tf.ones([], dtype)
@@ -350,37 +464,68 @@ def integrate(fn: Callable,
   def body(step, t, h, y, k1, prev_err, segment, outputs, out_index, nfe,
            n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
     target = tf.gather(ts, out_index)
+    remaining = target - t
+
+    def step_for(h):
+      # Snap to the solution time when the remainder is within rounding of a
+      # step, instead of leaving a sliver step of ~1e-16.
+      clipped = h >= remaining - 64. * eps * tf.maximum(
+          magnitude(target), tf.ones([], dtype))
+      return tf.where(clipped, remaining, h), clipped
+
     call = fn
     if segmented:
-      # A new segment: its own first derivative, step size and history.
-      def restart():
-        k1_new, h_new, nfe_new = start(t, y, out_index, target - t)
-        return k1_new, h_new, tf.ones([], dtype), nfe + nfe_new
-
-      k1, h, prev_err, nfe = tf.cond(
-          tf.not_equal(segment, out_index), restart,
-          lambda: (list(k1), h, prev_err, nfe))
-      segment = out_index
       call = lambda s, x: fn(s, x, out_index)  # pylint: disable=g-long-lambda
-    remaining = target - t
-    # Snap to the solution time when the remainder is within rounding of a
-    # step, instead of leaving a sliver step of ~1e-16.
-    clipped = h >= remaining - 64. * eps * tf.maximum(
-        tf.abs(target), tf.ones([], dtype))
-    h_step = tf.where(clipped, remaining, h)
-    if not tableau.fsal:
-      k1 = call(t, y)
-    stages = rk_stages(call, tableau, t, y, h_step, k1,
-                       unroll=control.unroll_stages)
+    if fold_start:
+      # A new solve or segment: its own first derivative, step size and
+      # error history, computed by the stage loop.
+      if segmented:
+        seg_index, span = out_index, remaining
+      else:   # one segment, from t0 to the last time
+        seg_index, span = tf.zeros([], tf.int32), ts[-1] - t
+      restart = tf.not_equal(segment, seg_index)
+      segment = seg_index
+      prev_err = tf.where(restart, tf.ones([], dtype), prev_err)
+      if not probe:
+        h = tf.where(restart, start_step(span), h)
+      probe_fns = None
+      if probe:
+        span = tf.maximum(span, tf.constant(1e-12, dtype))
+        probe_fns = (
+            lambda k1: first_guess(y, k1, control.rtol, control.atol,
+                                   error_mask, span),
+            lambda k1, f1, h0, d1: probed_step(
+                y, k1, f1, h0, d1, tableau.order, control.rtol, control.atol,
+                error_mask, span))
+      stages, h, h_step, clipped, evaluations = rk_stages_restarting(
+          call, tableau, t, y, k1, restart, h, step_for, probe_fns)
+      k1 = [st[0] for st in stages]
+      nfe = nfe + evaluations
+    else:
+      if segmented:
+        # A new segment: its own first derivative, step size and history.
+        def restart():
+          k1_new, h_new, nfe_new = start(t, y, out_index, target - t)
+          return k1_new, h_new, tf.ones([], dtype), nfe + nfe_new
+
+        k1, h, prev_err, nfe = tf.cond(
+            tf.not_equal(segment, out_index), restart,
+            lambda: (list(k1), h, prev_err, nfe))
+        segment = out_index
+      h_step, clipped = step_for(h)
+      if not tableau.fsal:
+        k1 = call(t, y)
+      stages = rk_stages(call, tableau, t, y, h_step, k1,
+                         unroll=control.unroll_stages)
+      nfe = nfe + stages_per_step
     y_new = combine(y, h_step, stages, b_coef)
-    nfe = nfe + stages_per_step
     k1_finite = all_finite(k1)
     new_finite = all_finite(y_new)
 
     if adaptive:
       err = combine([tf.zeros_like(x) for x in y], h_step, stages, b_err_coef)
       e = error_norm(y, y_new, err, control.rtol, control.atol, error_mask)
-      ok = new_finite & tf.math.is_finite(e)
+      ok = new_finite & is_finite(e)
       accept = ok & (e <= 1.)
       e_safe = tf.where(ok, tf.maximum(e, tf.constant(1e-10, dtype)),
                         tf.constant(1e10, dtype))
@@ -399,7 +544,7 @@ def integrate(fn: Callable,
                         tf.maximum(h, h_next), h_next)
       prev_err = tf.where(accept, e_safe, prev_err)
       underflow = (~accept) & (h_next <= 8. * eps * tf.maximum(
-          tf.abs(t), tf.ones([], dtype)))
+          magnitude(t), tf.ones([], dtype)))
       non_finite = ~k1_finite
     else:
       accept = new_finite

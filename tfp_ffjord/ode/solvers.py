@@ -31,9 +31,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python import pywrap_tfe
 from tensorflow.python.eager import record as tape_record
-from tensorflow.python.ops import control_flow_util
 from tensorflow_probability.python.math.ode import base as tfp_ode
 
+from tfp_ffjord import _lowering
 from tfp_ffjord import protocols
 from tfp_ffjord import registry
 from tfp_ffjord.ode import base
@@ -68,10 +68,7 @@ def _tapes_resumed():
       pywrap_tfe.TFE_Py_TapeSetStopOnThread()
 
 
-def in_xla_context() -> bool:
-  """Whether ops built here will be compiled by XLA (`jit_compile=True`)."""
-  graph = tf.compat.v1.get_default_graph()
-  return control_flow_util.GraphOrParentsInXlaContext(graph)
+in_xla_context = _lowering.in_xla_context
 
 
 def _static_number(name, value):

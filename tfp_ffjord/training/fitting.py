@@ -14,6 +14,7 @@ import sonnet as snt
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_ffjord import _lowering
 from tfp_ffjord.training.errors import TrainingError
 from tfp_ffjord.training.steps import apply_gradients
 
@@ -102,7 +103,7 @@ def fit_lbfgs(loss_fn: Callable[[], tf.Tensor],
     grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
              for g, v in zip(grads, variables)]
     flat_grad = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-    finite = tf.math.is_finite(loss)
+    finite = _lowering.is_finite(loss)
     loss = tf.where(finite, loss, tf.constant(np.inf, loss.dtype))
     return loss, tf.where(finite, flat_grad, tf.zeros_like(flat_grad))
 

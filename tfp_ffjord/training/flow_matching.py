@@ -20,6 +20,7 @@ loop (`'sinkhorn'`: entropic OT in TensorFlow, `sinkhorn_pairing`).
 import numpy as np
 import tensorflow as tf
 
+from tfp_ffjord import _lowering
 from tfp_ffjord.training.steps import apply_gradients
 
 __all__ = ['flow_matching_loss', 'noise', 'ot_pairing', 'paired_noise',
@@ -193,7 +194,7 @@ def make_steps(model, optimizer, variables, step, config, chunk: int,
       apply_gradients(optimizer, loss, tape.gradient(loss, variables),
                       variables, step, config.clip_norm)
       losses = tf.tensor_scatter_nd_update(losses, [[i]], [loss])
-      return i + 1, losses, tf.math.is_finite(loss)
+      return i + 1, losses, _lowering.is_finite(loss)
 
     i, losses, _ = tf.while_loop(
         lambda i, _, finite: (i < count) & finite, body,

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
+from tfp_ffjord import _lowering
 from tfp_ffjord import ode
 
 __all__ = ['LossTerms', 'apply_gradients', 'make_train_step',
@@ -52,7 +53,7 @@ def apply_gradients(optimizer, loss, grads, variables, step=None,
       step.assign_add(1)
     return tf.constant(True)
 
-  return tf.cond(tf.math.is_finite(loss), update, lambda: tf.constant(False))
+  return tf.cond(_lowering.is_finite(loss), update, lambda: tf.constant(False))
 
 
 def _counted(fn, on_trace):

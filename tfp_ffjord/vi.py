@@ -34,7 +34,6 @@ import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import sonnet as snt
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -44,6 +43,7 @@ from tfp_ffjord import dynamics as dynamics_lib
 from tfp_ffjord import ode
 from tfp_ffjord import registry
 from tfp_ffjord import trace as trace_lib
+from tfp_ffjord.training import adam as adam_lib
 from tfp_ffjord.training.errors import TrainingError
 from tfp_ffjord.training.model import solver_named
 from tfp_ffjord.training.steps import apply_gradients
@@ -435,7 +435,7 @@ def fit(surrogate, target_log_prob_fn: Callable, num_steps: int = 1000, *,
     if [tuple(v.shape) for v in stopped_variables] != shapes:
       raise ValueError('`stopped_surrogate` must have variables of the shapes '
                        f'of `surrogate`\'s ({len(variables)} variables).')
-  optimizer = snt.optimizers.Adam(learning_rate)
+  optimizer = adam_lib.Adam(learning_rate)
   optimizer._initialize(variables)  # pylint: disable=protected-access
   constrained = [v for v in variables
                  if getattr(v, 'constraint', None) is not None]

@@ -10,11 +10,11 @@ import time
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
-import sonnet as snt
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_ffjord import _lowering
+from tfp_ffjord.training import adam as adam_lib
 from tfp_ffjord.training.errors import TrainingError
 from tfp_ffjord.training.steps import apply_gradients
 
@@ -41,7 +41,7 @@ def fit_adam(loss_fn: Callable[[], tf.Tensor], variables: Sequence[tf.Variable],
     raise ValueError(
         f'`learning_rate` must be positive; got {learning_rate!r}.')
   variables = list(variables)
-  optimizer = snt.optimizers.Adam(learning_rate)
+  optimizer = adam_lib.Adam(learning_rate)
   optimizer._initialize(variables)  # pylint: disable=protected-access
 
   @tf.function(jit_compile=jit_compile)
@@ -153,7 +153,7 @@ def time_train_step(distribution, variables: Sequence[tf.Variable], batch,
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
     raise ValueError(f'`steps` must be a positive integer; got {steps!r}.')
   variables = list(variables)
-  optimizer = snt.optimizers.Adam(learning_rate)
+  optimizer = adam_lib.Adam(learning_rate)
   # Slots before the first call: created inside it, they would make
   # `tf.function` trace the step twice (the first step would time both).
   optimizer._initialize(variables)  # pylint: disable=protected-access

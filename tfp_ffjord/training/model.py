@@ -233,6 +233,19 @@ class FlowModel(snt.Module):
         scale_diag=tf.fill([self.dim], tf.constant(self.base_scale,
                                                    self.dtype)))
 
+  def base_log_prob(self, z):
+    """`base_distribution().log_prob(z)`, written out.
+
+    The isotropic Gaussian's density in a few ops, where TFP's
+    `MultivariateNormalDiag` builds ~120 (with their gradients) into every
+    compiled training step.
+    """
+    z = tf.convert_to_tensor(z, self.dtype)
+    scale = tf.constant(self.base_scale, self.dtype)
+    normaliser = self.dim * (np.log(self.base_scale) + 0.5 * np.log(2 * np.pi))
+    return (-0.5 * tf.reduce_sum(tf.square(z / scale), -1)
+            - tf.constant(normaliser, self.dtype))
+
   def flow(self, solver, trace: str = 'exact'):
     """`(distribution, chain)`: base -> data through every block in order.
 
@@ -311,7 +324,7 @@ class FlowModel(snt.Module):
       if result.diagnostics is not None:
         nfe.append(result.diagnostics.num_ode_fn_evaluations)
     nfe = tf.add_n(nfe) if nfe else tf.constant(0, tf.int32)
-    return LogProbTerms(self.base_distribution().log_prob(x) + ildj, kinetic,
+    return LogProbTerms(self.base_log_prob(x) + ildj, kinetic,
                         frobenius, nfe)
 
   def log_prob_and_regularizers(self, chain, x, seed=None, labels=None):

@@ -12,12 +12,12 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import sonnet as snt
 import tensorflow as tf
 
 from tfp_ffjord import datasets
 from tfp_ffjord import dynamics as dynamics_lib
 from tfp_ffjord import ode
+from tfp_ffjord.training import adam as adam_lib
 from tfp_ffjord.training import distribute
 from tfp_ffjord.training import flow_matching
 from tfp_ffjord.training import likelihood
@@ -103,7 +103,7 @@ class Trainer:
       self.variables = list(self.model.trainable_variables)
       self.learning_rate = tf.Variable(config.learning_rate, trainable=False,
                                        dtype=tf.float32, name='learning_rate')
-      self.optimizer = snt.optimizers.Adam(self.learning_rate)
+      self.optimizer = adam_lib.Adam(self.learning_rate)
       # Adam's moments now: a first step that creates variables would be
       # traced twice.
       self.optimizer._initialize(self.variables)  # pylint: disable=protected-access
@@ -241,7 +241,7 @@ class Trainer:
                                      stack_blocks=False)
     variables = list(separate.trainable_variables)
     learning_rate = tf.Variable(0., dtype=tf.float32)
-    optimizer = snt.optimizers.Adam(learning_rate)
+    optimizer = adam_lib.Adam(learning_rate)
     optimizer._initialize(variables)  # pylint: disable=protected-access
     counters = [tf.Variable(0, dtype=tf.int64) for _ in range(2)]
     try:

@@ -16,6 +16,23 @@ def run_in_mode(fn, mode):
   return tf.function(fn, jit_compile=(mode == 'xla'), reduce_retracing=True)
 
 
+# TensorFlow ops that XLA compiles through an MLIR legalisation, ~6 ms each
+# (`tfp_ffjord._lowering`).
+SLOW_TO_LOWER = frozenset({'Abs', 'Sqrt', 'IsFinite', 'Exp', 'Tanh', 'Rsqrt',
+                           'Sign', 'Reciprocal', 'Floor', 'Ceil', 'IsNan',
+                           'IsInf'})
+
+
+def graph_op_types(concrete):
+  """Every op type in a concrete function's graph and the functions it
+  calls (loop bodies, branches)."""
+  graph_def = concrete.graph.as_graph_def()
+  types = {node.op for node in graph_def.node}
+  for f in graph_def.library.function:
+    types.update(node.op for node in f.node_def)
+  return types
+
+
 def tiny_config(**overrides):
   """One block, MLP 8, RK4 with 4 steps, 256 moons points: ~1 s an epoch.
 

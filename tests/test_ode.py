@@ -9,7 +9,8 @@ import tensorflow_probability as tfp
 
 from tfp_ffjord import ode
 from tfp_ffjord.ode import tableaus
-from tests.helpers import RUN_MODES, run_in_mode
+from tests.helpers import (RUN_MODES, SLOW_TO_LOWER, graph_op_types,
+                           run_in_mode)
 
 tfb = tfp.bijectors
 
@@ -533,20 +534,6 @@ def test_a_traced_solve_builds_the_dynamics_once(solver, segmented):
                              rtol=0.2 if isinstance(solver, ode.Euler) else 2e-3)
   if isinstance(solver, ode.RK4):
     assert int(nfe) == 4 * 4 * (2 if segmented else 1)
-
-
-# TensorFlow ops that XLA compiles through an MLIR legalisation, ~6 ms each
-# (`tfp_ffjord._lowering`).
-SLOW_TO_LOWER = {'Abs', 'Sqrt', 'IsFinite', 'Exp', 'Tanh', 'Rsqrt', 'Sign',
-                 'Reciprocal', 'Floor', 'Ceil', 'IsNan', 'IsInf'}
-
-
-def graph_op_types(concrete):
-  graph_def = concrete.graph.as_graph_def()
-  types = {node.op for node in graph_def.node}
-  for f in graph_def.library.function:
-    types.update(node.op for node in f.node_def)
-  return types
 
 
 @pytest.mark.parametrize('gradient', ['backprop', 'adjoint'])

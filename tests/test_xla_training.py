@@ -17,6 +17,7 @@ import tensorflow_probability as tfp
 
 import tfp_ffjord
 from tfp_ffjord import ode, training
+from tests.helpers import graph_op_types
 from tests.helpers import tiny_config
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -131,11 +132,7 @@ HOST_OPS = ('PyFunc', 'PyFuncStateless', 'EagerPyFunc', 'Assert', 'Print',
 
 def op_types(function):
   """Every op type in `function`'s graph and the functions it calls."""
-  graph_def = function.get_concrete_function().graph.as_graph_def()
-  types = {node.op for node in graph_def.node}
-  for f in graph_def.library.function:
-    types.update(node.op for node in f.node_def)
-  return types
+  return graph_op_types(function.get_concrete_function())
 
 
 @pytest.mark.parametrize('objective', [

@@ -486,9 +486,6 @@ def integrate(fn: Callable,
       restart = tf.not_equal(segment, seg_index)
       segment = seg_index
       prev_err = tf.where(restart, tf.ones([], dtype), prev_err)
-      if not probe:
-        h = tf.where(restart, start_step(span), h)
-      probe_fns = None
       if probe:
         span = tf.maximum(span, tf.constant(1e-12, dtype))
         probe_fns = (
@@ -497,6 +494,9 @@ def integrate(fn: Callable,
             lambda k1, f1, h0, d1: probed_step(
                 y, k1, f1, h0, d1, tableau.order, control.rtol, control.atol,
                 error_mask, span))
+      else:
+        h = tf.where(restart, start_step(span), h)
+        probe_fns = None
       stages, h, h_step, clipped, evaluations = rk_stages_restarting(
           call, tableau, t, y, k1, restart, h, step_for, probe_fns)
       k1 = [st[0] for st in stages]

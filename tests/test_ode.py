@@ -8,6 +8,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_ffjord import ode
+from tfp_ffjord.ode import runge_kutta
 from tfp_ffjord.ode import tableaus
 from tests.helpers import (RUN_MODES, SLOW_TO_LOWER, graph_op_types,
                            run_in_mode)
@@ -553,3 +554,38 @@ def test_solver_graphs_use_no_ops_that_are_slow_to_lower(gradient):
   types = graph_op_types(loss.get_concrete_function(y0))
   assert {'While', 'StatelessWhile'} & types
   assert not types & SLOW_TO_LOWER, sorted(types & SLOW_TO_LOWER)
+
+
+@pytest.mark.parametrize('solver', [ode.Tsit5(), ode.RK4(step_size=0.25)],
+                         ids=['Tsit5', 'RK4'])
+def test_a_step_measures_and_checks_its_state_with_one_reduction(
+    solver, monkeypatch):
+  # Under XLA each reduction of more than 32 elements is three kernels (~30
+  # ms of compilation): a step sums its error norm and both finiteness
+  # checks (first derivative, new state) together, and the step-size probe
+  # its three norms, instead of one sum and one check per leaf.
+  calls = []
+  row_sums = runge_kutta.row_sums
+
+  def counted(rows, dtype):
+    calls.append(len(rows))
+    return row_sums(rows, dtype)
+
+  monkeypatch.setattr(runge_kutta, 'row_sums', counted)
+
+  @tf.function(jit_compile=True)
+  def solve(a, b, c):
+    res = solver.solve(lambda t, y: [-y[0], 0.5 * y[1], -y[2] * y[0][:1]],
+                       0., [a, b, c], [1.])
+    return res.states
+
+  leaves = [tf.ones([64, 2]), tf.ones([64]), tf.ones([1, 2])]
+  concrete = solve.get_concrete_function(*leaves)
+  adaptive = isinstance(solver, ode.Tsit5)
+  # The step: [k1, new state(, error)]; the probe: [y0, f0, f1 - f0].
+  assert sorted(calls) == ([3, 3] if adaptive else [2])
+  types = graph_op_types(concrete)
+  assert not types & {'All', 'IsFinite'}, sorted(types)
+  states = solve(*leaves)
+  np.testing.assert_allclose(states[0][-1].numpy(), np.exp(-1.), rtol=2e-3)
+  np.testing.assert_allclose(states[1][-1].numpy(), np.exp(0.5), rtol=2e-3)

@@ -17,7 +17,9 @@ import tensorflow as tf
 
 from tfp_ffjord._lowering import is_finite
 from tfp_ffjord._lowering import magnitude
+from tfp_ffjord._lowering import row_sums
 from tfp_ffjord._lowering import sqrt
+from tfp_ffjord._lowering import zeros_or_nan
 from tfp_ffjord.ode import base
 from tfp_ffjord.ode import tableaus
 
@@ -170,8 +172,9 @@ def rk_stages_restarting(fn, tableau: tableaus.ButcherTableau, t, y, k1,
     h: scalar, the proposed step size (not used on a restart with `probe`).
     step_for: `step_for(h) -> (h_step, clipped)`, the step taken for the
       proposal `h` (shortened to reach a solution time).
-    probe: `None` or `(guess, probed)`: `guess(k1) -> (h0, d1)` and
-      `probed(k1, f1, h0, d1) -> h`, the halves of `initial_step_size`.
+    probe: `None` or `probe(k1, f1) -> (h0, h)`, `probe_step_sizes`: the
+      probe distance, and the starting step given the derivative `f1` at
+      the probe (`f1 = k1` while it is not known yet).
 
   Returns:
     `(stages, h, h_step, clipped, num_evaluations)`, `stages` as from
@@ -197,7 +200,7 @@ def rk_stages_restarting(fn, tableau: tableaus.ButcherTableau, t, y, k1,
   h_step, clipped = step_for(h)
   placeholder = tf.ones([], dtype)
 
-  def body(s, stages, h0, d1, h, h_step, clipped, n):
+  def body(s, stages, h0, h, h_step, clipped, n):
     at_probe = tf.equal(s, -1)
     h_use = tf.where(at_probe, h0, h_step)
     y_s = combine(y, h_use, stages, tf.gather(a_ext, s + 2))
@@ -205,7 +208,6 @@ def rk_stages_restarting(fn, tableau: tableaus.ButcherTableau, t, y, k1,
     # Index -1 (the probe) gives an all-zero one-hot: no stage is written.
     stages = put_stage(stages, tf.where(tf.equal(s, -2), 0, s), k)
     if probe is not None:
-      guess, probed = probe
       # A constant output of the dynamics (zeros for a leaf that does not
       # change) must not enter the `tf.cond` as it is: an XLA bridge pass
       # would copy it into the branches under a name numbered in a
@@ -218,75 +220,92 @@ def rk_stages_restarting(fn, tableau: tableaus.ButcherTableau, t, y, k1,
             for k_i, st in zip(k, stages)]
 
       def starting():
-        k1 = [st[0] for st in stages]
-        h0_new, d1_new = guess(k1)
-        h_new = probed(k1, f1, h0, d1)
+        # Index -2 sets the probe distance, index -1 the step (the same
+        # distance again: `k1` and `y` have not changed).
+        h0_new, h_new = probe([st[0] for st in stages], f1)
         h_step_new, clipped_new = step_for(h_new)
-        return (tf.where(at_probe, h0, h0_new), tf.where(at_probe, d1, d1_new),
-                tf.where(at_probe, h_new, h),
+        return (tf.where(at_probe, h0, h0_new), tf.where(at_probe, h_new, h),
                 tf.where(at_probe, h_step_new, h_step),
                 tf.where(at_probe, clipped_new, clipped))
 
-      h0, d1, h, h_step, clipped = tf.cond(
-          s < 0, starting, lambda: (h0, d1, h, h_step, clipped))
+      h0, h, h_step, clipped = tf.cond(
+          s < 0, starting, lambda: (h0, h, h_step, clipped))
     nxt = tf.where(tf.equal(s, -2), after_k1,
                    tf.where(at_probe, 1, s + 1))
-    return nxt, stages, h0, d1, h, h_step, clipped, n + 1
+    return nxt, stages, h0, h, h_step, clipped, n + 1
 
-  _, stages, _, _, h, h_step, clipped, n = tf.while_loop(
+  _, stages, _, h, h_step, clipped, n = tf.while_loop(
       lambda s, *_: s < total, body,
-      (first, stages, placeholder, placeholder, h, h_step, clipped,
-       tf.constant(0)),
+      (first, stages, placeholder, h, h_step, clipped, tf.constant(0)),
       maximum_iterations=total + 2)
   return stages, h, h_step, clipped, n
 
 
 def all_finite(tensors):
-  """Whether every element of every Tensor in `tensors` is finite."""
-  return tf.reduce_all(
-      tf.stack([tf.reduce_all(is_finite(x)) for x in tensors]))
+  """Whether every element of every Tensor in `tensors` is finite (a sum of
+  `x * 0`: one reduction for all of them)."""
+  zeros = zeros_or_nan(tensors)
+  if not zeros:
+    return tf.constant(True)
+  return tf.equal(row_sums([zeros], zeros[0].dtype)[0], 0.)
+
+
+def error_squares(y, y_new, err, rtol, atol, mask):
+  """The squared scaled errors (Hairer et al.) of the leaves selected by
+  `mask`, and their number: `error_norm` is the root of their mean.
+
+  Complex components are measured by their magnitude.
+  """
+  squares = [tf.square(magnitude(e_i) / (atol + rtol * tf.maximum(
+      magnitude(y_i), magnitude(n_i))))
+             for y_i, n_i, e_i, use in zip(y, y_new, err, mask) if use]
+  return squares, sum(tf.size(x) for x in squares)
+
+
+def root_mean(total, count):
+  """`sqrt(total / count)`, 0 when nothing was counted."""
+  return sqrt(total / tf.cast(tf.maximum(count, 1), total.dtype))
 
 
 def error_norm(y, y_new, err, rtol, atol, mask):
   """Scaled RMS norm (Hairer et al.) over the components selected by `mask`.
 
-  Complex components are measured by their magnitude. Nothing selected:
-  0 (every step is accepted).
+  Nothing selected: 0 (every step is accepted).
   """
-  scaled = [magnitude(e_i) / (atol + rtol * tf.maximum(magnitude(y_i),
-                                                       magnitude(n_i)))
-            if use else e_i for y_i, n_i, e_i, use in zip(y, y_new, err, mask)]
-  return rms(scaled, mask)
+  squares, count = error_squares(y, y_new, err, rtol, atol, mask)
+  dtype = y[0].dtype.real_dtype
+  return root_mean(row_sums([squares], dtype)[0], count)
 
 
-def rms(tensors, mask):
-  """Root mean square magnitude over the leaves selected by `mask`."""
-  parts = [tf.reduce_sum(tf.square(magnitude(x) if x.dtype.is_complex else x))
-           for x, m in zip(tensors, mask) if m]
-  count = sum(tf.size(x) for x, m in zip(tensors, mask) if m)
-  if not parts:
-    return tf.zeros([], tensors[0].dtype.real_dtype)
-  return sqrt(tf.add_n(parts) / tf.cast(tf.maximum(count, 1), parts[0].dtype))
-
-
-def first_guess(y0, f0, rtol, atol, mask, span):
-  """The first half of `initial_step_size`: `(h0, d1)` from `y0`, `f0`."""
-  dtype = span.dtype
+def start_norms(y0, f0, f1, rtol, atol, mask):
+  """The norms of Hairer, Norsett & Wanner (1993), II.4, from one reduction:
+  `[d0, d1, e]`, the RMS norms of `y0`, `f0` and `f1 - f0`, scaled by
+  `atol + rtol |y0|`, over the leaves selected by `mask`."""
   scale = [atol + rtol * magnitude(y) for y in y0]
-  d0 = rms([magnitude(y) / s for y, s in zip(y0, scale)], mask)
-  d1 = rms([magnitude(f) / s for f, s in zip(f0, scale)], mask)
+
+  def squares(xs):
+    return [tf.square(magnitude(x) / s)
+            for x, s, use in zip(xs, scale, mask) if use]
+
+  rows = [squares(y0), squares(f0),
+          squares([b - a for a, b in zip(f0, f1)])]
+  dtype = y0[0].dtype.real_dtype
+  return root_mean(row_sums(rows, dtype), sum(tf.size(x) for x in rows[0]))
+
+
+def first_guess(d0, d1, span):
+  """The probe distance `h0` of II.4 from the norms `d0`, `d1`."""
+  dtype = span.dtype
   small = tf.constant(1e-5, dtype)
   h0 = tf.where((d0 < small) | (d1 < small), tf.constant(1e-6, dtype),
                 0.01 * d0 / tf.maximum(d1, small))
-  return tf.minimum(h0, span), d1
+  return tf.minimum(h0, span)
 
 
-def probed_step(y0, f0, f1, h0, d1, order, rtol, atol, mask, span):
-  """The second half of `initial_step_size`, given `f1 = fn(t0 + h0,
-  y0 + h0 f0)`."""
+def probed_step(h0, d1, d2, order, span):
+  """The starting step of II.4, from `h0` and the norms `d1` and
+  `d2 = ||f1 - f0|| / h0`, with `f1` the derivative at the probe."""
   dtype = span.dtype
-  scale = [atol + rtol * magnitude(y) for y in y0]
-  d2 = rms([magnitude(b - a) / s for a, b, s in zip(f0, f1, scale)], mask) / h0
   dmax = tf.maximum(d1, d2)
   h1 = tf.where(dmax <= 1e-15, tf.maximum(tf.constant(1e-6, dtype), h0 * 1e-3),
                 tf.pow(0.01 / tf.maximum(dmax, 1e-15), 1. / (order + 1.)))
@@ -296,11 +315,20 @@ def probed_step(y0, f0, f1, h0, d1, order, rtol, atol, mask, span):
   return tf.where(is_finite(h) & (h > 0), h, span)
 
 
+def probe_step_sizes(y0, f0, f1, order, rtol, atol, mask, span):
+  """`(h0, h)`: the probe distance and, given `f1 = fn(t0 + h0, y0 + h0
+  f0)`, the starting step of II.4 (with `f1 = f0`, `h` is meaningless)."""
+  d0, d1, e = tf.unstack(
+      tf.cast(start_norms(y0, f0, f1, rtol, atol, mask), span.dtype))
+  h0 = first_guess(d0, d1, span)
+  return h0, probed_step(h0, d1, e / h0, order, span)
+
+
 def initial_step_size(fn, t0, y0, f0, order, rtol, atol, mask, span):
   """Hairer, Norsett & Wanner (1993), II.4: a starting step size (1 NFE)."""
-  h0, d1 = first_guess(y0, f0, rtol, atol, mask, span)
+  h0, _ = probe_step_sizes(y0, f0, f0, order, rtol, atol, mask, span)
   f1 = fn(t0 + h0, [y + tf.cast(h0, y.dtype) * f for y, f in zip(y0, f0)])
-  return probed_step(y0, f0, f1, h0, d1, order, rtol, atol, mask, span)
+  return probe_step_sizes(y0, f0, f1, order, rtol, atol, mask, span)[1]
 
 
 @dataclasses.dataclass
@@ -488,17 +516,14 @@ def integrate(fn: Callable,
       prev_err = tf.where(restart, tf.ones([], dtype), prev_err)
       if probe:
         span = tf.maximum(span, tf.constant(1e-12, dtype))
-        probe_fns = (
-            lambda k1: first_guess(y, k1, control.rtol, control.atol,
-                                   error_mask, span),
-            lambda k1, f1, h0, d1: probed_step(
-                y, k1, f1, h0, d1, tableau.order, control.rtol, control.atol,
-                error_mask, span))
+        probe_fn = lambda k1, f1: probe_step_sizes(  # pylint: disable=g-long-lambda
+            y, k1, f1, tableau.order, control.rtol, control.atol,
+            error_mask, span)
       else:
         h = tf.where(restart, start_step(span), h)
-        probe_fns = None
+        probe_fn = None
       stages, h, h_step, clipped, evaluations = rk_stages_restarting(
-          call, tableau, t, y, k1, restart, h, step_for, probe_fns)
+          call, tableau, t, y, k1, restart, h, step_for, probe_fn)
       k1 = [st[0] for st in stages]
       nfe = nfe + evaluations
     else:
@@ -519,12 +544,19 @@ def integrate(fn: Callable,
                          unroll=control.unroll_stages)
       nfe = nfe + stages_per_step
     y_new = combine(y, h_step, stages, b_coef)
-    k1_finite = all_finite(k1)
-    new_finite = all_finite(y_new)
-
+    # The error norm and both finiteness checks are one reduction.
+    rows = [zeros_or_nan(k1), zeros_or_nan(y_new)]
     if adaptive:
       err = combine([tf.zeros_like(x) for x in y], h_step, stages, b_err_coef)
-      e = error_norm(y, y_new, err, control.rtol, control.atol, error_mask)
+      squares, count = error_squares(y, y_new, err, control.rtol,
+                                     control.atol, error_mask)
+      rows.append(squares)
+    sums = row_sums(rows, dtype)
+    k1_finite = tf.equal(sums[0], 0.)
+    new_finite = tf.equal(sums[1], 0.)
+
+    if adaptive:
+      e = root_mean(sums[2], count)
       ok = new_finite & is_finite(e)
       accept = ok & (e <= 1.)
       e_safe = tf.where(ok, tf.maximum(e, tf.constant(1e-10, dtype)),

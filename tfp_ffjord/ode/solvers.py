@@ -578,7 +578,7 @@ def _vjp(fn, s, y, c_flat, variables, cotangent):
 
 
 def _rk_step_vjp(fn, tableau, t, y, h, c_flat, variables, cotangent,
-                 num_stages):
+                 num_stages, dc0=None, dv0=None):
   """The exact VJP of one explicit Runge-Kutta step, by a reverse stage loop.
 
   The step is `y' = y + h sum_s b_s k_s`, `k_s = fn(t + c_s h, Y_s, c)`,
@@ -596,9 +596,16 @@ def _rk_step_vjp(fn, tableau, t, y, h, c_flat, variables, cotangent,
   order that varies between processes, so the compiled step's cache key
   did too.
 
+  `dc0` and `dv0`, if given, are the cotangents of the float entries of
+  `c_flat` and of `variables` accumulated so far (by the caller's loop over
+  steps): the step's add to them in the stage loop, which saves the caller
+  a zero-initialised sum and an addition per Tensor (each a kernel under
+  XLA).
+
   Returns:
     `(dy, dc_float, dv)`: cotangents of `y`, of the float entries of
-    `c_flat`, and of `variables` (dense, zeros where unconnected).
+    `c_flat`, and of `variables` (dense, zeros where unconnected), with
+    `dc0` and `dv0` added.
   """
   stages = runge_kutta.rk_stages(lambda s, z: fn(s, z, c_flat), tableau, t,
                                  y, h, num_stages=num_stages)
@@ -626,8 +633,10 @@ def _rk_step_vjp(fn, tableau, t, y, h, c_flat, variables, cotangent,
             [x + d for x, d in zip(dc, gc)], [x + d for x, d in zip(dv, gv)])
 
   dy0 = list(cotangent)
-  dc0 = [tf.zeros_like(c) for c in float_c]
-  dv0 = [tf.zeros_like(v) for v in variables]
+  if dc0 is None:
+    dc0 = [tf.zeros_like(c) for c in float_c]
+  if dv0 is None:
+    dv0 = [tf.zeros_like(v) for v in variables]
   _, _, dy, dc, dv = tf.while_loop(
       lambda s, *_: s >= 0, body,
       (tf.constant(num_stages - 1), k_bar, dy0, dc0, dv0),
@@ -687,12 +696,12 @@ def _backprop_gradients(g, tableau, steps, y0, c_flat, variables, dys, ss,
         return runge_kutta.combine(y, h_j, stages, b_coef)
       _, a, gc, gv = _vjp(step, t_j, y_j, c_flat, variables, a)
       gc = [x for x, c in zip(gc, c_flat) if _is_float(c)]
+      ac = [x + d for x, d in zip(ac, gc)]
+      av = [x + d for x, d in zip(av, gv)]
     else:
-      a, gc, gv = _rk_step_vjp(lambda s, y, c: g(s, y, c, *seg), tableau,
+      a, ac, av = _rk_step_vjp(lambda s, y, c: g(s, y, c, *seg), tableau,
                                t_j, y_j, h_j, c_flat, variables, a,
-                               num_stages)
-    ac = [x + d for x, d in zip(ac, gc)]
-    av = [x + d for x, d in zip(av, gv)]
+                               num_stages, dc0=ac, dv0=av)
     return j - 1, a, ac, av
 
   a0 = [tf.zeros_like(y) for y in y0]

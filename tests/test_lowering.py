@@ -205,3 +205,39 @@ def test_row_sums_is_one_reduction_for_static_shapes():
   types = [op.type for op in g.get_concrete_function(
       tf.TensorSpec([None], tf.float32)).graph.get_operations()]
   assert types.count('Sum') == 2, types
+
+
+@pytest.mark.parametrize('mode', RUN_MODES)
+def test_adam_where_false_leaves_weights_state_and_step(mode):
+  from tfp_ffjord.training.adam import Adam
+
+  start = [np.array([[0.5, -1.], [2., 0.25]]), np.array([0.1, -0.3])]
+  grads = [np.array([[0.2, 0.1], [-0.4, 0.3]]), np.array([1., -2.])]
+
+  def run(flags):
+    """Steps with `grads`; a step flagged False gets NaN gradients."""
+    params = [tf.Variable(tf.constant(p, tf.float32)) for p in start]
+    opt = Adam(0.1)
+    opt._initialize(params)   # pylint: disable=protected-access
+    plain = run_in_mode(lambda a, b: opt.apply([a, b], params), mode)
+    masked = run_in_mode(lambda a, b, f: opt.apply([a, b], params, where=f),
+                         mode)
+    for flag in flags:
+      g = [tf.constant(x * (1. if flag is not False else np.nan), tf.float32)
+           for x in grads]
+      if flag is None:
+        plain(*g)
+      else:
+        masked(*g, tf.constant(flag))
+    return [v.numpy() for v in params + opt.m + opt.v], int(opt.step.numpy())
+
+  applied, applied_step = run([None])
+  for flags in ([True], [False, True, False]):
+    state, count = run(flags)
+    assert count == applied_step == 1
+    for a, b in zip(state, applied):
+      np.testing.assert_array_equal(a, b)
+  state, count = run([False])
+  assert count == 0
+  for a, b in zip(state, start + [np.zeros_like(x) for x in start] * 2):
+    np.testing.assert_array_equal(a, np.float32(b))

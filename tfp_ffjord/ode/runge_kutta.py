@@ -65,9 +65,15 @@ def combine(y, h, stages, weights):
   # A broadcast multiply and a sum (one fused loop under XLA) rather than a
   # matrix product: the stage axis is short and the leaves are small.
   out = []
+  shaped = {}   # leaves of one dtype and rank share their weights and h
   for y_i, k_i in zip(y, stages):
-    w = tf.reshape(tf.cast(weights, y_i.dtype), [-1] + [1] * y_i.shape.rank)
-    out.append(y_i + tf.cast(h, y_i.dtype) * tf.reduce_sum(w * k_i, axis=0))
+    key = (y_i.dtype, y_i.shape.rank)
+    if key not in shaped:
+      shaped[key] = (tf.reshape(tf.cast(weights, y_i.dtype),
+                                [-1] + [1] * y_i.shape.rank),
+                     tf.cast(h, y_i.dtype))
+    w, h_i = shaped[key]
+    out.append(y_i + h_i * tf.reduce_sum(w * k_i, axis=0))
   return out
 
 
@@ -78,11 +84,16 @@ def put_stage(stages, s, values):
   loop under XLA, where a scatter would not.
   """
   out = []
+  rows = {}   # one one-hot row per dtype and rank
   for st, v in zip(stages, values):
-    one_hot = tf.cast(
-        tf.one_hot(s, tf.shape(st)[0], dtype=st.dtype.real_dtype), st.dtype)
-    out.append(st + tf.reshape(one_hot, [-1] + [1] * v.shape.rank)
-               * v[tf.newaxis])
+    key = (st.dtype, v.shape.rank)
+    if key not in rows:
+      depth = st.shape[0]
+      one_hot = tf.cast(tf.one_hot(
+          s, depth if depth is not None else tf.shape(st)[0],
+          dtype=st.dtype.real_dtype), st.dtype)
+      rows[key] = tf.reshape(one_hot, [-1] + [1] * v.shape.rank)
+    out.append(st + rows[key] * tf.expand_dims(v, 0))
   return out
 
 

@@ -24,7 +24,6 @@ Hutchinson's estimator costs one per probe.
 
 import zlib
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -141,8 +140,7 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
     if dim is None:
       raise ValueError('trace_jacobian_exact needs a static event size (the '
                        f'last axis of the state); got shape {state.shape}.')
-    # A constant, not tf.eye: one op to trace instead of ~6.
-    eye = tf.constant(np.eye(dim), state.dtype)
+    eye = tf.eye(dim, dtype=state.dtype)
     frobenius = None
     if dim <= UNROLL_MAX_DIM or tf.executing_eagerly():
       # One VJP per dimension, each keeping only its own component. For small
@@ -155,16 +153,13 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
         dstate = _call(ode_fn, time, state[0] if scalar else state, kwargs)
         if scalar:
           dstate = dstate[tf.newaxis]
-      # Unstacked once (an index per row would add a strided slice and its
-      # three constants each, in this graph and in its gradient's).
-      shape = tf.shape(dstate)
       rows = [tape.gradient(
-          dstate, state, output_gradients=tf.broadcast_to(e_i, shape),
+          dstate, state,
+          output_gradients=tf.broadcast_to(eye[i], tf.shape(dstate)),
           unconnected_gradients=tf.UnconnectedGradients.ZERO)
-              for e_i in tf.unstack(eye)]
+              for i in range(dim)]
       del tape
-      diag = tf.stack([tf.unstack(r, axis=-1)[i] for i, r in enumerate(rows)],
-                      axis=-1)
+      diag = tf.stack([r[..., i] for i, r in enumerate(rows)], axis=-1)
       if regularize:
         frobenius = tf.add_n([tf.square(r) for r in rows])
     else:

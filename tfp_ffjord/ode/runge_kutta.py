@@ -263,7 +263,8 @@ def all_finite(tensors):
 
 def error_squares(y, y_new, err, rtol, atol, mask):
   """The squared scaled errors (Hairer et al.) of the leaves selected by
-  `mask`, and their number: `error_norm` is the root of their mean.
+  `mask`, and their number: the step's error norm is the root of their
+  mean (`root_mean`; nothing selected: 0, every step is accepted).
 
   Complex components are measured by their magnitude.
   """
@@ -276,16 +277,6 @@ def error_squares(y, y_new, err, rtol, atol, mask):
 def root_mean(total, count):
   """`sqrt(total / count)`, 0 when nothing was counted."""
   return sqrt(total / tf.cast(tf.maximum(count, 1), total.dtype))
-
-
-def error_norm(y, y_new, err, rtol, atol, mask):
-  """Scaled RMS norm (Hairer et al.) over the components selected by `mask`.
-
-  Nothing selected: 0 (every step is accepted).
-  """
-  squares, count = error_squares(y, y_new, err, rtol, atol, mask)
-  dtype = y[0].dtype.real_dtype
-  return root_mean(row_sums([squares], dtype)[0], count)
 
 
 def start_norms(y0, f0, f1, rtol, atol, mask):

@@ -598,7 +598,7 @@ def _rk_step_vjp(fn, tableau, t, y, h, c_flat, variables, cotangent,
 
   `dc0` and `dv0`, if given, are the cotangents of the float entries of
   `c_flat` and of `variables` accumulated so far (by the caller's loop over
-  steps): the step's add to them in the stage loop, which saves the caller
+  steps): the stage loop adds this step's to them, which saves the caller
   a zero-initialised sum and an addition per Tensor (each a kernel under
   XLA).
 

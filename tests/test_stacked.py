@@ -432,8 +432,11 @@ def test_stacked_blocks_are_the_modules_they_were_built_from(mode, dtype):
   mods = _mlps(dtype=dtype)
   stacked = dynamics.StackedBlocks(mods)
   assert stacked.num_blocks == NUM_BLOCKS
-  assert len(stacked.trainable_variables) == len(mods[0].trainable_variables)
-  assert all(w.shape[0] == NUM_BLOCKS for w in stacked.weights)
+  # One [K, P] variable: every variable of a module, flattened.
+  (packed,) = stacked.trainable_variables
+  assert packed.shape == [NUM_BLOCKS, sum(
+      int(np.prod(v.shape)) for v in mods[0].trainable_variables)]
+  assert stacked.weights == [packed]
   z = tf.random.stateless_normal([5, 2], [3, 4], dtype=dtype)
   t = tf.constant(0.3, dtype)
   atol = BLOCKS_TOL[dtype]
@@ -442,7 +445,7 @@ def test_stacked_blocks_are_the_modules_they_were_built_from(mode, dtype):
     with tf.GradientTape(persistent=True) as tape:
       out, ref = stacked.blocks[k](t, z), mods[k](t, z)
       loss, loss_ref = tf.reduce_sum(out ** 2), tf.reduce_sum(ref ** 2)
-    return (out, ref, tape.gradient(loss, stacked.weights),
+    return (out, ref, stacked.unpack(tape.gradient(loss, stacked.weights)),
             tape.gradient(loss_ref, mods[k].trainable_variables))
 
   for k in range(NUM_BLOCKS):
@@ -483,6 +486,7 @@ def test_stacked_ffjord_on_stacked_blocks_equals_separate_modules(name):
 
   lp, grads = run_in_mode(
       lambda: run(stacked.blocks, stacked.weights), 'xla')()
+  grads = stacked.unpack(grads)
   separate = [[v for _, v in dynamics.variable_paths(m)] for m in mods]
   lp_ref, grads_ref = run_in_mode(lambda: run(mods, separate), 'xla')()
   np.testing.assert_allclose(lp, lp_ref, rtol=0, atol=SEGMENTED_ATOL)
@@ -504,17 +508,75 @@ def test_stacked_blocks_are_read_not_stacked():
 
   mods = _mlps()
   stacked = dynamics.StackedBlocks(mods)
-  num_weights = len(stacked.weights)
+  assert len(stacked.weights) == 1                # packed
   in_order = ops(stacked.blocks)
-  assert in_order['ReadVariableOp'] == num_weights
+  assert in_order['ReadVariableOp'] == 1
   assert in_order['Pack'] == 0 and in_order['GatherV2'] == 0
-  assert ops(mods)['Pack'] == num_weights       # separate modules: stacked
-  assert ops(stacked.blocks[::-1])['GatherV2'] == num_weights
+  assert in_order['ConcatV2'] == 0
+  separate = ops(mods)                            # stacked, then packed
+  assert separate['Pack'] == len(stacked.paths)
+  assert separate['ConcatV2'] == 1
+  assert ops(stacked.blocks[::-1])['GatherV2'] == 1
   # Out of order, the blocks still compute what they stand for.
   call = dynamics.stacked_call(stacked.blocks[::-1])
   z = tf.ones([2, 2], tf.float64)
   np.testing.assert_allclose(call(tf.constant(0), 0.5, z),
                              mods[-1](0.5, z), rtol=0, atol=1e-14)
+
+
+class _Mixed(tf.Module):
+  """Variables of two dtypes, one of them not trainable."""
+
+  def __init__(self, seed):
+    super().__init__(name=f'mixed_{seed}')
+    rng = np.random.RandomState(seed)
+    self.a = tf.Variable(rng.randn(2, 3).astype(np.float32), name='a')
+    self.b = tf.Variable(rng.randn(4), name='b')                  # float64
+    self.c = tf.Variable(np.float32(rng.randn()), trainable=False,
+                         name='c')
+    self.d = tf.Variable(rng.randn(3).astype(np.float32), name='d')
+
+  def __call__(self, t, z):
+    del t
+    y = tf.reduce_sum(tf.matmul(z, self.a) * self.c, -1) + tf.reduce_sum(
+        self.d)
+    return y + tf.cast(tf.reduce_sum(self.b), tf.float32)
+
+
+def test_stacked_blocks_pack_each_dtype_and_trainability_apart():
+  mods = [_Mixed(seed) for seed in range(3)]
+  stacked = dynamics.StackedBlocks(mods)
+  paths = [p for p, _ in dynamics.variable_paths(mods[0])]
+  assert list(stacked.paths) == paths == [('a',), ('b',), ('c',), ('d',)]
+  # Groups in order of first appearance: float32 trainable (a, d),
+  # float64 (b), float32 not trainable (c).
+  assert [(w.dtype, w.trainable, w.shape) for w in stacked.weights] == [
+      (tf.float32, True, [3, 9]), (tf.float64, True, [3, 4]),
+      (tf.float32, False, [3, 1])]
+  assert len(stacked.trainable_variables) == 2
+  for k, m in enumerate(mods):
+    for (path, value), (_, v) in zip(stacked.block_values(k),
+                                     dynamics.variable_paths(m)):
+      assert value.dtype == v.dtype, path
+      np.testing.assert_array_equal(value, v)
+  unpacked = stacked.unpack()
+  for (_, v), u in zip(dynamics.variable_paths(mods[0]), unpacked):
+    np.testing.assert_array_equal(u[0], v)
+  for w, p in zip(stacked.weights, stacked.pack(unpacked)):
+    np.testing.assert_array_equal(w, p)
+  z = tf.ones([2, 2])
+  for k, m in enumerate(mods):
+    with tf.GradientTape() as tape:
+      out = tf.reduce_sum(stacked.blocks[k](0., z))
+    np.testing.assert_allclose(out, tf.reduce_sum(m(0., z)), rtol=1e-6)
+    grads = stacked.unpack(
+        [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(w)
+         for g, w in zip(tape.gradient(out, stacked.weights),
+                         stacked.weights)])
+    # d out / d d = 2 per element, in row k only.
+    expected = np.zeros([3, 3], np.float32)
+    expected[k] = 2.
+    np.testing.assert_allclose(grads[3], expected)
 
 
 def test_stacked_blocks_reject_what_they_cannot_stack():
@@ -536,7 +598,7 @@ def test_flow_model_stacks_its_blocks_with_the_same_initial_values():
   tf.random.set_seed(0)
   separate = training.FlowModel(dim=2, blocks=4, hidden=(8, 8),
                                 stack_blocks=False)
-  assert len(model.trainable_variables) == 6
+  assert len(model.trainable_variables) == 1       # packed
   assert len(separate.trainable_variables) == 24
   for k, module in enumerate(separate.dynamics):
     for (path, value), (path_ref, v) in zip(

@@ -223,53 +223,116 @@ class Trainer:
     """Restores the latest readable checkpoint of `out_dir`; False if there
     is none (a truncated one is skipped, with a warning, for the previous)."""
     if self.checkpoints is None or self.checkpoints.restore(
-        self._restore_separate_blocks) is None:
+        self._restore_other_layout) is None:
       return False
     self._restored = True
     self.history = self.run_dir.read_history(self.epochs_done)
     return True
 
-  def _restore_separate_blocks(self, path: str) -> bool:
-    """Restores a checkpoint whose blocks are separate modules (as written
-    before `FlowModel` stacked their variables): reads it into such a model
-    and optimizer, then stacks their values into this trainer's. False if
-    `path` is not such a checkpoint of this configuration."""
+  def _restore_other_layout(self, path: str) -> bool:
+    """Restores a checkpoint written with an earlier layout of the blocks'
+    variables: one variable per block's variable (separate modules), or one
+    `[blocks, ...]` variable per variable of a block (before they were
+    packed into one). Reads it into variables of that layout, then packs
+    their values and Adam's moments into this trainer's. False if `path` is
+    neither, for this configuration."""
     stacked = self.model.stacked_dynamics
     if stacked is None:
       return False
-    separate = FlowModel.from_config(self.config, self.data,
-                                     stack_blocks=False)
-    variables = list(separate.trainable_variables)
+    for read, layout in ((self._read_separate_blocks, 'one variable per block'),
+                         (self._read_unpacked_blocks,
+                          'one stacked variable per block variable')):
+      state = read(path)
+      if state is not None:
+        break
+    else:
+      return False
+    values, moments, optimizer_step, counters = state
+    for w, value in zip(stacked.packed, stacked.pack(values)):
+      w.assign(value)
+    slot = {v.ref(): i for i, v in enumerate(self.variables)}
+    for mine, theirs in ((self.optimizer.m, moments[0]),
+                         (self.optimizer.v, moments[1])):
+      for w, value in zip(stacked.packed, stacked.pack(theirs)):
+        if w.ref() in slot:
+          mine[slot[w.ref()]].assign(value)
+    self.optimizer.step.assign(optimizer_step)
+    for mine, value in zip((self.epoch, self.step, self.learning_rate),
+                           counters):
+      mine.assign(value)
+    logging.getLogger('tfp_ffjord').warning(
+        'Converted %s (%s) to the packed layout; the next checkpoint is '
+        'written packed.', path, layout)
+    return True
+
+  def _read_layout(self, path, model, variables):
+    """Restores `path` into `model` (the checkpoint's `model`), an Adam over
+    `variables` and the counters; their values, or None if it does not
+    match."""
     learning_rate = tf.Variable(0., dtype=tf.float32)
     optimizer = adam_lib.Adam(learning_rate)
     optimizer._initialize(variables)  # pylint: disable=protected-access
     counters = [tf.Variable(0, dtype=tf.int64) for _ in range(2)]
     try:
       tf.train.Checkpoint(
-          model=separate, optimizer=optimizer, epoch=counters[0],
+          model=model, optimizer=optimizer, epoch=counters[0],
           step=counters[1], learning_rate=learning_rate).restore(
-              path).assert_consumed()
+              path).assert_existing_objects_matched()
     except Exception:  # pylint: disable=broad-except
-      return False
-    # Where each block's variable sits in the separate optimizer's slots.
-    slot_of = {v.ref(): i for i, v in enumerate(variables)}
-    rows = [[slot_of[v.ref()] for _, v in dynamics_lib.variable_paths(d)]
-            for d in separate.dynamics]
-    stacked.assign_blocks(separate.dynamics)
-    new_slot = {v.ref(): i for i, v in enumerate(self.variables)}
-    for j, weight in enumerate(stacked.weights):
-      i = new_slot[weight.ref()]
-      for mine, theirs in ((self.optimizer.m, optimizer.m),
-                           (self.optimizer.v, optimizer.v)):
-        mine[i].assign(tf.stack([theirs[row[j]] for row in rows]))
-    self.optimizer.step.assign(optimizer.step)
-    self.epoch.assign(counters[0])
-    self.step.assign(counters[1])
-    self.learning_rate.assign(learning_rate)
-    logging.getLogger('tfp_ffjord').warning(
-        'Converted %s (one variable per block) to stacked variables; the '
-        'next checkpoint is written stacked.', path)
-    return True
+      return None
+    return optimizer, (counters[0], counters[1], learning_rate)
+
+  def _read_separate_blocks(self, path):
+    """`path` as written before `FlowModel` stacked its blocks (one module
+    per block): per variable of a block, the K blocks' values and Adam
+    moments stacked `[K, ...]`; None if it is not such a checkpoint."""
+    separate = FlowModel.from_config(self.config, self.data,
+                                     stack_blocks=False)
+    variables = list(separate.trainable_variables)
+    read = self._read_layout(path, separate, variables)
+    if read is None:
+      return None
+    optimizer, counters = read
+    slot = {v.ref(): i for i, v in enumerate(variables)}
+    per_block = [[v for _, v in dynamics_lib.variable_paths(d)]
+                 for d in separate.dynamics]
+
+    def stacked(of):
+      return [tf.stack([of(block[j]) for block in per_block])
+              for j in range(len(per_block[0]))]
+
+    def moment(slots):
+      return lambda v: (slots[slot[v.ref()]] if v.ref() in slot
+                        else tf.zeros_like(v))
+    return (stacked(tf.convert_to_tensor),
+            (stacked(moment(optimizer.m)), stacked(moment(optimizer.v))),
+            optimizer.step, counters)
+
+  def _read_unpacked_blocks(self, path):
+    """`path` as written while `StackedBlocks` held one `[K, ...]` variable
+    per variable of a block (`model/stacked_dynamics/weights/j`, Adam's
+    slots in that order); None if it is not such a checkpoint."""
+    stacked = self.model.stacked_dynamics
+    trainable = [v.trainable for _, v in
+                 dynamics_lib.variable_paths(stacked.template)]
+    weights = [tf.Variable(tf.zeros_like(v)) for v in stacked.unpack()]
+    holder = tf.Module()
+    holder.weights = weights
+    model = tf.Module()
+    model.stacked_dynamics = holder
+    trained = [w for w, t in zip(weights, trainable) if t]
+    read = self._read_layout(path, model, trained)
+    if read is None:
+      return None
+    optimizer, counters = read
+    slot = {w.ref(): i for i, w in enumerate(trained)}
+
+    def moment(slots):
+      return [slots[slot[w.ref()]] if w.ref() in slot else tf.zeros_like(w)
+              for w in weights]
+    return ([tf.convert_to_tensor(w) for w in weights],
+            (moment(optimizer.m), moment(optimizer.v)), optimizer.step,
+            counters)
 
   def save(self) -> Optional[str]:
     """Writes a checkpoint numbered by the global step (if not written yet)."""

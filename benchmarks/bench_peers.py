@@ -4,9 +4,11 @@ The seed moons model (4 FFJORD blocks, MLP 8-8 tanh, base N(0, 0.8^2 I),
 exact trace, 256 points, Adam 1e-2) with the same initial weights in each
 framework, one after the other:
   * tfp_ffjord: `Trainer.train_step`, the step `tfp-ffjord train` runs
-    (`StackedFFJORD` on stacked blocks, Tsit5 at rtol 1e-3, atol 1e-5,
-    backprop, XLA: the default), and the same at rtol 1e-2, atol 1e-3;
-  * JAX + diffrax, Tsit5 and Dopri5, `jax.jit` of the whole step
+    (`StackedFFJORD` on packed blocks, Tsit5 at rtol 1e-3, atol 1e-5,
+    backprop, XLA: the default), the same at rtol 1e-2, atol 1e-3, and the
+    default with the adjoint gradient;
+  * JAX + diffrax, Tsit5 and Dopri5 (backprop through the solve, diffrax's
+    default) and Tsit5 with `BacksolveAdjoint`, `jax.jit` of the whole step
     (`peers/jax_diffrax.py`);
   * PyTorch + torchdiffeq, dopri5, eager (`peers/torch_torchdiffeq.py`);
 each peer at several tolerances. Accuracy: the largest |log p(x) - reference|
@@ -67,12 +69,14 @@ def export_weights(flow_model, x, path):
   np.savez(path, **arrays)
 
 
-# Our configurations: the `tfp-ffjord train` default and a loose one.
-OURS = [(1e-3, 1e-5), (1e-2, 1e-3)]
+# Our configurations: the `tfp-ffjord train` default, a loose one, and the
+# default with the adjoint gradient (`--gradient adjoint`).
+OURS = [(1e-3, 1e-5, 'backprop'), (1e-2, 1e-3, 'backprop'),
+        (1e-3, 1e-5, 'adjoint')]
 
 
-def ours(x, reference, rtol, atol):
-  solver = ode.Tsit5(rtol=rtol, atol=atol, gradient='backprop')
+def ours(x, reference, rtol, atol, gradient):
+  solver = ode.Tsit5(rtol=rtol, atol=atol, gradient=gradient)
   probe = seed_model()
   dist, _ = probe.flow(solver, 'exact')
   error = float(np.max(np.abs(
@@ -83,7 +87,7 @@ def ours(x, reference, rtol, atol):
   # off, solver checks, the loss and NFE back on the host), on the seed
   # weights.
   trainer = training.Trainer(training.TrainConfig(
-      rtol=rtol, atol=atol, batch_size=BATCH))
+      rtol=rtol, atol=atol, batch_size=BATCH, gradient=gradient))
   for mine, seed in zip(trainer.model.trainable_variables,
                         seed_model().trainable_variables):
     mine.assign(seed)
@@ -96,7 +100,9 @@ def ours(x, reference, rtol, atol):
     start = time.perf_counter()
     trainer.train_step(batch)
     times.append(time.perf_counter() - start)
-  return dict(implementation='tfp_ffjord Tsit5 (XLA)', rtol=rtol, atol=atol,
+  name = 'tfp_ffjord Tsit5 (XLA)' + (
+      '' if gradient == 'backprop' else f', {gradient}')
+  return dict(implementation=name, rtol=rtol, atol=atol,
               max_error=error, first_step_s=first,
               steady_step_ms=1000 * float(np.median(times)),
               version=f'tensorflow {tf.__version__}')
@@ -135,8 +141,7 @@ def main(argv=None):
     export_weights(seed_model(), x, weights)
     params, _ = numpy_model.load(weights)
     reference = numpy_model.reference_log_prob(params, x)
-    rows = [ours(tf.constant(x), reference, rtol, atol)
-            for rtol, atol in OURS]
+    rows = [ours(tf.constant(x), reference, *config) for config in OURS]
     for row in rows:
       print(json.dumps(row), flush=True)
     for script in ('jax_diffrax.py', 'torch_torchdiffeq.py'):
@@ -157,7 +162,7 @@ def main(argv=None):
       "reference| at the initial weights (reference: SciPy's DOP853 at 1e-12 "
       'in float64). First step: trace, compile and run. Steady step: median '
       f'of the next {STEADY_STEPS} (10 for PyTorch). Our rows time '
-      '`Trainer.train_step`, the step `tfp-ffjord train` runs (stacked '
+      '`Trainer.train_step`, the step `tfp-ffjord train` runs (packed '
       'blocks, XLA, solver checks, loss and NFE returned to the host). '
       'Ratios against our first row (the `tfp-ffjord train` default).',
       '',
@@ -173,9 +178,10 @@ def main(argv=None):
         f'{r["steady_step_ms"] / mine["steady_step_ms"]:.2f} |')
   peers = [r for r in rows if not r['implementation'].startswith('tfp_ffjord')]
   for m in rows[:len(OURS)]:
-    lines += ['', f'At the accuracy of ours at rtol {m["rtol"]:g} / atol '
-              f'{m["atol"]:g} (error {m["max_error"]:.1e}): each peer at its '
-              'loosest tolerance whose error is at most that.', '',
+    lines += ['', f'At the accuracy of {m["implementation"]} at rtol '
+              f'{m["rtol"]:g} / atol {m["atol"]:g} (error '
+              f'{m["max_error"]:.1e}): each peer at its loosest tolerance '
+              'whose error is at most that.', '',
               '| implementation | rtol / atol | first step ÷ ours | steady '
               'step ÷ ours |', '|---|---|---:|---:|']
     for name in dict.fromkeys(r['implementation'] for r in peers):

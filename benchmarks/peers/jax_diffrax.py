@@ -4,7 +4,9 @@ Same weights, data, model and exact trace as tfp_ffjord's seed configuration:
 4 blocks solved one after another from t = 1 to 0 (the inverse map), loss
 `-mean log p(x)` over 256 points, Adam 1e-2, `jax.jit` of the whole step,
 gradients by diffrax's default (`RecursiveCheckpointAdjoint`: backprop
-through the solve). Prints one JSON line per (solver, tolerance): max
+through the solve) and, for Tsit5, by `BacksolveAdjoint` (the continuous
+adjoint, solved backwards, as tfp_ffjord's `gradient='adjoint'`). Prints
+one JSON line per (configuration, tolerance): max
 |log p - reference| at the initial weights, first step (trace + compile +
 run) and the median steady step.
 
@@ -45,9 +47,10 @@ def augmented(t, y, p):
   return jnp.concatenate([f, jnp.trace(jac, axis1=1, axis2=2)[:, None]], 1)
 
 
-def make_log_prob(solver, rtol, atol):
+def make_log_prob(solver, rtol, atol, adjoint=None):
   term = diffrax.ODETerm(augmented)
   controller = diffrax.PIDController(rtol=rtol, atol=atol)
+  extra = {} if adjoint is None else dict(adjoint=adjoint)
 
   def log_prob(params, x):
     z, log_det = x, jnp.zeros(x.shape[0])
@@ -55,7 +58,8 @@ def make_log_prob(solver, rtol, atol):
       sol = diffrax.diffeqsolve(
           term, solver, t0=1., t1=0., dt0=None,
           y0=jnp.concatenate([z, jnp.zeros((x.shape[0], 1))], 1),
-          args=params[k], stepsize_controller=controller, max_steps=4096)
+          args=params[k], stepsize_controller=controller, max_steps=4096,
+          **extra)
       y = sol.ys[-1]
       z, log_det = y[:, :2], log_det + y[:, 2]
     s = model.BASE_SCALE
@@ -88,12 +92,15 @@ def main():
   params_np, x_np = model.load(sys.argv[1])
   reference = model.reference_log_prob(params_np, x_np)
   x = jnp.asarray(x_np, jnp.float32)
-  for name, solver in (('diffrax Tsit5', diffrax.Tsit5()),
-                       ('diffrax Dopri5', diffrax.Dopri5())):
+  for name, solver, adjoint in (
+      ('diffrax Tsit5', diffrax.Tsit5(), None),
+      ('diffrax Dopri5', diffrax.Dopri5(), None),
+      ('diffrax Tsit5, BacksolveAdjoint', diffrax.Tsit5(),
+       diffrax.BacksolveAdjoint())):
     for rtol, atol in TOLERANCES:
       params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32),
                                       params_np)
-      log_prob = make_log_prob(solver, rtol, atol)
+      log_prob = make_log_prob(solver, rtol, atol, adjoint)
       error = float(np.max(np.abs(np.asarray(
           jax.jit(log_prob)(params, x)) - reference)))
       init, update = adam()

@@ -390,11 +390,7 @@ class Solver:
               g_recorded, solver.tableau, control, s0, y_init, ss, max_iter,
               error_mask, record_steps=record,
               record_capacity=base.XLA_BACKPROP_MAX_NUM_STEPS,
-              segmented=segmented,
-              # The adjoint's backward segments start from the step the
-              # forward proposed at each solution time: no probe.
-              end_steps=(solver.gradient == 'adjoint' and not dense
-                         and control.adaptive))
+              segmented=segmented)
         outputs = list(res.outputs)
         steps, out_s = res.steps, ss
         if dense:
@@ -415,10 +411,10 @@ class Solver:
                 g, solver.tableau, steps, y_init, c_flat, variables, dys,
                 out_s, max_iter, control.unroll_stages, segmented)
           else:
-            first_steps = steps['h'] if dense else res.end_steps
+            first_steps = steps['h'] if dense else None
             grads = solver._adjoint_gradients(
                 adjoint_solver, g, s0, out_s, outputs, c_flat, variables, dys,
-                error_mask, first_steps, segmented, ends=not dense)
+                error_mask, first_steps, segmented)
           dy0, dc, dv = grads
           input_grads = list(dy0) + list(dc)
           if variables:
@@ -523,12 +519,10 @@ class Solver:
 
   def _adjoint_gradients(self, adjoint_solver, g, s0, ss, outputs, c_flat,
                          variables, dys, error_mask, first_steps,
-                         segmented=False, ends=False):
+                         segmented=False):
     """The adjoint's gradients, NaN (and raising) if its backward solve fails."""
     bound = adjoint_solver._max_iterations(-ss[-1], -s0[tf.newaxis])
     control = adjoint_solver._control()
-    if control.first_step_size is not None and ends:
-      first_steps = None   # the adjoint solver's own first step wins
     if (not control.adaptive and control.num_steps is not None
         and not segmented):
       # `num_steps` spans the whole solve: the backward solve keeps the
@@ -540,7 +534,7 @@ class Solver:
     dy0, dc, dv, status, u_reached, num_steps = _adjoint_gradients(
         g, adjoint_solver.tableau, control, s0, ss,
         outputs, c_flat, variables, dys, bound, error_mask, first_steps,
-        segmented, ends)
+        segmented)
     grads = self._check_status(list(dy0) + list(dc) + list(dv), status,
                                -u_reached, num_steps, bound,
                                stage='adjoint backward solve')
@@ -773,7 +767,7 @@ class _Params:
 
 def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
                        variables, dys, max_iter, error_mask, first_steps=None,
-                       segmented=False, ends=False):
+                       segmented=False):
   """Solves the adjoint ODE backwards through the solution times.
 
   With `u = -s`, the augmented state `(y, a, a_c, a_v)` obeys
@@ -785,16 +779,10 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
   the loop free of `tf.cond`, so pfor can vectorise it (batch Jacobians).
 
   Args:
-    first_steps: optional first step sizes of the backward segments: with
-      `ends`, `[T]`, the step the forward solve proposed when it reached
-      each solution time (the backward segment from `s_k` starts where that
-      step would have gone); otherwise `[T - 1]`, the sizes of segments
-      `1..T-1` (dense output: the forward's accepted steps). `None`
-      estimates them (Hairer's probe: one more evaluation of the augmented
-      dynamics per segment, and the probe's code in the compiled loop).
+    first_steps: optional `[T - 1]` first step sizes of segments `1..T-1`
+      (dense output: the forward's accepted steps); `None` estimates them.
     segmented: the forward solve was segmented: segment `k` runs `g` with
       segment index `k`.
-    ends: `first_steps` is indexed by solution time (see above).
 
   Returns:
     `(dy0, dc, dv, status, u_reached, num_steps)`: the gradients, and the
@@ -821,7 +809,7 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
     u_end = -tf.where(k > 0, tf.gather(ss, tf.maximum(k - 1, 0)), s0)
     first = None
     if first_steps is not None:
-      first = tf.gather(first_steps, k if ends else tf.maximum(k - 1, 0))
+      first = tf.gather(first_steps, tf.maximum(k - 1, 0))
     res = runge_kutta.integrate(lambda u, s: aug_fn(u, s, k), tableau,
                                 control, u_start, state, u_end[tf.newaxis],
                                 max_iter, mask, first_step=first)

@@ -458,11 +458,12 @@ class _Blocks(tf.Module):
     self._stacked_call = dynamics_lib.stacked_call(self.fns)
 
   def stacked_weights(self) -> Dict[str, tf.Tensor]:
-    """The blocks' weights stacked per variable, as solver constants.
+    """The blocks' weights packed (`[K, P]`, one per dtype), as solver
+    constants.
 
     Empty unless the blocks share one architecture. Passed to the solve as
     constants (and back here as keyword arguments), they make its gradient
-    accumulate a few `[K, ...]` Tensors rather than every block's variables
+    accumulate one `[K, P]` Tensor rather than every block's variables
     (fewer loop variables and ops: a shorter trace and compilation).
     """
     if self._stacked_call is None:

@@ -267,8 +267,9 @@ class Trainer:
 
   def _read_layout(self, path, model, variables):
     """Restores `path` into `model` (the checkpoint's `model`), an Adam over
-    `variables` and the counters; their values, or None if it does not
-    match."""
+    `variables` and the counters. Returns `(moments, optimizer_step,
+    counters)`, `moments(v)` being Adam's `(m, v)` for a variable `v` (zeros
+    for one it does not train), or None if `path` does not match."""
     learning_rate = tf.Variable(0., dtype=tf.float32)
     optimizer = adam_lib.Adam(learning_rate)
     optimizer._initialize(variables)  # pylint: disable=protected-access
@@ -283,7 +284,13 @@ class Trainer:
     # What this layout does not hold (e.g. the blocks' views) stays unread,
     # without a warning for each value.
     status.expect_partial()
-    return optimizer, (counters[0], counters[1], learning_rate)
+    slot = {v.ref(): i for i, v in enumerate(variables)}
+
+    def moments(v):
+      if v.ref() not in slot:
+        return tf.zeros_like(v), tf.zeros_like(v)
+      return optimizer.m[slot[v.ref()]], optimizer.v[slot[v.ref()]]
+    return moments, optimizer.step, (counters[0], counters[1], learning_rate)
 
   def _read_separate_blocks(self, path):
     """`path` as written before `FlowModel` stacked its blocks (one module
@@ -295,21 +302,17 @@ class Trainer:
     read = self._read_layout(path, separate, variables)
     if read is None:
       return None
-    optimizer, counters = read
-    slot = {v.ref(): i for i, v in enumerate(variables)}
+    moments, optimizer_step, counters = read
     per_block = [[v for _, v in dynamics_lib.variable_paths(d)]
                  for d in separate.dynamics]
 
     def stacked(of):
       return [tf.stack([of(block[j]) for block in per_block])
               for j in range(len(per_block[0]))]
-
-    def moment(slots):
-      return lambda v: (slots[slot[v.ref()]] if v.ref() in slot
-                        else tf.zeros_like(v))
     return (stacked(tf.convert_to_tensor),
-            (stacked(moment(optimizer.m)), stacked(moment(optimizer.v))),
-            optimizer.step, counters)
+            (stacked(lambda v: moments(v)[0]),
+             stacked(lambda v: moments(v)[1])),
+            optimizer_step, counters)
 
   def _read_unpacked_blocks(self, path):
     """`path` as written while `StackedBlocks` held one `[K, ...]` variable
@@ -327,15 +330,10 @@ class Trainer:
     read = self._read_layout(path, model, trained)
     if read is None:
       return None
-    optimizer, counters = read
-    slot = {w.ref(): i for i, w in enumerate(trained)}
-
-    def moment(slots):
-      return [slots[slot[w.ref()]] if w.ref() in slot else tf.zeros_like(w)
-              for w in weights]
+    moments, optimizer_step, counters = read
     return ([tf.convert_to_tensor(w) for w in weights],
-            (moment(optimizer.m), moment(optimizer.v)), optimizer.step,
-            counters)
+            ([moments(w)[0] for w in weights],
+             [moments(w)[1] for w in weights]), optimizer_step, counters)
 
   def save(self) -> Optional[str]:
     """Writes a checkpoint numbered by the global step (if not written yet)."""

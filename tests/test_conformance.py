@@ -564,10 +564,12 @@ def test_backprop_under_xla_names_the_argument_to_raise():
 
 # L-BFGS fits the rate k of y' = -k y to log y(1) = -2 from k = 0.1. A
 # solver allowed STIFF_MAX_STEPS steps fails for k > ~10, where the first
-# line search lands (k ~ 3800). With raise_on_failure=False the failed
-# probe's loss is +inf (a NaN would stop TFP's Hager-Zhang line search; +inf
-# makes it bisect back, 9 times here), and L-BFGS converges to k = 2. The
-# tiny atol keeps y(1) = exp(-k) relatively accurate for large k.
+# line search lands (k ~ 3800), and its adjoint's backward solve (which
+# error-controls dL/dk too) for k > ~7.5: between the two the loss is finite
+# and the gradient NaN. With raise_on_failure=False a failed probe's loss is
+# +inf (a NaN would stop TFP's Hager-Zhang line search; +inf makes it bisect
+# back), and L-BFGS converges to k = 2. The tiny atol keeps y(1) = exp(-k)
+# relatively accurate for large k.
 STIFF_MAX_STEPS = 40
 SOLVER_RTOL, SOLVER_ATOL = 1e-6, 1e-14
 TARGET_RATE = 2.
@@ -601,8 +603,11 @@ def test_failed_solves_let_lbfgs_back_off():
         # The documented pattern: a failed solve is an infinitely bad point.
         failed = tf.not_equal(status, ode.Status.SUCCEEDED)
         loss = tf.where(failed, tf.constant(np.inf, loss.dtype), loss)
+      grad = tape.gradient(loss, k)
+      # So is one whose backward solve failed (its gradient is NaN).
+      failed |= ~tf.reduce_all(tf.math.is_finite(grad))
       failures.assign_add(tf.cast(failed, tf.int32))
-      return loss, tape.gradient(loss, k)
+      return tf.where(failed, tf.constant(np.inf, loss.dtype), loss), grad
 
     result = tfp.optimizer.lbfgs_minimize(
         value_and_gradient, tf.constant([0.1], tf.float64), tolerance=1e-12,

@@ -302,6 +302,61 @@ def test_adjoint_backprop_and_finite_differences_agree(name):
         err_msg=f'adjoint vs FD for {label}')
 
 
+# Closed form of the test below: y(t) = y0 exp(a t), so
+# d/da sum_k sum y(t_k) = sum_k t_k sum y(t_k).
+END_STEP_RTOL = 1e-6
+
+
+@pytest.mark.parametrize('name', ['Tsit5', 'DormandPrince'])
+def test_adjoint_segments_start_from_the_forwards_proposed_steps(
+    name, monkeypatch):
+  """The backward segment from each solution time starts with the step the
+  forward solve proposed on reaching that time (no probe of its own), and
+  the gradient stays right; a first step the adjoint solver sets itself
+  still wins."""
+  calls = []
+  integrate = runge_kutta.integrate
+
+  def spy(*args, **kwargs):
+    result = integrate(*args, **kwargs)
+    calls.append((kwargs.get('first_step'), result))
+    return result
+
+  monkeypatch.setattr(runge_kutta, 'integrate', spy)
+  a = tf.Variable(-0.7, dtype=tf.float64)
+  y0 = tf.constant([1., 2.], tf.float64)
+  ts = tf.constant([0.5, 1.0, 2.0], tf.float64)
+
+  def gradient(solver):
+    calls.clear()
+    with tf.GradientTape() as tape:
+      states = solver.solve(lambda t, y: a * y, 0., y0, ts).states
+      loss = tf.reduce_sum(states)
+    return tape.gradient(loss, a)
+
+  exact = np.sum(ts.numpy()[:, None] * y0.numpy() * np.exp(-0.7 * ts.numpy()[
+      :, None]))
+  grad = gradient(getattr(ode, name)(rtol=1e-8, atol=1e-10,
+                                     gradient='adjoint'))
+  np.testing.assert_allclose(grad, exact, rtol=END_STEP_RTOL)
+  (first, forward), *backward = calls
+  assert first is None
+  proposed = forward.end_steps.numpy()
+  assert proposed.shape == (3,) and np.all(proposed > 0)
+  # Segments run from the last time back: k = 2, 1, 0.
+  assert len(backward) == 3
+  np.testing.assert_array_equal(
+      [float(step) for step, _ in backward], proposed[::-1])
+  # With `first_step_size` on the adjoint solver, the probe-free start is
+  # that size, not the forward's proposal.
+  solver = getattr(ode, name)(
+      rtol=1e-8, atol=1e-10, gradient='adjoint',
+      make_adjoint_solver_fn=lambda: getattr(ode, name)(
+          rtol=1e-8, atol=1e-10, first_step_size=1e-3))
+  np.testing.assert_allclose(gradient(solver), exact, rtol=END_STEP_RTOL)
+  assert all(step is None for step, _ in calls[1:])
+
+
 # Looping over stages and unrolling them run the same arithmetic in a
 # different order of graph construction: agreement to rounding. With
 # backprop this also checks the looped gradient (a reverse loop over each

@@ -342,6 +342,7 @@ class LoopResult:
   num_rejected: tf.Tensor
   status: tf.Tensor
   steps: Optional[dict] = None      # recorded accepted steps, if asked
+  end_steps: Optional[tf.Tensor] = None   # [T] step proposed at each time
 
 
 def integrate(fn: Callable,
@@ -355,7 +356,8 @@ def integrate(fn: Callable,
               record_steps: bool = False,
               first_step: Optional[tf.Tensor] = None,
               record_capacity: int = 1000,
-              segmented: bool = False) -> LoopResult:
+              segmented: bool = False,
+              end_steps: bool = False) -> LoopResult:
   """Integrates `dy/dt = fn(t, y)` from `t0` through the increasing times `ts`.
 
   The loop body holds no `tf.cond` (except, with `segmented`, the restart
@@ -381,6 +383,10 @@ def integrate(fn: Callable,
       method (overrides `control.first_step_size` and the estimate).
     record_capacity: with `record_steps` and no `max_num_steps`, the steps
       a record holds under XLA (elsewhere it grows without bound).
+    end_steps: also return, per time in `ts`, the step size the controller
+      proposed after the step that reached it (`LoopResult.end_steps`; 0
+      for times at `t0`): where a solve backwards from that time (the
+      adjoint) can start without probing.
     segmented: each time in `ts` ends a segment with dynamics of its own:
       `fn(t, y, k)` is called with `k`, the index in `ts` of the segment's
       end, and the integration restarts at each time of `ts` (a fresh first
@@ -484,15 +490,15 @@ def integrate(fn: Callable,
                     dtype)
   succeeded = tf.constant(Status.SUCCEEDED, tf.int32)
 
-  def cond(step, t, h, y, k1, prev_err, segment, outputs, out_index, nfe,
-           n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
+  def cond(step, t, h, y, k1, prev_err, segment, outputs, out_index, out_h,
+           nfe, n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
     del step, t, h, y, k1, prev_err, segment, outputs, nfe, n_acc, n_rej
-    del steps_t, steps_h, steps_out, steps_y
+    del out_h, steps_t, steps_h, steps_out, steps_y
     # tf.equal, never `==`: a Tensor's `==` is an identity test in TF1 graphs.
     return (out_index < num_outputs) & tf.equal(status, succeeded)
 
-  def body(step, t, h, y, k1, prev_err, segment, outputs, out_index, nfe,
-           n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
+  def body(step, t, h, y, k1, prev_err, segment, outputs, out_index, out_h,
+           nfe, n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
     target = tf.gather(ts, out_index)
     remaining = target - t
 
@@ -602,6 +608,8 @@ def integrate(fn: Callable,
       mask = tf.reshape(hit, [-1] + [1] * y_i.shape.rank)
       new_outputs.append(tf.where(mask, y_i[tf.newaxis], buf))
     new_out_index = out_index + tf.reduce_sum(tf.cast(hit, tf.int32))
+    if end_steps:
+      out_h = tf.where(hit, h_next, out_h)
 
     if record_steps:
       # Written at the index of the next accepted step: a rejected attempt is
@@ -624,14 +632,16 @@ def integrate(fn: Callable,
           & (new_out_index < num_outputs),
           Status.MAX_NUM_STEPS_EXCEEDED, status)
     return (step, t_new, h_next, y_next, k1, prev_err, segment, new_outputs,
-            new_out_index, nfe, n_acc, n_rej, status, steps_t, steps_h,
+            new_out_index, out_h, nfe, n_acc, n_rej, status, steps_t, steps_h,
             steps_out, steps_y)
 
+  out_h = (tf.zeros(tf.shape(ts), dtype) if end_steps
+           else tf.zeros([], dtype))
   loop_vars = (tf.constant(0), t0, h, list(y0), list(k1),
-               tf.ones([], dtype), segment, outputs, out_index, nfe,
+               tf.ones([], dtype), segment, outputs, out_index, out_h, nfe,
                tf.constant(0), tf.constant(0), succeeded,
                steps_t, steps_h, steps_out, steps_y)
-  (_, t, _, _, _, _, _, outputs, _, nfe, n_acc, n_rej, status, steps_t,
+  (_, t, _, _, _, _, _, outputs, _, out_h, nfe, n_acc, n_rej, status, steps_t,
    steps_h, steps_out, steps_y) = tf.while_loop(
        cond, body, loop_vars, maximum_iterations=max_num_steps)
 
@@ -643,4 +653,4 @@ def integrate(fn: Callable,
         out_initial=out_index_initial)
   return LoopResult(outputs=outputs, t=t, num_fn_evals=nfe,
                     num_accepted=n_acc, num_rejected=n_rej, status=status,
-                    steps=steps)
+                    steps=steps, end_steps=out_h if end_steps else None)

@@ -70,8 +70,10 @@ def fit_lbfgs(loss_fn: Callable[[], tf.Tensor],
   optimum when this returns (as after `Optim.LBFGS()` in Julia).
 
   A non-finite loss (e.g. a solve that failed with `raise_on_failure=False`,
-  whose states are NaN) is given to the optimizer as +inf: TFP's Hager-Zhang
-  line search bisects back from +inf, where a NaN would end the search.
+  whose states are NaN) or gradient (the adjoint's backward solve failed,
+  its gradients NaN) is given to the optimizer as a loss of +inf: TFP's
+  Hager-Zhang line search bisects back from +inf, where a NaN would end the
+  search.
 
   `jit_compile=True` compiles the loss and its gradient with XLA (one
   compilation; much faster steps for small models).
@@ -103,7 +105,10 @@ def fit_lbfgs(loss_fn: Callable[[], tf.Tensor],
     grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
              for g, v in zip(grads, variables)]
     flat_grad = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-    finite = _lowering.is_finite(loss)
+    # A failed adjoint backward solve leaves the loss finite and the
+    # gradient NaN: that point is as unusable as a failed forward solve.
+    finite = (_lowering.is_finite(loss)
+              & tf.reduce_all(_lowering.is_finite(flat_grad)))
     loss = tf.where(finite, loss, tf.constant(np.inf, loss.dtype))
     return loss, tf.where(finite, flat_grad, tf.zeros_like(flat_grad))
 

@@ -357,7 +357,8 @@ def integrate(fn: Callable,
               first_step: Optional[tf.Tensor] = None,
               record_capacity: int = 1000,
               segmented: bool = False,
-              end_steps: bool = False) -> LoopResult:
+              end_steps: bool = False,
+              restart_fn: Optional[Callable] = None) -> LoopResult:
   """Integrates `dy/dt = fn(t, y)` from `t0` through the increasing times `ts`.
 
   The loop body holds no `tf.cond` (except, with `segmented`, the restart
@@ -380,7 +381,8 @@ def integrate(fn: Callable,
       state, number of outputs written after the step), for the backward
       pass of `gradient='backprop'` and for dense output.
     first_step: optional scalar Tensor, the first step of an adaptive
-      method (overrides `control.first_step_size` and the estimate).
+      method (overrides `control.first_step_size` and the estimate); with
+      `segmented`, also a `[T]` Tensor: the first step of each segment.
     record_capacity: with `record_steps` and no `max_num_steps`, the steps
       a record holds under XLA (elsewhere it grows without bound).
     end_steps: also return, per time in `ts`, the step size the controller
@@ -393,10 +395,19 @@ def integrate(fn: Callable,
       derivative, step size and error history), as if every segment were a
       separate solve from the previous one's end. One loop, so `fn` is
       traced once for all segments.
+    restart_fn: with `segmented`, `restart_fn(k, y) -> y`, applied to the
+      state as segment `k` starts (the first one included): the state may
+      jump between segments (the adjoint's backward solve resets `y` to the
+      forward solution and adds the next cotangent). Every segment then
+      runs, a zero-length one as a step of size 0, and a step ends at most
+      one segment, so each segment's end is written to the outputs once
+      and each restart happens.
 
   Returns:
     A `LoopResult`.
   """
+  if restart_fn is not None and not segmented:
+    raise ValueError('`restart_fn` needs `segmented=True`.')
   dtype = t0.dtype
   num_outputs = ts.shape[0]
   if num_outputs is None:
@@ -426,13 +437,15 @@ def integrate(fn: Callable,
                             tf.maximum(span, tf.constant(1e-12, dtype)))
       nfe += 1
       return k1, tf.where(h > 0, h, tf.ones([], dtype)), nfe
-    return k1, start_step(span), nfe
+    return k1, start_step(span, seg), nfe
 
-  def start_step(span):
+  def start_step(span, seg=None):
     """The first step size of a solve or segment, when no probe sets it."""
     if adaptive:
       if first_step is not None:
         h = tf.cast(first_step, dtype)
+        if h.shape.rank == 1:   # one per segment
+          h = tf.gather(h, seg)
       else:
         h = tf.constant(control.first_step_size, dtype)
     elif control.num_steps is not None:
@@ -442,8 +455,11 @@ def integrate(fn: Callable,
     # A zero-length span would give h == 0; any positive step ends at once.
     return tf.where(h > 0, h, tf.ones([], dtype))
 
-  # Solution times equal to t0 are written before the first step.
+  # Solution times equal to t0 are written before the first step (with
+  # `restart_fn`, by zero-length steps of the loop, which restart there).
   hit0 = ts <= t0
+  if restart_fn is not None:
+    hit0 = tf.zeros_like(hit0)
   outputs = []
   for y_i in y0:
     buf = tf.zeros(tf.concat([[tf.shape(ts)[0]], tf.shape(y_i)], 0), y_i.dtype)
@@ -521,6 +537,9 @@ def integrate(fn: Callable,
         seg_index, span = tf.zeros([], tf.int32), ts[-1] - t
       restart = tf.not_equal(segment, seg_index)
       segment = seg_index
+      if restart_fn is not None:
+        y = [tf.where(restart, jumped, y_i)
+             for jumped, y_i in zip(restart_fn(seg_index, y), y)]
       prev_err = tf.where(restart, tf.ones([], dtype), prev_err)
       if probe:
         span = tf.maximum(span, tf.constant(1e-12, dtype))
@@ -528,7 +547,7 @@ def integrate(fn: Callable,
             y, k1, f1, tableau.order, control.rtol, control.atol,
             error_mask, span)
       else:
-        h = tf.where(restart, start_step(span), h)
+        h = tf.where(restart, start_step(span, seg_index), h)
         probe_fn = None
       stages, h, h_step, clipped, evaluations = rk_stages_restarting(
           call, tableau, t, y, k1, restart, h, step_for, probe_fn)
@@ -538,12 +557,13 @@ def integrate(fn: Callable,
       if segmented:
         # A new segment: its own first derivative, step size and history.
         def restart():
-          k1_new, h_new, nfe_new = start(t, y, out_index, target - t)
-          return k1_new, h_new, tf.ones([], dtype), nfe + nfe_new
+          y_new = list(y) if restart_fn is None else restart_fn(out_index, y)
+          k1_new, h_new, nfe_new = start(t, y_new, out_index, target - t)
+          return y_new, k1_new, h_new, tf.ones([], dtype), nfe + nfe_new
 
-        k1, h, prev_err, nfe = tf.cond(
+        y, k1, h, prev_err, nfe = tf.cond(
             tf.not_equal(segment, out_index), restart,
-            lambda: (list(k1), h, prev_err, nfe))
+            lambda: (list(y), list(k1), h, prev_err, nfe))
         segment = out_index
       h_step, clipped = step_for(h)
       if not tableau.fsal:
@@ -602,7 +622,10 @@ def integrate(fn: Callable,
     if tableau.fsal:
       k1 = [tf.where(accept, a[-1], b) for a, b in zip(stages, k1)]
 
-    hit = (accept & clipped) & (ts <= t_new) & (out_range >= out_index)
+    if restart_fn is None:
+      hit = (accept & clipped) & (ts <= t_new) & (out_range >= out_index)
+    else:   # one segment at a time
+      hit = (accept & clipped) & tf.equal(out_range, out_index)
     new_outputs = []
     for buf, y_i in zip(outputs, y_next):
       mask = tf.reshape(hit, [-1] + [1] * y_i.shape.rank)

@@ -528,7 +528,11 @@ class Solver:
                          variables, dys, error_mask, first_steps,
                          segmented=False, ends=False):
     """The adjoint's gradients, NaN (and raising) if its backward solve fails."""
+    # The bound of a solve over one segment, for each segment.
     bound = adjoint_solver._max_iterations(-ss[-1], -s0[tf.newaxis])
+    if bound is not None:
+      num_t = ss.shape[0]
+      bound = bound * (num_t if num_t is not None else tf.shape(ss)[0])
     control = adjoint_solver._control()
     if control.first_step_size is not None and ends:
       first_steps = None   # the adjoint solver's own first step wins
@@ -774,6 +778,58 @@ class _Params:
     return packed[:self.num_c], packed[self.num_c:]
 
 
+class _Layout:
+  """Packs the error-controlled leaves of the adjoint's state into one vector.
+
+  The backward solve's loop does per-leaf work (stage sums, the error norm,
+  selects: each a kernel under XLA); with the state `(y, a, a_params)` as
+  one flat vector it does that work once. The leaves left out of the error
+  norm stay apart (the norm sees only the vector). Only leaves of static
+  shape and one dtype are packed; otherwise the state is left as it is.
+  """
+
+  def __init__(self, leaves, mask):
+    self.mask = list(mask)
+    inside = [x for x, use in zip(leaves, mask) if use]
+    self.packed = len(inside) > 1 and all(
+        x.shape.is_fully_defined() and x.dtype == inside[0].dtype
+        for x in inside)
+    self.shapes = [x.shape for x in leaves]
+    self.sizes = [x.shape.num_elements() for x in inside]
+
+  @property
+  def error_mask(self):
+    """The error mask of `pack`'s list."""
+    if not self.packed:
+      return self.mask
+    return [True] + [False] * (len(self.mask) - sum(self.mask))
+
+  def pack(self, xs, lead=(), flags=False):
+    """One vector of the leaves in the error norm (each with leading dims
+    `lead`), then the others. With `flags`, `xs` holds a Python bool per
+    leaf: the packed vector becomes a bool Tensor, the others stay bools."""
+    if not self.packed:
+      return list(xs)
+    if flags:
+      inside = [tf.fill([size], flag) for size, flag in zip(
+          self.sizes, [x for x, use in zip(xs, self.mask) if use])]
+      return [tf.concat(inside, 0)] + [
+          x for x, use in zip(xs, self.mask) if not use]
+    lead = list(lead)
+    inside = [tf.reshape(x, lead + [-1])
+              for x, use in zip(xs, self.mask) if use]
+    return [tf.concat(inside, len(lead))] + [
+        x for x, use in zip(xs, self.mask) if not use]
+
+  def unpack(self, packed):
+    if not self.packed:
+      return list(packed)
+    inside = iter(tf.split(packed[0], self.sizes))
+    outside = iter(packed[1:])
+    return [tf.reshape(next(inside), shape) if use else next(outside)
+            for shape, use in zip(self.shapes, self.mask)]
+
+
 def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
                        variables, dys, max_iter, error_mask, first_steps=None,
                        segmented=False, ends=False):
@@ -781,11 +837,15 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
 
   With `u = -s`, the augmented state `(y, a, a_c, a_v)` obeys
   `dy/du = -g`, `da/du = a^T dg/dy`, `da_c/du = a^T dg/dc`,
-  `da_v/du = a^T dg/dv`, starting from `y(s_T)` and `a = dL/dy(s_T)`. The
-  solve runs one segment per solution time (from `s_k` back to `s_{k-1}`,
-  the last back to `s0`); between segments the cotangent of `s_{k-1}` is
-  added to `a` and `y` is reset to its forward value there. Segments keep
-  the loop free of `tf.cond`, so pfor can vectorise it (batch Jacobians).
+  `da_v/du = a^T dg/dv`. The solve runs one segment per solution time, from
+  `s_k` back to `s_{k-1}` (the last back to `s0`), all in one segmented
+  loop (`runge_kutta.integrate`'s `restart_fn`): as segment `s_k` starts,
+  `y` is reset to the forward solution there (no drift from integrating
+  `y` backwards), the cotangent of `s_k` is added to `a`, and the
+  parameters' adjoint restarts from zero. Each segment's contribution to
+  the parameters' gradient is its adjoint at the segment's end (one output
+  per segment); their sum is the gradient. The loop has no `tf.cond`, so
+  pfor can vectorise it (batch Jacobians).
 
   Args:
     first_steps: optional first step sizes of the backward segments: with
@@ -817,64 +877,67 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
   # a segment's steps do not depend on what the later segments added, so a
   # segmented solve steps exactly as separate solves would.
   mask = list(error_mask) * 2 + [True] * params.num_leaves
-
-  def aug_fn(u, state, k):
-    y, a = state[:n], state[n:2 * n]
-    fn = (lambda s, y, c: g(s, y, c, k)) if segmented else g
-    out, gy, gc, gv = _vjp(fn, -u, y, c_flat, variables, a)
-    gc = [gc[i] for i in float_idx]
-    return [-o for o in out] + list(gy) + params.pack(gc, gv)
-
-  def segment(k, state):
-    """Integrates from `u = -ss[k]` to `-ss[k - 1]` (or `-s0` when k = 0)."""
-    u_start = -tf.gather(ss, k)
-    u_end = -tf.where(k > 0, tf.gather(ss, tf.maximum(k - 1, 0)), s0)
-    first = None
-    if first_steps is not None:
-      first = tf.gather(first_steps, k if ends else tf.maximum(k - 1, 0))
-    res = runge_kutta.integrate(lambda u, s: aug_fn(u, s, k), tableau,
-                                control, u_start,
-                                state[:2 * n] + params.zeros(),
-                                u_end[tf.newaxis], max_iter, mask,
-                                first_step=first)
-    reached = [o[-1] for o in res.outputs]
-    state = reached[:2 * n] + [
-        total + part for total, part in zip(state[2 * n:], reached[2 * n:])]
-    # Reaching s_{k-1}: its cotangent joins `a`, `y` restarts from the
-    # forward solution (no drift from integrating y backwards).
-    j = tf.maximum(k - 1, 0)
-    earlier = k > 0
-    y = [tf.where(earlier, tf.gather(o, j), y_i)
-         for o, y_i in zip(outputs, state[:n])]
-    a = [tf.where(earlier, a_i + tf.gather(d, j), a_i)
-         for d, a_i in zip(dys, state[n:2 * n])]
-    return (y + a + state[2 * n:], res.status, res.t,
-            res.num_accepted + res.num_rejected)
-
-  state0 = ([o[-1] for o in outputs] + [d[-1] for d in dys]
+  state0 = ([o[-1] for o in outputs] + [tf.zeros_like(d[-1]) for d in dys]
             + params.zeros())
-  if ss.shape[0] == 1:
-    state, status, u_reached, num_steps = segment(tf.constant(0), state0)
-  else:
-    def cond(k, state, status, u_reached, num_steps):
-      del state, u_reached, num_steps
-      return (k >= 0) & tf.equal(status, base.Status.SUCCEEDED)
+  layout = _Layout(state0, mask)
 
-    def body(k, state, status, u_reached, num_steps):
-      del status, u_reached
-      state, status, u_reached, steps_k = segment(k, state)
-      return k - 1, state, status, u_reached, num_steps + steps_k
+  # Backward segment j is forward segment k = T - 1 - j: from u = -s_k to
+  # -s_{k-1} (-s0 for k = 0), with the dynamics of forward segment k.
+  u_ends = -tf.concat([s0[tf.newaxis], ss[:-1]], 0)[::-1]
 
-    _, state, status, u_reached, num_steps = tf.while_loop(
-        cond, body,
-        (num_t - 1, state0, tf.constant(base.Status.SUCCEEDED),
-         -ss[-1], tf.constant(0)))
-  dy0 = state[n:2 * n]
-  dc_float, dv = params.unpack(state[2 * n:])
+  def fn(u, state, j):
+    k = num_t - 1 - j
+    parts = layout.unpack(state)
+    y, a = parts[:n], parts[n:2 * n]
+    seg_g = (lambda s, y, c: g(s, y, c, k)) if segmented else g
+    out, gy, gc, gv = _vjp(seg_g, -u, y, c_flat, variables, a)
+    gc = [gc[i] for i in float_idx]
+    return layout.pack([-o for o in out] + list(gy) + params.pack(gc, gv))
+
+  # Restarting segment j sets the state to jumps[j] + (a's part of it):
+  # `y` from the forward solution, the cotangent added to `a`, the
+  # parameters' adjoint zero. Packed before the loop, so a step does one
+  # gather and one select for it.
+  ks = tf.range(num_t - 1, -1, -1)
+  jumps = layout.pack(
+      [tf.gather(o, ks) for o in outputs] + [tf.gather(d, ks) for d in dys]
+      + [tf.zeros(tf.concat([[num_t], tf.shape(p)], 0), p.dtype)
+         for p in params.zeros()], lead=[num_t])
+  # Which entries keep their value (plus the jump): `a`'s. A leaf kept
+  # apart is all or nothing (a Python bool: a constant Tensor captured by
+  # the loop would get a per-process name from a graph pass, and the
+  # compilation cache's key would change between processes).
+  keeps = layout.pack([False] * n + [True] * n + [False] * params.num_leaves,
+                      flags=True)
+
+  def restart(j, state):
+    out = []
+    for x, jump, keep in zip(state, jumps, keeps):
+      jump = tf.gather(jump, j)
+      if isinstance(keep, bool):
+        out.append(x + jump if keep else jump)
+      else:
+        out.append(tf.where(keep, x + jump, jump))
+    return out
+
+  first = None
+  if first_steps is not None:
+    first = tf.gather(first_steps, ks if ends else tf.maximum(ks - 1, 0))
+  res = runge_kutta.integrate(fn, tableau, control, -ss[-1],
+                              layout.pack(state0), u_ends, max_iter,
+                              layout.error_mask, first_step=first,
+                              segmented=True, restart_fn=restart)
+  # Every segment's end is written once: the last holds dL/dy0, their sum
+  # the parameters' gradient.
+  last = layout.unpack([o[-1] for o in res.outputs])
+  summed = layout.unpack([tf.reduce_sum(o, 0) for o in res.outputs])
+  dy0 = last[n:2 * n]
+  dc_float, dv = params.unpack(summed[2 * n:])
   dc = [None] * len(c_flat)
   for i, grad in zip(float_idx, dc_float):
     dc[i] = grad
-  return dy0, dc, dv, status, u_reached, num_steps
+  return (dy0, dc, dv, res.status, res.t,
+          res.num_accepted + res.num_rejected)
 
 
 class FixedStepSolver(Solver):

@@ -12,7 +12,9 @@ Gradients (`gradient=`):
     step size the forward solve proposed on reaching its solution time (no
     probe), and every adjoint state, the parameters' and `constants`'
     included, is in the error norm: their gradient integrals get the same
-    error control as the state.
+    error control as the state. All segments run in one loop, whose state
+    is one flat vector when the shapes are static; `max_num_steps` bounds
+    each segment.
   * `'backprop'`: the exact derivative of the discrete solution
     (discretise-then-optimise). The forward pass records the start state,
     time and size of every accepted step (memory `max_num_steps` x state);

@@ -109,11 +109,14 @@ def test_eager_failures_raise_solver_error_for_forward_and_adjoint():
   x = tf.ones([3])
   with tf.GradientTape() as tape:
     tape.watch(x)
-    y = _decay_solve(adjoint, x)
+    y = adjoint.solve(lambda t, y: -y, 0., x, [0.5, 1.]).states[-1]
   with pytest.raises(ode.SolverError) as info:
     tape.gradient(y, x)
   assert info.value.stage == 'adjoint backward solve'
   assert 'in the adjoint backward solve' in str(info.value)
+  # The bound named is the backward solver's, per segment (its one loop
+  # over both segments may take twice that).
+  assert info.value.max_num_steps == TOO_FEW_STEPS
 
 
 # ------------------------------------------------------------- protocols

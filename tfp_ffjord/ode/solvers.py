@@ -530,11 +530,13 @@ class Solver:
                          variables, dys, error_mask, first_steps,
                          segmented=False, ends=False):
     """The adjoint's gradients, NaN (and raising) if its backward solve fails."""
-    # The bound of a solve over one segment, for each segment.
+    # The bound of a solve over one segment, for each segment: the loop over
+    # all of them may take that many times the number of segments.
     bound = adjoint_solver._max_iterations(-ss[-1], -s0[tf.newaxis])
+    loop_bound = bound
     if bound is not None:
       num_t = ss.shape[0]
-      bound = bound * (num_t if num_t is not None else tf.shape(ss)[0])
+      loop_bound = bound * (num_t if num_t is not None else tf.shape(ss)[0])
     control = adjoint_solver._control()
     if control.first_step_size is not None and ends:
       first_steps = None   # the adjoint solver's own first step wins
@@ -548,7 +550,7 @@ class Solver:
           step_size=(ss[-1] - s0) / control.num_steps)
     dy0, dc, dv, status, u_reached, num_steps = _adjoint_gradients(
         g, adjoint_solver.tableau, control, s0, ss,
-        outputs, c_flat, variables, dys, bound, error_mask, first_steps,
+        outputs, c_flat, variables, dys, loop_bound, error_mask, first_steps,
         segmented, ends)
     grads = self._check_status(list(dy0) + list(dc) + list(dv), status,
                                -u_reached, num_steps, bound,

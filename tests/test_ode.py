@@ -567,6 +567,21 @@ def test_solve_argument_errors():
     solver.solve(None, 0., y0, [1.])
 
 
+# TFP's own ode tests (`test_bad_initial_state_dtype`) match this message.
+TFP_DTYPE_MESSAGE = ('`initial_state` must have a floating point or complex '
+                     'floating point dtype')
+
+
+@pytest.mark.parametrize('name', SOLVER_NAMES)
+@pytest.mark.parametrize('dtype', [tf.int32, tf.int64, tf.bool])
+def test_bad_initial_state_dtype_uses_tfps_message(name, dtype):
+  fixed = name in ('Euler', 'Midpoint', 'RK4')
+  solver = getattr(ode, name)(**({'num_steps': 2} if fixed else {}))
+  with pytest.raises(TypeError, match=TFP_DTYPE_MESSAGE + '.*got a Tensor '
+                     f'of dtype {dtype.name}'):
+    solver.solve(lambda t, y: y, 0., tf.ones([2], dtype), [1.])
+
+
 # ------------------------------------------------------- XLA and TFP plug-in
 
 

@@ -282,8 +282,10 @@ class Solver:
       dtype = y0[0].dtype
       for x in y0:
         if not _is_float(x):
-          raise TypeError('`initial_state` must hold floating or complex '
-                          f'Tensors; got dtype {x.dtype.name}.')
+          raise TypeError(
+              '`initial_state` must have a floating point or complex '
+              'floating point dtype; got a Tensor of dtype '
+              f'{x.dtype.name}.')
         if x.dtype.real_dtype != dtype.real_dtype:
           raise TypeError(
               '`initial_state` must hold Tensors of one precision; got '

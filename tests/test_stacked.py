@@ -185,7 +185,9 @@ def _pair(mods, solve, trace, dtype=tf.float64):
   kw = dict(ode_solve_fn=solve, trace_augmentation_fn=trace, dtype=dtype,
             seed_salt='salt')
   stacked = tfp_ffjord.StackedFFJORD(mods, **kw)
-  chain = tfb.Chain([tfp_ffjord.FFJORD(m, **kw) for m in mods][::-1])
+  # The reference: one solve per block (a fused chain is one solve too).
+  chain = tfb.Chain([tfp_ffjord.FFJORD(m, fuse=False, **kw)
+                     for m in mods][::-1])
   return stacked, chain
 
 
@@ -333,6 +335,11 @@ def test_stacked_traces_the_dynamics_once():
   assert n_one > 0
   assert matmuls(stacked, variables) == n_one
   assert matmuls(chain, variables) == NUM_BLOCKS * n_one
+  # The same chain with fusion on (the default): one copy, like stacked.
+  fused = tfb.Chain([tfp_ffjord.FFJORD(m, ode_solve_fn=solve,
+                                       trace_augmentation_fn=trace,
+                                       dtype=tf.float64) for m in mods][::-1])
+  assert matmuls(fused, variables) == n_one
 
 
 def test_stacked_gradient_loops_carry_stacked_weights_not_each_block():

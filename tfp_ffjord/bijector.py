@@ -11,6 +11,7 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
 from tfp_ffjord import dynamics as dynamics_lib
+from tfp_ffjord import fusion
 from tfp_ffjord import ode
 from tfp_ffjord import protocols
 from tfp_ffjord import trace as trace_lib
@@ -138,7 +139,8 @@ class FFJORD(tfb.Bijector):
                validate_args=False,
                dtype=tf.float32,
                name='ffjord',
-               seed_salt=None):
+               seed_salt=None,
+               fuse=True):
     """Builds the bijector.
 
     Args:
@@ -170,6 +172,10 @@ class FFJORD(tfb.Bijector):
         this process (its creation order); give fixed, distinct salts to
         the blocks of a model so that its Hutchinson noise for a seed does
         not depend on how many bijectors the process built before.
+      fuse: let consecutive compatible blocks of a `tfb.Chain` share one
+        segmented solve (`tfp_ffjord.fusion`; not in TFP's constructor):
+        same values, one solver loop to trace and compile instead of one
+        per block. Default: True.
 
     Raises:
       TypeError: if a callable argument is not callable.
@@ -196,12 +202,19 @@ class FFJORD(tfb.Bijector):
       self._final_time = final_time
       self._ode_solve_fn = (default_ode_solve_fn() if ode_solve_fn is None
                             else ode_solve_fn)
-      self._trace_augmentation_fn = trace_augmentation_fn
-      self._trace_takes_seed = protocols.declares(trace_augmentation_fn,
-                                                  protocols.SEED)
+      self._given_trace_fn = trace_augmentation_fn
+      # TFP's exact trace computes what ours does, but its `diag_jacobian`
+      # loop has no XLA lowering in a differentiated solve: run ours.
+      self._trace_augmentation_fn = (
+          trace_lib.trace_jacobian_exact
+          if trace_augmentation_fn is tfb.ffjord.trace_jacobian_exact
+          else trace_augmentation_fn)
+      self._trace_takes_seed = protocols.declares(
+          self._trace_augmentation_fn, protocols.SEED)
       self._state_time_derivative_fn = state_time_derivative_fn
       self._seed_salt = (f'tfp_ffjord.FFJORD.{next(_instance_counter)}'
                          if seed_salt is None else str(seed_salt))
+      self._fuse = bool(fuse)
       self._last_diagnostics = None
       super().__init__(
           forward_min_event_ndims=0,
@@ -224,11 +237,18 @@ class FFJORD(tfb.Bijector):
 
   @property
   def trace_augmentation_fn(self):
-    return self._trace_augmentation_fn
+    """The `trace_augmentation_fn` given to the constructor."""
+    return self._given_trace_fn
 
   @property
   def initial_time(self):
     return self._initial_time
+
+  @property
+  def fuse(self) -> bool:
+    """Whether this block may share a solve with its neighbours in a
+    `tfb.Chain` (`tfp_ffjord.fusion`)."""
+    return self._fuse
 
   @property
   def final_time(self):
@@ -301,11 +321,13 @@ class FFJORD(tfb.Bijector):
     return -self._state_time_derivative_fn(t, state, **kwargs)
 
   def _run_solve(self, dynamics, x, kwargs, solution_times,
-                 regularize=False, segmented=False):
+                 regularize=False, segmented=False, segment_seeds=None):
     """Solves the trace-augmented ODE of `x`; returns the solver's results.
 
     The state is `(x, log_det)`, plus the two RNODE integrals when
     `regularize`; `kwargs` (minus `seed`) go to the dynamics.
+    `segment_seeds` (a segmented solve's, already salted) go to a trace
+    function that declares them instead of `seed`.
     """
     seed = kwargs.pop('seed', None)
     if self.validate_args:
@@ -321,6 +343,10 @@ class FFJORD(tfb.Bijector):
             "`tfp_ffjord.protocols.accepts('seed')(fn)`).")
       trace_kwargs['seed'] = trace_lib.stateless_seed(seed,
                                                       salt=self._seed_salt)
+    if segment_seeds is not None and protocols.declares(
+        self._trace_augmentation_fn, protocols.SEGMENT_SEEDS):
+      trace_kwargs.pop('seed', None)
+      trace_kwargs['segment_seeds'] = segment_seeds
     state_shape = x.shape if x.shape.is_fully_defined() else tf.shape(x)
     initial_state = (x, tf.zeros_like(x))
     solve_kwargs = {}
@@ -414,12 +440,34 @@ class FFJORD(tfb.Bijector):
     return times, states, log_dets
 
   def _augmented_forward(self, x, **kwargs):
+    fused = self._fused(x, 'forward', kwargs)
+    if fused is not None:
+      return fused
     y, fldj = self.solve_forward(x, **kwargs)[:2]
     return y, {'fldj': fldj, 'ildj': -fldj}
 
   def _augmented_inverse(self, y, **kwargs):
+    fused = self._fused(y, 'inverse', kwargs)
+    if fused is not None:
+      return fused
     x, ildj = self.solve_inverse(y, **kwargs)[:2]
     return x, {'ildj': ildj, 'fldj': -ildj}
+
+  def _fused(self, value, direction, kwargs):
+    """`(output, attrs)` from a solve shared with other blocks of a
+    `tfb.Chain` (`tfp_ffjord.fusion`), or None: solve alone."""
+    handed = fusion.take(self, direction, value, kwargs)
+    if handed is None and self._fuse:
+      run = fusion.find_run(self, direction, kwargs)
+      if run is not None:
+        handed = _solve_run(run, value)
+    if handed is None:
+      return None
+    output, log_det, diagnostics = handed
+    self._last_diagnostics = diagnostics
+    if direction == 'forward':
+      return output, {'fldj': log_det, 'ildj': -log_det}
+    return output, {'ildj': log_det, 'fldj': -log_det}
 
   def _forward(self, x, **kwargs):
     y, _ = self._augmented_forward(x, **kwargs)
@@ -457,6 +505,11 @@ class _Blocks(tf.Module):
     # Built dynamics of one architecture share one traced computation.
     self._stacked_call = dynamics_lib.stacked_call(self.fns)
 
+  @property
+  def stacked(self) -> bool:
+    """Whether the blocks share one architecture (one traced copy)."""
+    return self._stacked_call is not None
+
   def stacked_weights(self) -> Dict[str, tf.Tensor]:
     """The blocks' weights packed (`[K, P]`, one per dtype), as solver
     constants.
@@ -487,6 +540,128 @@ class _Blocks(tf.Module):
       f = tf.where(tf.equal(block, k), f, tf.zeros_like(f))
       out = f if out is None else out + f
     return out
+
+
+def _segment_dynamics(blocks, num_blocks, initial_time, final_time, inverse,
+                      dtype):
+  """`dynamics(t, z, segment, **kwargs)` over the stacked time axis of
+  `num_blocks` blocks (`blocks(t, z, k, **kwargs)` runs block `k`, in the
+  order of the forward map).
+
+  Segment `k` covers `[t0 + k T, t0 + (k + 1) T]` (`T = t1 - t0`) and runs
+  block `k` forward, or block `K - 1 - k` backwards in time for the
+  inverse, at its own local time.
+  """
+  t0 = ode.base.as_float(initial_time, dtype)
+  t1 = ode.base.as_float(final_time, dtype)
+  span = t1 - t0
+  last = num_blocks - 1
+
+  def dynamics(t, z, segment, **kwargs):
+    local = t - tf.cast(segment, dtype) * span
+    if inverse:
+      return -blocks(t0 + t1 - local, z, last - segment, **kwargs)
+    return blocks(local, z, segment, **kwargs)
+  return dynamics
+
+
+def _segment_ends(initial_time, final_time, num_blocks, dtype):
+  """The ends of the segments of `num_blocks` blocks on the stacked axis."""
+  t0 = ode.base.as_float(initial_time, dtype)
+  span = ode.base.as_float(final_time, dtype) - t0
+  return t0 + span * tf.range(1, num_blocks + 1, dtype=dtype)
+
+
+def _stackable_blocks(fns, time, x, kwargs, build_order):
+  """`_Blocks(fns)` if the dynamics share one architecture, else None.
+
+  Sonnet modules create their variables on their first call: modules
+  without any are called once (on `x`) to build them first, in
+  `build_order` (the order a chain would have called them, so a global
+  seed gives the same initial weights).
+  """
+  blocks = _Blocks(fns)
+  if blocks.stacked:
+    return blocks
+  unbuilt = [fn for fn in build_order if isinstance(fn, tf.Module)
+             and not dynamics_lib.variable_paths(fn)]
+  if not unbuilt:
+    return None
+  for fn in unbuilt:   # in the order the blocks are applied
+    fn(time, x, **kwargs)
+  blocks = _Blocks(fns)
+  return blocks if blocks.stacked else None
+
+
+def _solve_run(run, x):
+  """Solves a `fusion.Run` as one segmented solve.
+
+  Returns the first block's `(output, log_det, diagnostics)` and hands
+  every other block its own (`fusion.hand_over`), or returns None when the
+  blocks' dynamics cannot share one traced computation (then each block
+  solves alone).
+  """
+  lead = run.blocks[0]
+  inverse = run.direction == 'inverse'
+  x = tf.convert_to_tensor(x, lead.dtype)
+  kwargs = {k: v for k, v in run.kwargs[0].items() if k != 'seed'}
+  seeds = [kw.get('seed') for kw in run.kwargs]
+  if any(s is not None for s in seeds) and not protocols.declares(
+      lead.trace_augmentation_fn, protocols.SEED):
+    return None   # solved alone, each block raises the usual error
+  # The blocks in the order of the forward map.
+  forward_order = run.blocks[::-1] if inverse else run.blocks
+  t0 = ode.base.as_float(lead.initial_time, x.dtype)
+  blocks = _stackable_blocks(
+      [b.state_time_derivative_fn for b in forward_order], t0, x, kwargs,
+      build_order=[b.state_time_derivative_fn for b in run.blocks])
+  if blocks is None:
+    return None
+  num = len(run.blocks)
+  dynamics = _segment_dynamics(blocks, num, lead.initial_time,
+                               lead.final_time, inverse, x.dtype)
+  ends = _segment_ends(lead.initial_time, lead.final_time, num, x.dtype)
+  segment_seeds = [
+      None if s is None else trace_lib.stateless_seed(s, salt=b._seed_salt)  # pylint: disable=protected-access
+      for s, b in zip(seeds, run.blocks)]
+  solve_kwargs = dict(kwargs, **blocks.stacked_weights())
+  results = lead._run_solve(  # pylint: disable=protected-access
+      dynamics, x, solve_kwargs, ends, segmented=True,
+      segment_seeds=segment_seeds)
+  values, log_dets = results.states[:2]
+  diagnostics = _segment_diagnostics(getattr(results, 'diagnostics', None),
+                                     num)
+  handed = []
+  previous = tf.zeros_like(log_dets[0])
+  for k in range(num):
+    # The log-det carries over from segment to segment: each block's own
+    # is the difference.
+    handed.append((values[k], log_dets[k] - previous, diagnostics[k]))
+    previous = log_dets[k]
+  inputs = [x] + [value for value, _, _ in handed[:-1]]
+  for block, block_input, block_kwargs, result in zip(
+      run.blocks[1:], inputs[1:], run.kwargs[1:], handed[1:]):
+    fusion.hand_over(block, run.direction, block_input, block_kwargs, result)
+  return handed[0]
+
+
+def _segment_diagnostics(diagnostics, num):
+  """Per-segment `Diagnostics` of a segmented solve (None if it gave none).
+
+  Counts come from `Diagnostics.segment_counts` where the solver reports
+  them; status and final time are the whole solve's.
+  """
+  if diagnostics is None:
+    return [None] * num
+  counts = getattr(diagnostics, 'segment_counts', None)
+  if counts is None:
+    return [diagnostics] * num
+  zero = tf.constant(0, tf.int32)
+  return [ode.base.Diagnostics(
+      num_ode_fn_evaluations=counts[k, 0], num_jacobian_evaluations=zero,
+      num_matrix_factorizations=zero, num_accepted_steps=counts[k, 1],
+      num_rejected_steps=counts[k, 2], status=diagnostics.status,
+      final_time=diagnostics.final_time) for k in range(num)]
 
 
 def _sum_diagnostics(diagnostics):
@@ -574,7 +749,7 @@ class StackedFFJORD(FFJORD):
                      trace_augmentation_fn=trace_augmentation_fn,
                      initial_time=initial_time, final_time=final_time,
                      validate_args=validate_args, dtype=dtype, name=name,
-                     seed_salt=seed_salt)
+                     seed_salt=seed_salt, fuse=False)
     self._parameters = dict(self._parameters,
                             state_time_derivative_fns=fns)
     self._parameters.pop('state_time_derivative_fn', None)
@@ -597,35 +772,18 @@ class StackedFFJORD(FFJORD):
     `'segmented'`)."""
     return protocols.declares(self._ode_solve_fn, protocols.SEGMENTED)
 
-  def _segment_dynamics(self, inverse, dtype):
-    """`dynamics(t, z, segment, **kwargs)` over the stacked time axis.
-
-    Segment `k` covers `[t0 + k T, t0 + (k + 1) T]` (`T = t1 - t0`) and runs
-    block `k` forward, or block `K - 1 - k` backwards in time for the
-    inverse, at its own local time.
-    """
-    t0 = ode.base.as_float(self._initial_time, dtype)
-    t1 = ode.base.as_float(self._final_time, dtype)
-    span = t1 - t0
-    last = len(self._fns) - 1
-    blocks = self._state_time_derivative_fn
-
-    def dynamics(t, z, segment, **kwargs):
-      local = t - tf.cast(segment, dtype) * span
-      if inverse:
-        return -blocks(t0 + t1 - local, z, last - segment, **kwargs)
-      return blocks(local, z, segment, **kwargs)
-    return dynamics
-
   def _stacked_solve(self, x, kwargs, regularize, inverse):
     if self.segmented:
       x = tf.convert_to_tensor(x, self.dtype)
-      t0 = ode.base.as_float(self._initial_time, x.dtype)
-      span = ode.base.as_float(self._final_time, x.dtype) - t0
-      ends = t0 + span * tf.range(1, len(self._fns) + 1, dtype=x.dtype)
+      num = len(self._fns)
+      ends = _segment_ends(self._initial_time, self._final_time, num,
+                           x.dtype)
       kwargs = dict(kwargs, **self._state_time_derivative_fn.stacked_weights())
-      results = self._run_solve(self._segment_dynamics(inverse, x.dtype), x,
-                                kwargs, ends, regularize, segmented=True)
+      dynamics = _segment_dynamics(
+          self._state_time_derivative_fn, num, self._initial_time,
+          self._final_time, inverse, x.dtype)
+      results = self._run_solve(dynamics, x, kwargs, ends, regularize,
+                                segmented=True)
       finals = tf.nest.map_structure(lambda s: s[-1], results.states)
       return FlowResult(*finals[:2], self._last_diagnostics, *finals[2:])
     # One solve per block: the blocks' own solves, in the map's order.

@@ -17,6 +17,13 @@ extras only when the callable *declares* them with `accepts`:
   per block).
 * `'seed'` (a `trace_augmentation_fn`): takes a stateless `seed` keyword,
   so that `forward(x, seed=s)` draws reproducible probes.
+* `'segment_seeds'` (a `trace_augmentation_fn`): takes
+  `segment_seeds=[s_0, ..., s_{K-1}]` (stateless seeds or `None`, a fresh
+  draw) for a segmented solve and gives segment `k` what a solve of that
+  block alone with seed `s_k` would get (its own probes, selected by the
+  `segment` keyword the solver passes); deterministic estimators ignore it.
+  With it, FFJORD blocks of a `tfb.Chain` can share one solve
+  (`tfp_ffjord.fusion`).
 * `'regularize'` (a `trace_augmentation_fn`): with `regularize=True` the
   augmented function takes and returns the 4-tuple `(state, log_det,
   kinetic, frobenius)`.
@@ -29,14 +36,15 @@ Declare your own callable with `tfp_ffjord.protocols.accepts('seed')(fn)`.
 
 import functools
 
-__all__ = ['ERROR_COMPONENTS', 'SEGMENTED', 'SEED', 'REGULARIZE', 'accepts',
-           'declares']
+__all__ = ['ERROR_COMPONENTS', 'SEGMENTED', 'SEED', 'SEGMENT_SEEDS',
+           'REGULARIZE', 'accepts', 'declares']
 
 ERROR_COMPONENTS = 'error_components'
 SEGMENTED = 'segmented'
 SEED = 'seed'
+SEGMENT_SEEDS = 'segment_seeds'
 REGULARIZE = 'regularize'
-_KNOWN = (ERROR_COMPONENTS, SEGMENTED, SEED, REGULARIZE)
+_KNOWN = (ERROR_COMPONENTS, SEGMENTED, SEED, SEGMENT_SEEDS, REGULARIZE)
 _ATTRIBUTE = '_tfp_ffjord_accepts'
 
 

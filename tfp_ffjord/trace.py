@@ -99,9 +99,10 @@ def rademacher_noise(shape, dtype, seed):
   return tf.cast(2 * bits - 1, dtype)
 
 
-@protocols.accepts(protocols.SEED, protocols.REGULARIZE)
+@protocols.accepts(protocols.SEED, protocols.SEGMENT_SEEDS,
+                   protocols.REGULARIZE)
 def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
-                         regularize=False):
+                         regularize=False, segment_seeds=None):
   """Augments `ode_fn` with the exact diagonal of its Jacobian.
 
   The event is the last axis of the state (size D); every other axis is a
@@ -118,6 +119,7 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
     seed: ignored; accepted so that a per-call `seed` can be passed to any
       of this module's estimators.
     regularize: also integrate RNODE's regularisers (below).
+    segment_seeds: ignored, as `seed`.
 
   Returns:
     `augmented_fn(time, (state, log_det), **kwargs) -> (dstate, diag)` where
@@ -128,7 +130,7 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
     are `||f||^2` and exactly `||J||_F^2` (the RNODE regularisers, from the
     same vector-Jacobian products).
   """
-  del state_shape, dtype, seed
+  del state_shape, dtype, seed, segment_seeds
 
   def augmented_fn(time, state_and_log_det, **kwargs):
     _check_arity(state_and_log_det, regularize)
@@ -196,10 +198,11 @@ def trace_jacobian_exact(ode_fn, state_shape, dtype, seed=None,
   return augmented_fn
 
 
-@protocols.accepts(protocols.SEED, protocols.REGULARIZE)
+@protocols.accepts(protocols.SEED, protocols.SEGMENT_SEEDS,
+                   protocols.REGULARIZE)
 def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
                               num_samples=1, seed=None, noise='gaussian',
-                              regularize=False):
+                              regularize=False, segment_seeds=None):
   """Augments `ode_fn` with Hutchinson's stochastic trace estimate.
 
   For probes `e` with `E[e e^T] = I`, `Tr(J) = E[e^T J e]` (Hutchinson, 1989).
@@ -223,6 +226,11 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
       fresh seed from the global random state. Default: None.
     noise: `'gaussian'` (default, as TFP) or `'rademacher'`.
     regularize: also integrate RNODE's regularisers (below).
+    segment_seeds: for a segmented solve (`segment` passed to the
+      augmented function), one seed per segment (each as `seed`; `None`
+      entries draw fresh): segment `k` uses the probes that `seed=s_k`
+      gives, so K blocks solved as one segmented solve draw what K
+      separate solves would. Replaces `seed`. Default: None.
 
   Returns:
     `augmented_fn(time, (state, log_det), **kwargs) -> (dstate, trace)`.
@@ -245,11 +253,23 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
   shape = tf.concat([[num_samples], tf.cast(state_shape, tf.int32)], 0) if (
       tf.is_tensor(state_shape)) else [num_samples] + list(
           tf.TensorShape(state_shape).as_list())
-  probes = sample_fn(shape, dtype=dtype, seed=seed)
+  if segment_seeds is None:
+    outer_probes = sample_fn(shape, dtype=dtype, seed=seed)
+  else:   # [K, num_samples, ...]: segment k's probes in row k
+    every = tf.stack([sample_fn(shape, dtype=dtype, seed=s)
+                      for s in segment_seeds])
 
   def augmented_fn(time, state_and_log_det, **kwargs):
     _check_arity(state_and_log_det, regularize)
     state = state_and_log_det[0]
+    if segment_seeds is not None:
+      if 'segment' not in kwargs:
+        raise ValueError(
+            '`segment_seeds` needs a segmented solve (which passes '
+            '`segment` to the augmented function).')
+      probes = tf.gather(every, kwargs['segment'])
+    else:
+      probes = outer_probes
     with tf.GradientTape(persistent=num_samples > 1,
                          watch_accessed_variables=False) as tape:
       tape.watch(state)

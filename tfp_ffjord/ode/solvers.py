@@ -206,6 +206,17 @@ class Solver:
   def __repr__(self):
     return f'{self.name}(gradient={self.gradient!r})'
 
+  def settings_key(self):
+    """A hashable summary of the class and every setting: two solvers with
+    equal keys solve alike (`tfp_ffjord.fusion` lets FFJORD blocks built
+    with separate but equal solvers share one solve)."""
+    def key(value):
+      if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+      return ('object', id(value))   # callables, Tensors: by identity
+    return (type(self),) + tuple(sorted(
+        (name, key(value)) for name, value in vars(self).items()))
+
   @protocols.accepts(protocols.ERROR_COMPONENTS, protocols.SEGMENTED)
   def solve(self, ode_fn, initial_time, initial_state, solution_times,
             jacobian_fn=None, jacobian_sparsity=None, batch_ndims=None,

@@ -130,7 +130,8 @@ Diagnostics = collections.namedtuple(
         'num_rejected_steps',
         'status',
         'final_time',
-    ])
+        'segment_counts',
+    ], defaults=(None,))
 Diagnostics.__doc__ = """Solver diagnostics (scalar Tensors).
 
 Field names follow `tfp.math.ode.Diagnostics` where they overlap.
@@ -143,6 +144,9 @@ Attributes:
   num_rejected_steps: int32 (always 0 for fixed-step methods).
   status: int32 `Status` code; 0 means success.
   final_time: the time the solver reached (the last solution time on success).
+  segment_counts: for a segmented solve (`solve(..., segmented=True)`), an
+    int32 `[T, 3]` Tensor: each segment's evaluations, accepted and rejected
+    steps (what separate solves would report); otherwise None.
 """
 
 Results = collections.namedtuple(

@@ -343,6 +343,8 @@ class LoopResult:
   status: tf.Tensor
   steps: Optional[dict] = None      # recorded accepted steps, if asked
   end_steps: Optional[tf.Tensor] = None   # [T] step proposed at each time
+  # [T, 3] int32 per segment: evaluations, accepted and rejected steps.
+  segment_counts: Optional[tf.Tensor] = None
 
 
 def integrate(fn: Callable,
@@ -358,7 +360,8 @@ def integrate(fn: Callable,
               record_capacity: int = 1000,
               segmented: bool = False,
               end_steps: bool = False,
-              restart_fn: Optional[Callable] = None) -> LoopResult:
+              restart_fn: Optional[Callable] = None,
+              count_segments: bool = False) -> LoopResult:
   """Integrates `dy/dt = fn(t, y)` from `t0` through the increasing times `ts`.
 
   The loop body holds no `tf.cond` (except, with `segmented`, the restart
@@ -402,6 +405,10 @@ def integrate(fn: Callable,
       runs, a zero-length one as a step of size 0, and a step ends at most
       one segment, so each segment's end is written to the outputs once
       and each restart happens.
+    count_segments: with `segmented`, also return the evaluations,
+      accepted and rejected steps of each segment
+      (`LoopResult.segment_counts`; a segment the loop never finished
+      counts what was spent on it, those after it zero).
 
   Returns:
     A `LoopResult`.
@@ -507,14 +514,16 @@ def integrate(fn: Callable,
   succeeded = tf.constant(Status.SUCCEEDED, tf.int32)
 
   def cond(step, t, h, y, k1, prev_err, segment, outputs, out_index, out_h,
-           nfe, n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
+           nfe, n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y,
+           counts):
     del step, t, h, y, k1, prev_err, segment, outputs, nfe, n_acc, n_rej
-    del out_h, steps_t, steps_h, steps_out, steps_y
+    del out_h, steps_t, steps_h, steps_out, steps_y, counts
     # tf.equal, never `==`: a Tensor's `==` is an identity test in TF1 graphs.
     return (out_index < num_outputs) & tf.equal(status, succeeded)
 
   def body(step, t, h, y, k1, prev_err, segment, outputs, out_index, out_h,
-           nfe, n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y):
+           nfe, n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y,
+           counts):
     target = tf.gather(ts, out_index)
     remaining = target - t
 
@@ -648,6 +657,10 @@ def integrate(fn: Callable,
 
     n_acc = n_acc + tf.cast(accept, tf.int32)
     n_rej = n_rej + tf.cast(~accept, tf.int32)
+    if count_segments:
+      # The running totals as each output is written (differenced below).
+      counts = tf.where(hit[:, tf.newaxis], tf.stack([nfe, n_acc, n_rej]),
+                        counts)
     step = step + 1
     if max_num_steps is not None:
       status = tf.where(
@@ -656,17 +669,28 @@ def integrate(fn: Callable,
           Status.MAX_NUM_STEPS_EXCEEDED, status)
     return (step, t_new, h_next, y_next, k1, prev_err, segment, new_outputs,
             new_out_index, out_h, nfe, n_acc, n_rej, status, steps_t, steps_h,
-            steps_out, steps_y)
+            steps_out, steps_y, counts)
 
   out_h = (tf.zeros(tf.shape(ts), dtype) if end_steps
            else tf.zeros([], dtype))
+  count_segments = count_segments and segmented
+  counts = (tf.fill(tf.stack([tf.shape(ts)[0], 3]), -1) if count_segments
+            else tf.zeros([], tf.int32))
   loop_vars = (tf.constant(0), t0, h, list(y0), list(k1),
                tf.ones([], dtype), segment, outputs, out_index, out_h, nfe,
                tf.constant(0), tf.constant(0), succeeded,
-               steps_t, steps_h, steps_out, steps_y)
+               steps_t, steps_h, steps_out, steps_y, counts)
   (_, t, _, _, _, _, _, outputs, _, out_h, nfe, n_acc, n_rej, status, steps_t,
-   steps_h, steps_out, steps_y) = tf.while_loop(
+   steps_h, steps_out, steps_y, counts) = tf.while_loop(
        cond, body, loop_vars, maximum_iterations=max_num_steps)
+  segment_counts = None
+  if count_segments:
+    # Outputs never written (a failed solve) take the final totals: the
+    # failing segment gets what was spent on it, the later ones nothing.
+    totals = tf.stack([nfe, n_acc, n_rej])
+    running = tf.where(counts < 0, totals[tf.newaxis], counts)
+    segment_counts = running - tf.concat(
+        [tf.zeros([1, 3], tf.int32), running[:-1]], 0)
 
   steps = None
   if record_steps:
@@ -676,4 +700,5 @@ def integrate(fn: Callable,
         out_initial=out_index_initial)
   return LoopResult(outputs=outputs, t=t, num_fn_evals=nfe,
                     num_accepted=n_acc, num_rejected=n_rej, status=status,
-                    steps=steps, end_steps=out_h if end_steps else None)
+                    steps=steps, end_steps=out_h if end_steps else None,
+                    segment_counts=segment_counts)

@@ -408,7 +408,7 @@ class Solver:
               g_recorded, solver.tableau, control, s0, y_init, ss, max_iter,
               error_mask, record_steps=record,
               record_capacity=base.XLA_BACKPROP_MAX_NUM_STEPS,
-              segmented=segmented,
+              segmented=segmented, count_segments=segmented,
               # The adjoint's backward segments start from the step the
               # forward proposed at each solution time: no probe.
               end_steps=(solver.gradient == 'adjoint' and not dense
@@ -445,11 +445,14 @@ class Solver:
 
         diag = [res.t, res.num_fn_evals, res.num_accepted, res.num_rejected,
                 res.status, out_s]
+        if segmented:
+          diag.append(res.segment_counts)
         return tuple(outputs + diag), grad_fn
 
       flat = solve_flat(*(y0 + const_vals))
       outputs = list(flat[:n_y])
-      t_reached, nfe, n_acc, n_rej, status, out_s = flat[n_y:]
+      t_reached, nfe, n_acc, n_rej, status, out_s = flat[n_y:n_y + 6]
+      segment_counts = flat[n_y + 6] if segmented else None
       t_reached = direction * t_reached
       outputs = self._check_status(outputs, status, t_reached, n_acc + n_rej,
                                    max_iter, record)
@@ -457,7 +460,8 @@ class Solver:
       diagnostics = base.Diagnostics(
           num_ode_fn_evaluations=nfe, num_jacobian_evaluations=zero,
           num_matrix_factorizations=zero, num_accepted_steps=n_acc,
-          num_rejected_steps=n_rej, status=status, final_time=t_reached)
+          num_rejected_steps=n_rej, status=status, final_time=t_reached,
+          segment_counts=segment_counts)
       states = tf.nest.pack_sequence_as(y0_struct, outputs)
       times = direction * tf.stop_gradient(out_s) if dense else ts
       return base.Results(times=times, states=states,

@@ -102,9 +102,22 @@ def test_regularising_does_not_change_the_flow():
 def test_regularize_needs_our_trace_functions():
   bij = tfp_ffjord.FFJORD(
       tfp_ffjord.MLPODE([4], 2),
-      trace_augmentation_fn=tfb.ffjord.trace_jacobian_exact)
+      trace_augmentation_fn=tfb.ffjord.trace_jacobian_hutchinson)
   with pytest.raises(ValueError, match="regularize=True.*declares 'regularize'"):
     bij.solve_forward(tf.zeros([2, 2]), regularize=True)
+  # TFP's exact trace runs as ours, regularisers included.
+  exact = tfp_ffjord.FFJORD(
+      bij.state_time_derivative_fn,
+      trace_augmentation_fn=tfb.ffjord.trace_jacobian_exact)
+  assert exact.trace_augmentation_fn is tfb.ffjord.trace_jacobian_exact
+  ours = tfp_ffjord.FFJORD(
+      bij.state_time_derivative_fn,
+      trace_augmentation_fn=tfp_ffjord.trace_jacobian_exact)
+  x = tf.random.stateless_normal([3, 2], [1, 2])
+  for a, b in zip(exact.solve_forward(x, regularize=True),
+                  ours.solve_forward(x, regularize=True)):
+    if a is not None and not isinstance(a, tuple):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_model_log_prob_with_regularisers_matches_the_distribution():

@@ -43,6 +43,13 @@ ROWS = {
         ('ours', 'None', True, True),
     'tfp_ffjord.FFJORD, default solver, XLA, fuse=False':
         ('ours', 'None', True, False),
+    'tfp_ffjord.FFJORD + DormandPrince(rtol=1e-3, atol=1e-6), adjoint, '
+    'XLA, fused':
+        ('ours', "ode.DormandPrince(rtol=1e-3, atol=1e-6, "
+         "gradient='adjoint').solve", True, True),
+    'tfp_ffjord.FFJORD + Tsit5(rtol=1e-3, atol=1e-6), XLA, fused':
+        ('ours', "ode.Tsit5(rtol=1e-3, atol=1e-6, gradient='backprop').solve",
+         True, True),
     'tfp_ffjord.FFJORD + Tsit5(rtol=1e-3, atol=1e-5), XLA, fused':
         ('ours', "ode.Tsit5(rtol=1e-3, atol=1e-5, gradient='backprop').solve",
          True, True),
@@ -52,8 +59,24 @@ ROWS = {
 }
 
 
-def run_row(name):
-  """Runs one row in this process; returns its measurements."""
+def load_weights(blocks, path):
+  """Sets MLPODE blocks to the weights `bench_peers.export_weights` wrote
+  (`w{k}_{j}`, `b{k}_{j}`: block k, layer j, the output layer last); returns
+  the batch stored with them."""
+  from tfp_ffjord import dynamics  # pylint: disable=g-import-not-at-top
+  arrays = np.load(path)
+  for k, block in enumerate(blocks):
+    targets = dict(dynamics.variable_paths(block))
+    layers = sorted({p[:2] for p in targets if p[0] == '_hidden'})
+    for j, layer in enumerate(layers + [('_output',)]):
+      targets[layer + ('w',)].assign(arrays[f'w{k}_{j}'])
+      targets[layer + ('b',)].assign(arrays[f'b{k}_{j}'])
+  return arrays['x']
+
+
+def run_row(name, weights=None):
+  """Runs one row in this process; returns its measurements (and, with
+  `weights`, the blocks and batch of that file, its log_prob values)."""
   import sklearn.datasets  # pylint: disable=g-import-not-at-top
   import sonnet as snt  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -68,6 +91,7 @@ def run_row(name):
   kind, solver, jit, fuse = ROWS[name]
   ode_solve_fn = eval(solver)  # pylint: disable=eval-used
   blocks = make_blocks()
+  stored_x = None if weights is None else load_weights(blocks, weights)
   values = [dynamics.variable_paths(b) for b in blocks]
   values = [[(p, v.numpy()) for p, v in layout] for layout in values]
   extra = {} if kind == 'tfb' else {'fuse': fuse}
@@ -80,9 +104,10 @@ def run_row(name):
       tfb.Chain(bijectors[::-1]))
   x = tf.constant(sklearn.datasets.make_moons(
       256, noise=.06, random_state=0)[0], tf.float32)
-  error = float(np.max(np.abs(
-      tf.function(flow.log_prob, jit_compile=jit)(x).numpy()
-      - reference_log_prob(values, x))))
+  if stored_x is not None:
+    x = tf.constant(stored_x, tf.float32)
+  log_prob = tf.function(flow.log_prob, jit_compile=jit)(x).numpy()
+  error = float(np.max(np.abs(log_prob - reference_log_prob(values, x))))
 
   @tf.function(jit_compile=jit)
   def train_step(optimizer, target_sample):   # the colab's step
@@ -102,17 +127,22 @@ def run_row(name):
     start = time.perf_counter()
     train_step(optimizer, x).numpy()
     times.append(time.perf_counter() - start)
-  return dict(name=name, first_step_s=first,
-              steady_step_ms=1000 * float(np.median(times)), max_error=error)
+  result = dict(name=name, first_step_s=first,
+                steady_step_ms=1000 * float(np.median(times)),
+                max_error=error)
+  if weights is not None:
+    result['log_prob'] = log_prob.tolist()
+  return result
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--row', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--weights', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--out', default=None)
   args = parser.parse_args(argv)
   if args.row is not None:
-    print(json.dumps(run_row(args.row)), flush=True)
+    print(json.dumps(run_row(args.row, args.weights)), flush=True)
     return
   rows = []
   for name in ROWS:

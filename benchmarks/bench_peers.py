@@ -7,6 +7,10 @@ framework, one after the other:
     (`StackedFFJORD` on packed blocks, Tsit5 at rtol 1e-3, atol 1e-5,
     backprop, XLA: the default), the same at rtol 1e-2, atol 1e-3, and the
     default with the adjoint gradient;
+  * tfp_ffjord as the drop-in user runs it: TFP's colab step with
+    `tfb.FFJORD` swapped for `tfp_ffjord.FFJORD` (a `tfb.Chain` of 4 blocks,
+    fused; default solver; Sonnet Adam creating its slots in the first call,
+    so the step is traced twice), in a fresh process (`bench_dropin.py`);
   * JAX + diffrax, Tsit5 and Dopri5 (backprop through the solve, diffrax's
     default) and Tsit5 with `BacksolveAdjoint`, `jax.jit` of the whole step
     (`peers/jax_diffrax.py`);
@@ -108,6 +112,30 @@ def ours(x, reference, rtol, atol, gradient):
               version=f'tensorflow {tf.__version__}')
 
 
+# The drop-in user's path, as `bench_dropin.py` runs it (TFP's colab code,
+# `tfb.FFJORD` swapped for `tfp_ffjord.FFJORD`, default solver, blocks fused
+# in the `tfb.Chain`, `jit_compile=True`), in a fresh process on these
+# weights.
+COLAB_ROW = 'tfp_ffjord.FFJORD, default solver, XLA, fused'
+
+
+def colab_chain(weights, reference):
+  result = subprocess.run(
+      [sys.executable, os.path.join(HERE, 'bench_dropin.py'), '--row',
+       COLAB_ROW, '--weights', weights], capture_output=True, text=True,
+      check=False)
+  lines = [l for l in result.stdout.splitlines() if l.startswith('{')]
+  if result.returncode or not lines:
+    raise RuntimeError(f'bench_dropin failed:\n{result.stderr[-3000:]}')
+  row = json.loads(lines[-1])
+  return dict(
+      implementation="tfp_ffjord: the colab's tfb.Chain, class swapped "
+      '(fused, XLA)', rtol=1e-3, atol=1e-6,
+      max_error=float(np.max(np.abs(np.array(row['log_prob']) - reference))),
+      first_step_s=row['first_step_s'], steady_step_ms=row['steady_step_ms'],
+      version=f'tensorflow {tf.__version__}')
+
+
 def peer(python, script, weights):
   result = subprocess.run([python, os.path.join(HERE, 'peers', script),
                            weights], capture_output=True, text=True,
@@ -142,6 +170,7 @@ def main(argv=None):
     params, _ = numpy_model.load(weights)
     reference = numpy_model.reference_log_prob(params, x)
     rows = [ours(tf.constant(x), reference, *config) for config in OURS]
+    rows.append(colab_chain(weights, reference))
     for row in rows:
       print(json.dumps(row), flush=True)
     for script in ('jax_diffrax.py', 'torch_torchdiffeq.py'):
@@ -177,7 +206,7 @@ def main(argv=None):
         f'{r["steady_step_ms"]:.1f} | '
         f'{r["steady_step_ms"] / mine["steady_step_ms"]:.2f} |')
   peers = [r for r in rows if not r['implementation'].startswith('tfp_ffjord')]
-  for m in rows[:len(OURS)]:
+  for m in rows[:len(OURS) + 1]:
     lines += ['', f'At the accuracy of {m["implementation"]} at rtol '
               f'{m["rtol"]:g} / atol {m["atol"]:g} (error '
               f'{m["max_error"]:.1e}): each peer at its loosest tolerance '

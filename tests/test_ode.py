@@ -706,3 +706,37 @@ def test_a_step_measures_and_checks_its_state_with_one_reduction(
   states = solve(*leaves)
   np.testing.assert_allclose(states[0][-1].numpy(), np.exp(-1.), rtol=2e-3)
   np.testing.assert_allclose(states[1][-1].numpy(), np.exp(0.5), rtol=2e-3)
+
+
+@pytest.mark.parametrize('name', ['DormandPrince', 'Tsit5'])
+def test_segment_relative_steps_as_separate_solves(name):
+  """A leaf that accumulates over segments, measured from each segment's
+  start (`segment_relative`), gets the steps and increments of separate
+  solves that start it at zero; carried over, it gets other steps."""
+  solver = getattr(ode, name)(rtol=1e-4, atol=1e-5, gradient='backprop')
+  rates = tf.constant([1.5, -2., 3.], tf.float64)
+
+  def fn(t, y, segment):
+    x, q = y
+    rate = tf.gather(rates, segment)
+    return rate * tf.sin(t) * x, 5. * tf.square(x)
+
+  y0 = (tf.constant([1., .5], tf.float64), tf.zeros([2], tf.float64))
+  ends = tf.constant([1., 2., 3.], tf.float64)
+  fused = solver.solve(fn, 0., y0, ends, segmented=True, segment_relative=[1])
+  carried = solver.solve(fn, 0., y0, ends, segmented=True)
+  x, q_total = y0[0], tf.zeros([2], tf.float64)
+  counts = []
+  for k in range(3):
+    alone = solver.solve(lambda t, y, k=k: fn(t, y, k), float(k),
+                         (x, tf.zeros([2], tf.float64)), [k + 1.])
+    x, q = alone.states[0][-1], alone.states[1][-1]
+    q_total += q
+    counts.append(int(alone.diagnostics.num_ode_fn_evaluations))
+    np.testing.assert_allclose(fused.states[0][k], x, rtol=1e-12)
+    np.testing.assert_allclose(fused.states[1][k], q_total, rtol=1e-12)
+  np.testing.assert_array_equal(fused.diagnostics.segment_counts[:, 0],
+                                counts)
+  assert list(carried.diagnostics.segment_counts[:, 0].numpy()) != counts
+  with pytest.raises(ValueError, match='`segment_relative` needs'):
+    solver.solve(fn, 0., y0, ends, segment_relative=[1])

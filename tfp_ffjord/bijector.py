@@ -321,13 +321,17 @@ class FFJORD(tfb.Bijector):
     return -self._state_time_derivative_fn(t, state, **kwargs)
 
   def _run_solve(self, dynamics, x, kwargs, solution_times,
-                 regularize=False, segmented=False, segment_seeds=None):
+                 regularize=False, segmented=False, segment_seeds=None,
+                 log_det_per_segment=False):
     """Solves the trace-augmented ODE of `x`; returns the solver's results.
 
     The state is `(x, log_det)`, plus the two RNODE integrals when
     `regularize`; `kwargs` (minus `seed`) go to the dynamics.
     `segment_seeds` (a segmented solve's, already salted) go to a trace
-    function that declares them instead of `seed`.
+    function that declares them instead of `seed`. With
+    `log_det_per_segment`, a solver that declares `'segment_relative'`
+    controls the log-det's error segment by segment (the steps of separate
+    solves).
     """
     seed = kwargs.pop('seed', None)
     if self.validate_args:
@@ -374,6 +378,9 @@ class FFJORD(tfb.Bijector):
       solve_kwargs['constants'] = kwargs
     if segmented:
       solve_kwargs['segmented'] = True
+      if log_det_per_segment and protocols.declares(
+          self._ode_solve_fn, protocols.SEGMENT_RELATIVE):
+        solve_kwargs['segment_relative'] = [1]   # the log-det leaf
     results = self._ode_solve_fn(**solve_kwargs)
     self._last_diagnostics = getattr(results, 'diagnostics', None)
     return results
@@ -627,7 +634,7 @@ def _solve_run(run, x):
   solve_kwargs = dict(kwargs, **blocks.stacked_weights())
   results = lead._run_solve(  # pylint: disable=protected-access
       dynamics, x, solve_kwargs, ends, segmented=True,
-      segment_seeds=segment_seeds)
+      segment_seeds=segment_seeds, log_det_per_segment=True)
   values, log_dets = results.states[:2]
   diagnostics = _segment_diagnostics(getattr(results, 'diagnostics', None),
                                      num)

@@ -15,6 +15,11 @@ extras only when the callable *declares* them with `accepts`:
   loop. Declared by every `tfp_ffjord.ode` solver's `solve`; with it,
   `StackedFFJORD` solves all its blocks in one loop (otherwise one solve
   per block).
+* `'segment_relative'` (an `ode_solve_fn`): with `segmented=True`,
+  `solve(..., segment_relative=[i, ...])` measures those state leaves'
+  error from their value at each segment's start. Declared by every
+  `tfp_ffjord.ode` solver; with it, FFJORD blocks fused in a `tfb.Chain`
+  take the steps they would take solved one by one.
 * `'seed'` (a `trace_augmentation_fn`): takes a stateless `seed` keyword,
   so that `forward(x, seed=s)` draws reproducible probes.
 * `'segment_seeds'` (a `trace_augmentation_fn`): takes
@@ -36,15 +41,17 @@ Declare your own callable with `tfp_ffjord.protocols.accepts('seed')(fn)`.
 
 import functools
 
-__all__ = ['ERROR_COMPONENTS', 'SEGMENTED', 'SEED', 'SEGMENT_SEEDS',
-           'REGULARIZE', 'accepts', 'declares']
+__all__ = ['ERROR_COMPONENTS', 'SEGMENTED', 'SEGMENT_RELATIVE', 'SEED',
+           'SEGMENT_SEEDS', 'REGULARIZE', 'accepts', 'declares']
 
 ERROR_COMPONENTS = 'error_components'
 SEGMENTED = 'segmented'
+SEGMENT_RELATIVE = 'segment_relative'
 SEED = 'seed'
 SEGMENT_SEEDS = 'segment_seeds'
 REGULARIZE = 'regularize'
-_KNOWN = (ERROR_COMPONENTS, SEGMENTED, SEED, SEGMENT_SEEDS, REGULARIZE)
+_KNOWN = (ERROR_COMPONENTS, SEGMENTED, SEGMENT_RELATIVE, SEED, SEGMENT_SEEDS,
+          REGULARIZE)
 _ATTRIBUTE = '_tfp_ffjord_accepts'
 
 

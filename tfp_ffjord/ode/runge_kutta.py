@@ -326,11 +326,16 @@ def probe_step_sizes(y0, f0, f1, order, rtol, atol, mask, span):
   return h0, probed_step(h0, d1, e / h0, order, span)
 
 
-def initial_step_size(fn, t0, y0, f0, order, rtol, atol, mask, span):
-  """Hairer, Norsett & Wanner (1993), II.4: a starting step size (1 NFE)."""
-  h0, _ = probe_step_sizes(y0, f0, f0, order, rtol, atol, mask, span)
+def initial_step_size(fn, t0, y0, f0, order, rtol, atol, mask, span,
+                      y_scale=None):
+  """Hairer, Norsett & Wanner (1993), II.4: a starting step size (1 NFE).
+
+  `y_scale` (default `y0`) is what the norms measure the state by.
+  """
+  y_scale = y0 if y_scale is None else y_scale
+  h0, _ = probe_step_sizes(y_scale, f0, f0, order, rtol, atol, mask, span)
   f1 = fn(t0 + h0, [y + tf.cast(h0, y.dtype) * f for y, f in zip(y0, f0)])
-  return probe_step_sizes(y0, f0, f1, order, rtol, atol, mask, span)[1]
+  return probe_step_sizes(y_scale, f0, f1, order, rtol, atol, mask, span)[1]
 
 
 @dataclasses.dataclass
@@ -361,7 +366,9 @@ def integrate(fn: Callable,
               segmented: bool = False,
               end_steps: bool = False,
               restart_fn: Optional[Callable] = None,
-              count_segments: bool = False) -> LoopResult:
+              count_segments: bool = False,
+              segment_relative: Optional[Sequence[bool]] = None
+              ) -> LoopResult:
   """Integrates `dy/dt = fn(t, y)` from `t0` through the increasing times `ts`.
 
   The loop body holds no `tf.cond` (except, with `segmented`, the restart
@@ -409,12 +416,27 @@ def integrate(fn: Callable,
       accepted and rejected steps of each segment
       (`LoopResult.segment_counts`; a segment the loop never finished
       counts what was spent on it, those after it zero).
+    segment_relative: with `segmented`, one bool per leaf of `y0`: the
+      error norm and the step-size probe measure that leaf from its value
+      at the start of the segment, as a separate solve that started it at
+      zero would (a log-det that carries over from segment to segment is
+      then controlled as each segment's own). Default: none.
 
   Returns:
     A `LoopResult`.
   """
   if restart_fn is not None and not segmented:
     raise ValueError('`restart_fn` needs `segmented=True`.')
+  relative = (list(segment_relative) if segmented and segment_relative
+              else [False] * len(y0))
+  if len(relative) != len(y0):
+    raise ValueError('`segment_relative` needs one bool per leaf of `y0`; '
+                     f'got {len(relative)} for {len(y0)}.')
+
+  def measured(y, y_start):
+    """`y` as the error norm sees it (relative leaves from their start)."""
+    return [y_i - s_i if rel else y_i
+            for y_i, s_i, rel in zip(y, y_start, relative)]
   dtype = t0.dtype
   num_outputs = ts.shape[0]
   if num_outputs is None:
@@ -439,9 +461,13 @@ def integrate(fn: Callable,
       k1 = [tf.zeros_like(y_i) for y_i in y]
       nfe = tf.constant(0, tf.int32)
     if probe:
+      # Relative leaves are 0 at the start of a segment.
+      y_scale = [tf.zeros_like(y_i) if rel else y_i
+                 for y_i, rel in zip(y, relative)]
       h = initial_step_size(call, t, y, k1, tableau.order, control.rtol,
                             control.atol, error_mask,
-                            tf.maximum(span, tf.constant(1e-12, dtype)))
+                            tf.maximum(span, tf.constant(1e-12, dtype)),
+                            y_scale=y_scale)
       nfe += 1
       return k1, tf.where(h > 0, h, tf.ones([], dtype)), nfe
     return k1, start_step(span, seg), nfe
@@ -515,15 +541,15 @@ def integrate(fn: Callable,
 
   def cond(step, t, h, y, k1, prev_err, segment, outputs, out_index, out_h,
            nfe, n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y,
-           counts):
+           counts, y_start):
     del step, t, h, y, k1, prev_err, segment, outputs, nfe, n_acc, n_rej
-    del out_h, steps_t, steps_h, steps_out, steps_y, counts
+    del out_h, steps_t, steps_h, steps_out, steps_y, counts, y_start
     # tf.equal, never `==`: a Tensor's `==` is an identity test in TF1 graphs.
     return (out_index < num_outputs) & tf.equal(status, succeeded)
 
   def body(step, t, h, y, k1, prev_err, segment, outputs, out_index, out_h,
            nfe, n_acc, n_rej, status, steps_t, steps_h, steps_out, steps_y,
-           counts):
+           counts, y_start):
     target = tf.gather(ts, out_index)
     remaining = target - t
 
@@ -550,10 +576,13 @@ def integrate(fn: Callable,
         y = [tf.where(restart, jumped, y_i)
              for jumped, y_i in zip(restart_fn(seg_index, y), y)]
       prev_err = tf.where(restart, tf.ones([], dtype), prev_err)
+      y_start = [tf.where(restart, y_i, s_i) if rel else s_i
+                 for y_i, s_i, rel in zip(y, y_start, relative)]
       if probe:
         span = tf.maximum(span, tf.constant(1e-12, dtype))
+        y_probe = measured(y, y_start)
         probe_fn = lambda k1, f1: probe_step_sizes(  # pylint: disable=g-long-lambda
-            y, k1, f1, tableau.order, control.rtol, control.atol,
+            y_probe, k1, f1, tableau.order, control.rtol, control.atol,
             error_mask, span)
       else:
         h = tf.where(restart, start_step(span, seg_index), h)
@@ -568,11 +597,14 @@ def integrate(fn: Callable,
         def restart():
           y_new = list(y) if restart_fn is None else restart_fn(out_index, y)
           k1_new, h_new, nfe_new = start(t, y_new, out_index, target - t)
-          return y_new, k1_new, h_new, tf.ones([], dtype), nfe + nfe_new
+          start_new = [y_i if rel else s_i
+                       for y_i, s_i, rel in zip(y_new, y_start, relative)]
+          return (y_new, k1_new, h_new, tf.ones([], dtype), nfe + nfe_new,
+                  start_new)
 
-        y, k1, h, prev_err, nfe = tf.cond(
+        y, k1, h, prev_err, nfe, y_start = tf.cond(
             tf.not_equal(segment, out_index), restart,
-            lambda: (list(y), list(k1), h, prev_err, nfe))
+            lambda: (list(y), list(k1), h, prev_err, nfe, list(y_start)))
         segment = out_index
       h_step, clipped = step_for(h)
       if not tableau.fsal:
@@ -585,8 +617,9 @@ def integrate(fn: Callable,
     rows = [zeros_or_nan(k1), zeros_or_nan(y_new)]
     if adaptive:
       err = combine([tf.zeros_like(x) for x in y], h_step, stages, b_err_coef)
-      squares, count = error_squares(y, y_new, err, control.rtol,
-                                     control.atol, error_mask)
+      squares, count = error_squares(
+          measured(y, y_start), measured(y_new, y_start), err, control.rtol,
+          control.atol, error_mask)
       rows.append(squares)
     sums = row_sums(rows, dtype)
     k1_finite = tf.equal(sums[0], 0.)
@@ -669,19 +702,22 @@ def integrate(fn: Callable,
           Status.MAX_NUM_STEPS_EXCEEDED, status)
     return (step, t_new, h_next, y_next, k1, prev_err, segment, new_outputs,
             new_out_index, out_h, nfe, n_acc, n_rej, status, steps_t, steps_h,
-            steps_out, steps_y, counts)
+            steps_out, steps_y, counts, y_start)
 
   out_h = (tf.zeros(tf.shape(ts), dtype) if end_steps
            else tf.zeros([], dtype))
   count_segments = count_segments and segmented
   counts = (tf.fill(tf.stack([tf.shape(ts)[0], 3]), -1) if count_segments
             else tf.zeros([], tf.int32))
+  # Relative leaves: their value at the start of the current segment.
+  y_start = [tf.identity(y_i) if rel else tf.zeros([], y_i.dtype)
+             for y_i, rel in zip(y0, relative)]
   loop_vars = (tf.constant(0), t0, h, list(y0), list(k1),
                tf.ones([], dtype), segment, outputs, out_index, out_h, nfe,
                tf.constant(0), tf.constant(0), succeeded,
-               steps_t, steps_h, steps_out, steps_y, counts)
+               steps_t, steps_h, steps_out, steps_y, counts, y_start)
   (_, t, _, _, _, _, _, outputs, _, out_h, nfe, n_acc, n_rej, status, steps_t,
-   steps_h, steps_out, steps_y, counts) = tf.while_loop(
+   steps_h, steps_out, steps_y, counts, _) = tf.while_loop(
        cond, body, loop_vars, maximum_iterations=max_num_steps)
   segment_counts = None
   if count_segments:

@@ -217,11 +217,12 @@ class Solver:
     return (type(self),) + tuple(sorted(
         (name, key(value)) for name, value in vars(self).items()))
 
-  @protocols.accepts(protocols.ERROR_COMPONENTS, protocols.SEGMENTED)
+  @protocols.accepts(protocols.ERROR_COMPONENTS, protocols.SEGMENTED,
+                     protocols.SEGMENT_RELATIVE)
   def solve(self, ode_fn, initial_time, initial_state, solution_times,
             jacobian_fn=None, jacobian_sparsity=None, batch_ndims=None,
             previous_solver_internal_state=None, constants=None,
-            error_components=None, segmented=False):
+            error_components=None, segmented=False, segment_relative=None):
     """Solves `dy/dt = ode_fn(t, y, **constants)`, `y(initial_time) = initial_state`.
 
     Args:
@@ -257,6 +258,14 @@ class Solver:
         `ode_fn` is traced (and compiled) once: this is how
         `tfp_ffjord.StackedFFJORD` solves K blocks for the price of one.
         Not with `ChosenBySolver`.
+      segment_relative: with `segmented`, indices of leaves of the
+        flattened state whose error (and first-step estimate) is measured
+        from their value at the start of each segment, as separate solves
+        that each started them at zero would measure them. With it, a
+        quantity that accumulates across segments (FFJORD's log-det) is
+        controlled segment by segment and the forward solve takes the steps
+        of separate solves (the adjoint's backward solve still sees the
+        accumulated value).
 
     Returns:
       `tfp_ffjord.ode.Results`.
@@ -281,6 +290,10 @@ class Solver:
       raise TypeError(f'`ode_fn` must be callable; got {ode_fn!r}.')
     constants = dict(constants or {})
     segmented = bool(segmented)
+    segment_relative = sorted(set(segment_relative or ()))
+    if segment_relative and not segmented:
+      raise ValueError(f'{self.name}: `segment_relative` needs '
+                       '`segmented=True`.')
     if segmented and 'segment' in constants:
       raise ValueError(
           f'{self.name}: with `segmented=True` the solver passes `segment` to '
@@ -409,6 +422,7 @@ class Solver:
               error_mask, record_steps=record,
               record_capacity=base.XLA_BACKPROP_MAX_NUM_STEPS,
               segmented=segmented, count_segments=segmented,
+              segment_relative=[i in segment_relative for i in range(n_y)],
               # The adjoint's backward segments start from the step the
               # forward proposed at each solution time: no probe.
               end_steps=(solver.gradient == 'adjoint' and not dense

@@ -360,3 +360,25 @@ def test_colab_step_with_lazily_built_modules_fuses_and_trains(tmp_path):
                              for m in restored][::-1]), tf.float32)
   np.testing.assert_allclose(flow.log_prob(x), unfused.log_prob(x),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_savedmodel_of_a_fused_chain(tmp_path):
+  """A SavedModel of the fused chain's log_prob loads and computes what the
+  unfused chain does."""
+  mods = _mlps()
+  solver = SOLVERS['dopri5-backprop']()
+  _, chain = _chain(mods, solver, True)
+  flow = _flow(chain)
+  module = tf.Module()
+  module.mods = mods
+  module.log_prob = tf.function(
+      flow.log_prob, input_signature=[tf.TensorSpec([None, 2], tf.float64)])
+  spec = tf.TensorSpec([None, 2], tf.float64)
+  one = _loops(_flow(_chain(mods[:1], solver, True)[1]).log_prob, spec)
+  assert _loops(module.log_prob.python_function, spec) == one
+  tf.saved_model.save(module, str(tmp_path / 'fused'))
+  loaded = tf.saved_model.load(str(tmp_path / 'fused'))
+  x = _x()
+  _, separate = _chain(mods, solver, False)
+  np.testing.assert_allclose(loaded.log_prob(x), _flow(separate).log_prob(x),
+                             rtol=0, atol=ROUNDING)

@@ -43,14 +43,18 @@ _instance_counter = itertools.count()
 
 
 def default_ode_solve_fn():
-  """The default solver: `tfp_ffjord.ode.DormandPrince(gradient='backprop')`.
+  """The default solver: `tfp_ffjord.ode.DormandPrince()` (adjoint gradient).
 
-  Same method and tolerances (rtol=1e-3, atol=1e-6) as TFP's default, but it
-  compiles with XLA, fails loudly, and differentiates the discrete solve
-  exactly (fastest for the small dynamics FFJORD uses; memory grows with the
-  number of steps, so pass a `gradient='adjoint'` solver for large models).
+  Same method, tolerances (rtol=1e-3, atol=1e-6) and gradient (the
+  continuous adjoint) as TFP's default, but it compiles with XLA and fails
+  loudly. On TFP's colab chain (4 fused blocks, XLA) its training step runs
+  in 8.5-9.0 ms against 16.5-17.5 ms with `gradient='backprop'` at the same
+  log-likelihood error (3 alternating fresh-process pairs), and its memory
+  does not grow with the number of steps. Pass `gradient='backprop'` (the
+  exact gradient of the discrete solve) for `tfp.optimizer.lbfgs_minimize`,
+  whose line search needs the gradient of the loss it evaluates.
   """
-  return ode.DormandPrince(gradient='backprop').solve
+  return ode.DormandPrince().solve
 
 
 def _static_float(value):
@@ -88,9 +92,9 @@ class FFJORD(tfb.Bijector):
     stacked blocks given the same seed still draw independent probes.
   * The solver's diagnostics are kept: see `last_diagnostics`,
     `solve_forward` and `solve_inverse`.
-  * The default solver is `tfp_ffjord.ode.DormandPrince` (backprop
-    gradients), which compiles under XLA; any `tfp.math.ode` solver still
-    works.
+  * The default solver is `tfp_ffjord.ode.DormandPrince` (TFP's method,
+    tolerances and adjoint gradient), which compiles under XLA; any
+    `tfp.math.ode` solver still works.
 
   Any other keyword argument of the bijector methods (for example
   `forward(x, context=c)`) is passed to `state_time_derivative_fn` as a
@@ -154,7 +158,7 @@ class FFJORD(tfb.Bijector):
         `(state, zeros_like(state))`; `constants` is passed only when the
         call has keyword arguments, `error_components` only to a solver
         that declares it (`tfp_ffjord.protocols`). Default: `None`, meaning
-        `tfp_ffjord.ode.DormandPrince(gradient='backprop').solve`.
+        `tfp_ffjord.ode.DormandPrince().solve` (`default_ode_solve_fn`).
       trace_augmentation_fn: `trace_augmentation_fn(ode_fn, state_shape,
         dtype)` returning `augmented_fn(time, (state, log_det), **kwargs) ->
         (d state, unreduced trace)`. A per-call `seed` (and, for

@@ -205,6 +205,8 @@ def build_ffjord_surrogate_posterior(
   if activation not in registry.ACTIVATIONS:
     raise ValueError(f'`activation` must be one of '
                      f'{", ".join(registry.ACTIVATIONS)}; got {activation!r}.')
+  if ode_solve_fn is None:   # the exact gradient of the solve the ELBO sees
+    ode_solve_fn = ode.DormandPrince(gradient='backprop').solve
   owner = getattr(ode_solve_fn, '__self__', None)
   if isinstance(owner, ode.FixedStepSolver):
     warnings.warn(

@@ -382,3 +382,24 @@ def test_savedmodel_of_a_fused_chain(tmp_path):
   _, separate = _chain(mods, solver, False)
   np.testing.assert_allclose(loaded.log_prob(x), _flow(separate).log_prob(x),
                              rtol=0, atol=ROUNDING)
+
+
+def test_time_variables_fuse_only_when_shared():
+  """The fused solve runs every block on the first block's times: blocks
+  whose times are distinct Variables (equal now, free to change) stay
+  apart; one shared Variable fuses."""
+  mods = _mlps()
+  solver = SOLVERS['rk4-backprop']()
+  spec = tf.TensorSpec([4, 2], tf.float64)
+  one = _loops(_flow(_chain(mods[:1], solver, True)[1]).log_prob, spec)
+
+  def chain(times):
+    return tfb.Chain([tfp_ffjord.FFJORD(
+        m, ode_solve_fn=solver.solve, final_time=t,
+        trace_augmentation_fn=tfp_ffjord.trace_jacobian_exact,
+        dtype=tf.float64) for m, t in zip(mods, times)][::-1])
+
+  separate = [tf.Variable(1., dtype=tf.float64) for _ in mods]
+  shared = [tf.Variable(1., dtype=tf.float64)] * len(mods)
+  assert _loops(_flow(chain(separate)).log_prob, spec) == NUM_BLOCKS * one
+  assert _loops(_flow(chain(shared)).log_prob, spec) == one

@@ -617,8 +617,7 @@ def _solve_run(run, x):
   x = tf.convert_to_tensor(x, lead.dtype)
   kwargs = {k: v for k, v in run.kwargs[0].items() if k != 'seed'}
   seeds = [kw.get('seed') for kw in run.kwargs]
-  if any(s is not None for s in seeds) and not protocols.declares(
-      lead.trace_augmentation_fn, protocols.SEED):
+  if any(s is not None for s in seeds) and not lead._trace_takes_seed:  # pylint: disable=protected-access
     return None   # solved alone, each block raises the usual error
   # The blocks in the order of the forward map.
   forward_order = run.blocks[::-1] if inverse else run.blocks

@@ -23,25 +23,23 @@ A run is a maximal sequence, in the walk's order, of blocks that can share
 one loop: `FFJORD` instances (exactly that class) built with `fuse=True`,
 of one dtype, `validate_args`, initial and final time, with equal solvers
 (the same `solve` callable, or `tfp_ffjord.ode` solvers of equal settings)
-that declare `'segmented'`, one trace function that can be solved by
-segments (`tfp_ffjord.trace_jacobian_exact`, TFP's
-`tfb.ffjord.trace_jacobian_exact`, or one declaring `'segment_seeds'`, such
-as `tfp_ffjord.trace_jacobian_hutchinson`), the same keyword arguments but
+that declare `'segmented'`, one trace function that declares
+`'segment_seeds'` (both of ours; TFP's `tfb.ffjord.trace_jacobian_exact`
+runs as ours), the same keyword arguments but
 `seed` (each block keeps its own seed), and dynamics that
 `tfp_ffjord.dynamics.stacked_call` can stack (one architecture). Any other
 bijector (`ScaleMatvecLU`, `BatchNormalization`, `Invert(...)`, ...) or a
 block that differs ends a run; a run of one block is solved alone.
 """
 
+import numbers
 import sys
 import threading
 from typing import List, NamedTuple, Optional
 
-import tensorflow_probability as tfp
 from tensorflow_probability.python.bijectors import chain as _tfp_chain
 
 from tfp_ffjord import protocols
-from tfp_ffjord import trace as trace_lib
 
 __all__ = ['Run', 'find_run', 'hand_over', 'take']
 
@@ -113,8 +111,7 @@ def find_run(block, direction: str, kwargs: dict) -> Optional[Run]:
   blocks, run_kwargs = [block], [kwargs]
   for other in order[start + 1:]:
     other_kwargs = routed.get(getattr(other, 'name', None), {})
-    if (other is block or any(other is b for b in blocks)
-        or not compatible(block, other)
+    if (any(other is b for b in blocks) or not compatible(block, other)
         or not _same_kwargs(kwargs, other_kwargs, ignore=('seed',))):
       break
     blocks.append(other)
@@ -142,23 +139,20 @@ def _solver_key(fn):
   return ('callable', id(fn))
 
 
-def segmentable_trace(fn) -> bool:
-  """Whether a trace function gives each segment of a segmented solve what
-  it gives a block solved alone (deterministic, or probes per segment)."""
-  return (fn is trace_lib.trace_jacobian_exact
-          or fn is tfp.bijectors.ffjord.trace_jacobian_exact
-          or protocols.declares(fn, protocols.SEGMENT_SEEDS))
-
-
 def compatible(a, b) -> bool:
   """Whether two blocks may share one segmented solve (see module doc)."""
   if type(a) is not type(b) or not (a.fuse and b.fuse):
     return False
+  # The trace functions the blocks run (TFP's exact trace runs as ours); one
+  # declaring 'segment_seeds' gives each segment what its block would get
+  # solved alone.
+  trace_a = a._trace_augmentation_fn   # pylint: disable=protected-access
+  trace_b = b._trace_augmentation_fn   # pylint: disable=protected-access
   same = (a.dtype == b.dtype and a.validate_args == b.validate_args
           and _same_time(a.initial_time, b.initial_time)
           and _same_time(a.final_time, b.final_time)
-          and a.trace_augmentation_fn is b.trace_augmentation_fn
-          and segmentable_trace(a.trace_augmentation_fn)
+          and trace_a is trace_b
+          and protocols.declares(trace_a, protocols.SEGMENT_SEEDS)
           and protocols.declares(a.ode_solve_fn, protocols.SEGMENTED)
           and _solver_key(a.ode_solve_fn) == _solver_key(b.ode_solve_fn))
   if not same:
@@ -168,12 +162,13 @@ def compatible(a, b) -> bool:
 
 
 def _same_time(a, b):
+  """The same time: one object, or equal Python or NumPy numbers (a
+  Tensor or Variable only as itself: the fused solve uses the first
+  block's, and a Variable's value may change)."""
   if a is b:
     return True
-  try:
-    return float(a) == float(b)
-  except (TypeError, ValueError):   # a symbolic Tensor or Variable
-    return False
+  return (isinstance(a, numbers.Real) and isinstance(b, numbers.Real)
+          and float(a) == float(b))
 
 
 # Results a fused solve handed to the later blocks of its run, waiting for

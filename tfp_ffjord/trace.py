@@ -254,10 +254,10 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
       tf.is_tensor(state_shape)) else [num_samples] + list(
           tf.TensorShape(state_shape).as_list())
   if segment_seeds is None:
-    outer_probes = sample_fn(shape, dtype=dtype, seed=seed)
+    call_probes = sample_fn(shape, dtype=dtype, seed=seed)
   else:   # [K, num_samples, ...]: segment k's probes in row k
-    every = tf.stack([sample_fn(shape, dtype=dtype, seed=s)
-                      for s in segment_seeds])
+    segment_probes = tf.stack([sample_fn(shape, dtype=dtype, seed=s)
+                               for s in segment_seeds])
 
   def augmented_fn(time, state_and_log_det, **kwargs):
     _check_arity(state_and_log_det, regularize)
@@ -267,9 +267,9 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
         raise ValueError(
             '`segment_seeds` needs a segmented solve (which passes '
             '`segment` to the augmented function).')
-      probes = tf.gather(every, kwargs['segment'])
+      probes = tf.gather(segment_probes, kwargs['segment'])
     else:
-      probes = outer_probes
+      probes = call_probes
     with tf.GradientTape(persistent=num_samples > 1,
                          watch_accessed_variables=False) as tape:
       tape.watch(state)

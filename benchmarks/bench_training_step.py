@@ -53,7 +53,8 @@ def make_blocks(dtype=tf.float32, seed=0):
   return blocks
 
 
-def make_flow(blocks, bijector_cls, solve_fn, trace_fn, dtype=tf.float32):
+def make_flow(blocks, bijector_cls, solve_fn, trace_fn, dtype=tf.float32,
+              fuse=True):
   base = tfd.MultivariateNormalDiag(tf.zeros([2], dtype),
                                     tf.constant([.8, .8], dtype))
   if bijector_cls is tfp_ffjord.StackedFFJORD:   # all blocks, one loop
@@ -61,9 +62,10 @@ def make_flow(blocks, bijector_cls, solve_fn, trace_fn, dtype=tf.float32):
                                     trace_augmentation_fn=trace_fn,
                                     dtype=dtype)])
   else:
+    extra = {} if bijector_cls is tfb.FFJORD else {'fuse': fuse}
     chain = tfb.Chain([bijector_cls(b, ode_solve_fn=solve_fn,
                                     trace_augmentation_fn=trace_fn,
-                                    dtype=dtype)
+                                    dtype=dtype, **extra)
                        for b in blocks][::-1])
   return tfd.TransformedDistribution(base, chain), chain
 
@@ -83,11 +85,19 @@ def reference_log_prob(block_values, x):
 
 
 def configurations():
-  """(name, bijector class, solve fn, trace fn, jit_compile) to compare."""
+  """(name, bijector class, solve fn, trace fn, jit_compile[, fuse]) to
+  compare. Our `FFJORD` rows are a `tfb.Chain` of 4 blocks, as in TFP's
+  colab: consecutive blocks fuse into one solve unless `fuse` is False."""
   exact_tfp = tfb.ffjord.trace_jacobian_exact
   exact = tfp_ffjord.trace_jacobian_exact
   yield ('tfb.FFJORD + tfp DormandPrince(atol=1e-5) [reference]', tfb.FFJORD,
          tfp.math.ode.DormandPrince(atol=1e-5).solve, exact_tfp, False)
+  # `ode_solve_fn=None`: the package's default (DormandPrince, TFP's
+  # tolerances, adjoint), fused and not.
+  yield ('tfp_ffjord.FFJORD, default solver, XLA', tfp_ffjord.FFJORD, None,
+         exact, True)
+  yield ('tfp_ffjord.FFJORD, default solver, XLA, fuse=False',
+         tfp_ffjord.FFJORD, None, exact, True, False)
   yield ('tfp_ffjord.FFJORD + DormandPrince(atol=1e-5), adjoint',
          tfp_ffjord.FFJORD, ode.DormandPrince(atol=1e-5).solve, exact, False)
   yield ('tfp_ffjord.FFJORD + DormandPrince(atol=1e-5), adjoint, XLA',
@@ -135,7 +145,8 @@ def configurations():
 class Configuration:
   """One row: builds the flow, compiles its step, times it on demand."""
 
-  def __init__(self, name, bijector_cls, solve_fn, trace_fn, jit, x):
+  def __init__(self, name, bijector_cls, solve_fn, trace_fn, jit, fuse=True,
+               *, x):
     self.name, self.trace_fn, self.x = name, trace_fn, x
     self.blocks = make_blocks()
     variables = [v for b in self.blocks for v in b.trainable_variables]
@@ -146,7 +157,7 @@ class Configuration:
       variables = list(self.stacked.trainable_variables)
     self.flow, chain = make_flow(
         self.blocks if self.stacked is None else self.stacked.blocks,
-        bijector_cls, solve_fn, trace_fn)
+        bijector_cls, solve_fn, trace_fn, fuse=fuse)
     opt = snt.optimizers.Adam(1e-2)
     # Adam's slots exist before the first trace (as in the Trainer), so the
     # step is traced once, not twice; the same for every row.
@@ -155,17 +166,13 @@ class Configuration:
     self.ours = ours
 
     def log_prob_and_nfe(batch):
+      log_prob = self.flow.log_prob(batch)   # through the chain
       if not ours:
-        return self.flow.log_prob(batch), tf.constant(0)
-      # The same computation as `flow.log_prob`, block by block, so that
-      # each solve's diagnostics come back as values.
-      x, ildj, nfe = batch, 0., []
-      for b in chain.bijectors:   # the inverse runs the last block first
-        result = b.solve_inverse(x)
-        x = result.value
-        ildj += tf.reduce_sum(result.log_det_jacobian, -1)
-        nfe.append(result.diagnostics.num_ode_fn_evaluations)
-      return self.flow.distribution.log_prob(x) + ildj, tf.add_n(nfe)
+        return log_prob, tf.constant(0)
+      # Each block's solve (or its segment of the fused one) left its
+      # diagnostics on the block.
+      return log_prob, tf.add_n([b.last_diagnostics.num_ode_fn_evaluations
+                                 for b in chain.bijectors])
 
     def train_step(batch):
       with tf.GradientTape() as tape:
@@ -388,7 +395,11 @@ def main(argv=None):
         'Produced by `python benchmarks/bench_training_step.py '
         f'--steps {args.steps} --rounds {args.rounds}{threads} '
         f'--out {args.out}` on a '
-        '2-core CPU, all rows in one process. "first step" is the wall time '
+        '2-core CPU, all rows in one process. Every row is TFP\'s colab '
+        'model: 4 blocks in a `tfb.Chain` (`StackedFFJORD`: one bijector '
+        'holding the 4 blocks), `flow.log_prob` in the step; our `FFJORD` '
+        'rows fuse the chain into one solve unless they say `fuse=False`. '
+        '"first step" is the wall time '
         'of the first call (tracing, compilation, one step; Adam\'s slots '
         'are created beforehand, as the Trainer does, so each step is '
         'traced once); "vs ref" is its ratio to the reference (lower is '

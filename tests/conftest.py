@@ -36,3 +36,18 @@ def _seed():
   tf.random.set_seed(1234)
   np.random.seed(1234)
   yield
+
+
+# Property-based tests (tests/test_properties.py): a bounded, reproducible
+# search by default; HYPOTHESIS_PROFILE=long for a longer one.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    'ci', max_examples=6, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow,
+                           HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    'long', max_examples=200, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow,
+                           HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))

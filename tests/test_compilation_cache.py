@@ -160,3 +160,68 @@ def test_second_process_loads_the_executable_and_truncated_entries_go(
   assert not hit
   assert third == first
   assert compilation_cache.is_intact(str(cache / _entries(cache)[0]))
+
+
+# ------------------------------------- trusted input only (who may write it)
+
+
+def test_directories_others_could_write_are_untrusted(tmp_path, monkeypatch):
+  ours = tmp_path / 'ours'
+  ours.mkdir(mode=0o700)
+  assert compilation_cache.untrusted(str(ours)) is None
+  for mode in (0o777, 0o770, 0o702, 0o1777):
+    os.chmod(ours, mode)
+    why = compilation_cache.untrusted(str(ours))
+    assert why and f'mode {mode & 0o777:04o}' in why and 'chmod go-w' in why
+  os.chmod(ours, 0o755)   # others may read, not write: fine
+  assert compilation_cache.untrusted(str(ours)) is None
+  monkeypatch.setattr(compilation_cache, '_uid', lambda: os.geteuid() + 1)
+  why = compilation_cache.untrusted(str(ours))
+  assert why and f'uid {os.geteuid()}' in why and compilation_cache.ENV in why
+
+
+def test_tidy_deletes_entries_this_user_did_not_write(tmp_path, monkeypatch):
+  data = _valid_proto()
+  ours = compilation_cache.prefix()
+  mine = tmp_path / f'{ours}__1__XLA_CPU_JIT.pb'
+  mine.write_bytes(data)
+  elsewhere = tmp_path / 'elsewhere.pb'
+  elsewhere.write_bytes(data)
+  link = tmp_path / f'{ours}__2__XLA_CPU_JIT.pb'
+  link.symlink_to(elsewhere)
+  compilation_cache.tidy(str(tmp_path))
+  assert mine.exists() and not os.path.lexists(link) and elsewhere.exists()
+  # Another user's entry (a real chown as root, else seen as another user).
+  theirs = tmp_path / f'{ours}__3__XLA_CPU_JIT.pb'
+  theirs.write_bytes(data)
+  if os.geteuid() == 0:
+    os.chown(theirs, 65534, 65534)
+  else:
+    monkeypatch.setattr(compilation_cache, '_uid', lambda: os.geteuid() + 1)
+  compilation_cache.tidy(str(tmp_path))
+  assert not theirs.exists()
+  assert mine.exists() == (os.geteuid() == 0)
+
+
+def test_a_cache_others_can_write_is_refused_with_a_warning(tmp_path):
+  """A new process asked to use a world-writable directory compiles
+  without the cache and says why; a new directory is created 0700."""
+  shared = tmp_path / 'shared'
+  shared.mkdir()
+  os.chmod(shared, 0o777)
+  env = dict(os.environ, TFP_FFJORD_XLA_CACHE=str(shared))
+  env.pop('TF_XLA_FLAGS', None)
+  res = subprocess.run([sys.executable, '-c', CHILD], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'XLA compilation cache off' in res.stderr, res.stderr[-3000:]
+  assert 'chmod go-w' in res.stderr
+  assert os.listdir(shared) == []
+  fresh = tmp_path / 'a' / 'fresh'
+  env[compilation_cache.ENV] = str(fresh)
+  res = subprocess.run([sys.executable, '-c', CHILD], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'cache off' not in res.stderr
+  assert os.stat(fresh).st_mode & 0o777 == 0o700
+  assert _entries(fresh)

@@ -443,8 +443,27 @@ def _load_run(run):
 # ----------------------------------------------------------------- commands
 
 
+def _locked(out, command, args):
+  """Runs `command(args)` holding `out`'s lock (one writer per directory)."""
+  lock = run_dir_lib.RunDir(out).lock()
+  try:
+    lock.acquire()
+  except run_dir_lib.RunDirBusy as e:
+    raise UsageError(f'--out: {e}') from None
+  try:
+    return command(args)
+  finally:
+    lock.release()
+
+
 def cmd_train(args):
   args.out = args.out or os.path.join('runs', args.dataset or 'moons')
+  if not _chief_of_cluster(args):   # workers do not write the directory
+    return _train(args)
+  return _locked(args.out, _train, args)
+
+
+def _train(args):
   config = _train_config(args)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   threads = intra_op_threads(args.intra_op_threads, config)
@@ -558,7 +577,12 @@ def cmd_export(args):
 
 
 def cmd_vi(args):
-  out = args.out or os.path.join('runs', f'vi-{args.target}')
+  args.out = args.out or os.path.join('runs', f'vi-{args.target}')
+  return _locked(args.out, _vi, args)
+
+
+def _vi(args):
+  out = args.out
   if os.path.exists(os.path.join(out, 'metrics.json')) and not args.overwrite:
     raise UsageError(f'--out: {out} already holds a run; pass --overwrite to '
                      'replace it')

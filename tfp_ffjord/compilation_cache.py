@@ -24,7 +24,12 @@ What keeps it safe:
     entries (a process killed while writing) are deleted when the cache is
     set up, and the oldest entries go once the directory outgrows
     `MAX_BYTES`;
-  * a directory that cannot be written leaves the cache off (with a warning).
+  * a directory that cannot be written leaves the cache off (with a warning);
+  * it runs only what this user wrote: TensorFlow loads and runs any entry
+    it finds, so the directory is created with mode 0700, one that another
+    user owns or that group or others may write is refused (cache off, with
+    a warning saying how to fix it, as ssh refuses such key files), and
+    entries owned by another user are deleted, unread.
 
 Not covered: two processes that compile the same computation at the same
 moment can race on its file. Give concurrent jobs their own directories
@@ -155,9 +160,27 @@ def is_intact(path: str, min_fields: int = 1) -> bool:
   return pos == len(data) and fields >= max(min_fields, 1)
 
 
+def _uid() -> int:
+  return os.geteuid()
+
+
+def untrusted(directory: str) -> Optional[str]:
+  """Why `directory` cannot hold executables this process will run, or
+  None: it must be owned by this user and writable by no one else."""
+  st = os.stat(directory)
+  if st.st_uid != _uid():
+    return (f'is owned by another user (uid {st.st_uid}); use a directory '
+            f'of your own ({ENV}=DIR)')
+  if st.st_mode & 0o022:
+    return (f'is writable by other users (mode {st.st_mode & 0o777:04o}); '
+            f'`chmod go-w {directory}` fixes it')
+  return None
+
+
 def tidy(directory: str, max_bytes: int = MAX_BYTES) -> None:
-  """Deletes our truncated entries, then the oldest until the entries fit
-  in `max_bytes` (entries of every TensorFlow version and CPU count).
+  """Deletes entries owned by another user, our truncated entries, then
+  the oldest until the entries fit in `max_bytes` (entries of every
+  TensorFlow version and CPU count).
 
   An entry is read once: those found whole are listed, with their size and
   modification time, in `CHECKED_FILE`, and skipped while both are the same.
@@ -165,6 +188,8 @@ def tidy(directory: str, max_bytes: int = MAX_BYTES) -> None:
   checked_path = os.path.join(directory, CHECKED_FILE)
   try:
     with open(checked_path) as f:
+      if os.fstat(f.fileno()).st_uid != _uid():
+        raise ValueError('not ours')   # a list we did not write: unused
       checked = json.load(f)
     if not isinstance(checked, dict):
       checked = {}
@@ -172,10 +197,17 @@ def tidy(directory: str, max_bytes: int = MAX_BYTES) -> None:
     checked = {}
   entries, whole = [], {}
   for entry in os.scandir(directory):
-    if not (entry.is_file() and entry.name.startswith(_NAME)
-            and entry.name.endswith('.pb')):
+    if not (entry.name.startswith(_NAME) and entry.name.endswith('.pb')):
       continue
-    stat = entry.stat()
+    stat = entry.stat(follow_symlinks=False)
+    if entry.is_symlink() or stat.st_uid != _uid():
+      # TensorFlow would load it as ours: it goes, unread.
+      _LOG.warning('Removing an XLA cache entry this user did not write: %s',
+                   entry.path)
+      os.remove(entry.path)
+      continue
+    if not entry.is_file():
+      continue
     signature = [stat.st_size, stat.st_mtime_ns]
     if (checked.get(entry.name) != signature
         and not is_intact(entry.path, min_fields=_ENTRY_FIELDS)):
@@ -223,7 +255,11 @@ def enable(directory: Optional[str] = None) -> Optional[str]:
         f'or TF_XLA_FLAGS={_DIR_FLAG}=DIR.')
   directory = os.path.abspath(directory or default_directory())
   try:
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    problem = untrusted(directory)
+    if problem:
+      _LOG.warning('XLA compilation cache off: %s %s.', directory, problem)
+      return None
     probe = os.path.join(directory, f'.write_test_{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')

@@ -4,6 +4,7 @@
     OUT/metrics.json     per-epoch history and summary (rewritten each epoch)
     OUT/checkpoints/     tf.train.CheckpointManager's checkpoints
     OUT/logs/            TensorBoard summaries
+    OUT/.lock            the pid and host of the process writing OUT
 
 One place for the command line (which must decide about `--resume` /
 `--overwrite` before TensorFlow loads) and the `Trainer`. JSON files are
@@ -13,21 +14,27 @@ imports no TensorFlow (checkpoints are restored through the objects the
 caller passes).
 """
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 from typing import Dict, List, Optional
 
 from tfp_ffjord.training.errors import TrainingError
 
-__all__ = ['RunDir', 'summary', 'restore_latest', 'CONFIG_FILE', 'METRICS_FILE', 'CHECKPOINT_DIR',
-           'LOG_DIR']
+__all__ = ['RunDir', 'RunDirBusy', 'RunLock', 'summary', 'restore_latest',
+           'CONFIG_FILE', 'METRICS_FILE', 'CHECKPOINT_DIR', 'LOG_DIR',
+           'LOCK_FILE']
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.json'
 CHECKPOINT_DIR = 'checkpoints'
 LOG_DIR = 'logs'
+LOCK_FILE = '.lock'
 
 
 def _write_json(path, value):
@@ -35,6 +42,160 @@ def _write_json(path, value):
   with open(tmp, 'w') as f:
     json.dump(value, f, indent=2)
   os.replace(tmp, path)
+
+
+class RunDirBusy(TrainingError):
+  """Another live process holds the run directory's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:   # alive, another user's
+    return True
+  return True
+
+
+class RunLock:
+  """One writer per run directory: `OUT/.lock`, held with `flock`.
+
+  The file names the holder (pid, host, start time) for the error a second
+  writer gets. The kernel drops the `flock` when its holder dies, however
+  it dies, so a lock file left by a dead process is taken over (with a
+  warning); one naming a live process on this host, or a holder on another
+  host, is refused with `RunDirBusy`. Not for directories shared by
+  machines whose file system does not carry `flock` between them.
+  """
+
+  def __init__(self, path: str):
+    self.directory = path
+    self.path = os.path.join(path, LOCK_FILE)
+    self._fd = None
+    self._created_directory = False
+
+  @property
+  def held(self) -> bool:
+    return self._fd is not None
+
+  def _holder(self, fd) -> Dict:
+    try:
+      os.lseek(fd, 0, os.SEEK_SET)
+      holder = json.loads(os.read(fd, 4096).decode() or '{}')
+      return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+      return {}
+
+  @staticmethod
+  def describe(holder: Dict) -> str:
+    if not holder:
+      return 'another process'
+    since = holder.get('since')
+    when = (time.strftime(' since %Y-%m-%d %H:%M:%S',
+                          time.localtime(since)) if since else '')
+    return f"pid {holder.get('pid')} on {holder.get('host')}{when}"
+
+  def acquire(self) -> 'RunLock':
+    """Takes the lock (creating the directory); raises `RunDirBusy`."""
+    if self.held:
+      return self
+    if not os.path.isdir(self.directory):
+      os.makedirs(self.directory, exist_ok=True)
+      self._created_directory = True
+    host = socket.gethostname()
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        holder = self._holder(fd)
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+          raise
+        self._release_directory()
+        raise RunDirBusy(
+            f'{self.directory} is in use by another run '
+            f'({self.describe(holder)}); wait for it to finish, or use '
+            'another --out') from None
+      # The file may have been removed by a holder releasing it between
+      # our open and our flock: then the lock is on a dead inode; retry.
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if not same:
+        os.close(fd)
+        continue
+      break
+    holder = self._holder(fd)
+    if holder:
+      pid = holder.get('pid')
+      if (holder.get('host') == host and isinstance(pid, int)
+          and pid != os.getpid() and _pid_alive(pid)):
+        # A live process that does not hold the flock: it wrote the file
+        # without locking (never ours) or the file system ignores flock.
+        os.close(fd)
+        self._release_directory()
+        raise RunDirBusy(
+            f'{self.directory} is in use by another run '
+            f'({self.describe(holder)}); wait for it to finish, or use '
+            f'another --out (if that process is not a run, remove '
+            f'{self.path})')
+      logging.getLogger('tfp_ffjord').warning(
+          'Taking over the lock of %s left by %s, which is no longer '
+          'running.', self.directory, self.describe(holder))
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(dict(pid=os.getpid(), host=host,
+                                 since=time.time())).encode())
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def _release_directory(self):
+    # A directory made only to hold the lock goes with it.
+    if self._created_directory:
+      self._created_directory = False
+      try:
+        os.remove(self.path)
+      except OSError:
+        pass
+      try:
+        os.rmdir(self.directory)
+      except OSError:
+        pass
+
+  def release(self) -> None:
+    """Removes the lock file and drops the lock (no-op if not held)."""
+    if self._fd is None:
+      return
+    try:
+      os.remove(self.path)   # before unlocking: see the inode check above
+    except OSError:
+      pass
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+    if self._created_directory:
+      self._created_directory = False
+      try:
+        os.rmdir(self.directory)   # only if nothing was written
+      except OSError:
+        pass
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+  def __del__(self):
+    if self._fd is not None:
+      try:
+        os.close(self._fd)
+      except OSError:
+        pass
 
 
 class RunDir:
@@ -61,6 +222,10 @@ class RunDir:
   @property
   def log_dir(self) -> str:
     return os.path.join(self.path, LOG_DIR)
+
+  def lock(self) -> RunLock:
+    """A `RunLock` on this directory (not yet taken: use `with`)."""
+    return RunLock(self.path)
 
   def has_run(self) -> bool:
     """Whether a run was started here (a config or checkpoints exist)."""

@@ -1,0 +1,204 @@
+"""Properties of the bijector and solvers over random configurations
+(Hypothesis): event sizes, batch shapes, dtypes, time spans, solver x trace
+x gradient mode, conditional keyword arguments and seeds.
+
+Profiles (tests/conftest.py): `ci` (the default: few examples per property,
+derandomized, so a run is reproducible) and `long`
+(`HYPOTHESIS_PROFILE=long pytest tests/test_properties.py`). Every bug a
+search found is kept below as an explicit `@example`.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+from hypothesis import assume, example, given, note
+from hypothesis import strategies as st
+
+import tfp_ffjord
+from tfp_ffjord import ode
+
+tfd = tfp.distributions
+
+# How far apart two computations of one quantity may be, per dtype: the
+# solvers run at rtol = atol = TOL[dtype] (fixed-step ones with enough
+# steps for a like error on these small, smooth dynamics).
+TOL = {tf.float32: 1e-5, tf.float64: 1e-9}
+ROUNDTRIP_ATOL = {tf.float32: 2e-4, tf.float64: 1e-6}
+# log|det J| from the augmented ODE against slogdet of the autodiff
+# Jacobian of the solve: both approximate the flow's, to solver error.
+SLOGDET_ATOL = {tf.float32: 2e-3, tf.float64: 1e-5}
+# eager, tf.function and XLA run the same steps: rounding apart.
+MODES_ATOL = {tf.float32: 1e-4, tf.float64: 1e-9}
+RK4_STEPS = {tf.float32: 16, tf.float64: 128}
+
+SOLVERS = ('dopri5', 'tsit5', 'rk4')
+GRADIENTS = ('adjoint', 'backprop')
+TRACES = ('exact', 'hutchinson')
+# (initial_time, final_time): forwards, shifted, backwards, through zero.
+SPANS = ((0., 1.), (0.5, 1.25), (1., 0.), (-0.75, 0.25))
+
+
+def _solver(name, gradient, dtype):
+  tol = TOL[dtype]
+  if name == 'rk4':
+    return ode.RK4(num_steps=RK4_STEPS[dtype], gradient=gradient)
+  cls = {'dopri5': ode.DormandPrince, 'tsit5': ode.Tsit5}[name]
+  return cls(rtol=tol, atol=tol, gradient=gradient)
+
+
+@st.composite
+def configurations(draw, traces=TRACES):
+  return dict(
+      event=draw(st.integers(1, 4)),
+      batch=draw(st.sampled_from([(), (1,), (3,), (2, 3)])),
+      dtype=draw(st.sampled_from([tf.float32, tf.float64])),
+      span=draw(st.sampled_from(SPANS)),
+      solver=draw(st.sampled_from(SOLVERS)),
+      gradient=draw(st.sampled_from(GRADIENTS)),
+      trace=draw(st.sampled_from(traces)),
+      conditional=draw(st.booleans()),
+      seed=draw(st.integers(0, 2**16)))
+
+
+def _build(c, validate_args=False):
+  """The bijector, an input batch, and the keyword arguments of a call."""
+  dtype, event = c['dtype'], c['event']
+  tf.random.set_seed(c['seed'])
+  keys = ('cond',) if c['conditional'] else ()
+  dynamics = tfp_ffjord.MLPODE([8], event, context_keys=keys)
+  trace = {'exact': tfp_ffjord.trace_jacobian_exact,
+           'hutchinson': tfp_ffjord.trace_jacobian_hutchinson}[c['trace']]
+  bijector = tfp_ffjord.FFJORD(
+      dynamics, ode_solve_fn=_solver(c['solver'], c['gradient'],
+                                     dtype).solve,
+      trace_augmentation_fn=trace, initial_time=c['span'][0],
+      final_time=c['span'][1], dtype=dtype, validate_args=validate_args)
+  rng = np.random.default_rng(c['seed'])
+  x = tf.constant(rng.normal(size=c['batch'] + (event,)), dtype)
+  kwargs = {}
+  if c['conditional']:
+    kwargs['cond'] = tf.constant(rng.normal(size=c['batch'] + (1,)), dtype)
+  if c['trace'] == 'hutchinson':
+    kwargs['seed'] = c['seed']
+  note(f'x shape {x.shape}, kwargs {sorted(kwargs)}')
+  return bijector, x, kwargs
+
+
+def _close(a, b, atol, what):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape, (what, a.shape, b.shape)
+  assert np.all(np.isfinite(a)) and np.all(np.isfinite(b)), what
+  err = float(np.max(np.abs(a - b), initial=0.))
+  assert err <= atol, f'{what}: max error {err:.3g} > {atol:g}'
+
+
+@given(configurations())
+@example(dict(event=1, batch=(), dtype=tf.float32, span=(1., 0.),
+              solver='dopri5', gradient='adjoint', trace='hutchinson',
+              conditional=True, seed=0))
+def test_inverse_undoes_forward_and_log_dets_agree(c):
+  bijector, x, kwargs = _build(c)
+  y = bijector.forward(x, **kwargs)
+  assert y.shape == x.shape and y.dtype == c['dtype']
+  _close(bijector.inverse(y, **kwargs), x, ROUNDTRIP_ATOL[c['dtype']],
+         'inverse(forward(x))')
+  fldj = bijector.forward_log_det_jacobian(x, 1, **kwargs)
+  assert fldj.shape == c['batch']
+  ildj = bijector.inverse_log_det_jacobian(y, 1, **kwargs)
+  if c['trace'] == 'exact':
+    _close(fldj, -ildj, ROUNDTRIP_ATOL[c['dtype']], 'fldj + ildj(y)')
+  else:
+    # A stochastic estimate, but a deterministic one for a given seed.
+    _close(bijector.forward_log_det_jacobian(x, 1, **kwargs), fldj, 0.,
+           'fldj, same seed')
+
+
+@given(configurations(traces=('exact',)))
+def test_log_det_is_slogdet_of_the_autodiff_jacobian(c):
+  bijector, x, kwargs = _build(c)
+  flat = tf.reshape(x, [-1, c['event']])
+  cond = kwargs.get('cond')
+
+  def forward(points):
+    shaped = tf.reshape(points, tf.shape(x))
+    extra = {} if cond is None else {'cond': cond}
+    return tf.reshape(bijector.forward(shaped, **extra), [-1, c['event']])
+
+  with tf.GradientTape() as tape:
+    tape.watch(flat)
+    y = forward(flat)
+  jacobian = tape.batch_jacobian(y, flat)
+  _, logdet = np.linalg.slogdet(jacobian.numpy())
+  fldj = bijector.forward_log_det_jacobian(x, 1, **kwargs)
+  _close(tf.reshape(fldj, [-1]), logdet, SLOGDET_ATOL[c['dtype']],
+         'fldj vs slogdet')
+
+
+@given(configurations())
+def test_one_solve_per_log_prob_and_gradients_reach_every_variable(c):
+  bijector, x, kwargs = _build(c)
+  solves = []
+  solve = bijector._ode_solve_fn   # pylint: disable=protected-access
+
+  def counting(*args, **kw):
+    solves.append(1)
+    return solve(*args, **kw)
+
+  bijector._ode_solve_fn = counting   # pylint: disable=protected-access
+  base = tfd.MultivariateNormalDiag(tf.zeros([c['event']], c['dtype']))
+  flow = tfd.TransformedDistribution(base, bijector)
+  bijector.forward(x, **kwargs)   # builds the dynamics' variables
+  del solves[:]
+  with tf.GradientTape() as tape:
+    log_prob = flow.log_prob(x, bijector_kwargs=kwargs)
+    loss = -tf.reduce_mean(log_prob)
+  assert len(solves) == 1, len(solves)
+  assert log_prob.shape == c['batch']
+  assert np.all(np.isfinite(log_prob.numpy()))
+  variables = bijector.trainable_variables
+  assert variables
+  grads = tape.gradient(loss, variables)
+  for v, g in zip(variables, grads):
+    assert g is not None, v.name
+    assert np.all(np.isfinite(g.numpy())), v.name
+    assert np.any(g.numpy() != 0), v.name
+
+
+@given(configurations(), st.sampled_from(['function', 'xla']))
+def test_eager_function_and_xla_agree(c, mode):
+  # One dtype, solver and gradient per mode is enough for compiled runs
+  # (each compilation costs seconds); the search picks which.
+  bijector, x, kwargs = _build(c)
+
+  def fn(points):
+    return (bijector.forward(points, **kwargs),
+            bijector.forward_log_det_jacobian(points, 1, **kwargs))
+
+  want = fn(x)
+  got = tf.function(fn, jit_compile=(mode == 'xla'))(x)
+  for name, a, b in zip(('forward', 'fldj'), got, want):
+    _close(a, b, MODES_ATOL[c['dtype']], f'{mode} {name}')
+
+
+@given(configurations(traces=('exact',)),
+       st.sampled_from(['nan', 'inf', 'event', 'int', 'rank0']))
+def test_invalid_input_raises_a_clear_error_never_nan(c, fault):
+  bijector, x, kwargs = _build(c, validate_args=True)
+  if fault in ('nan', 'inf'):
+    assume(x.shape.num_elements() > 0)
+    bad = x.numpy().copy()
+    bad.reshape(-1)[0] = np.nan if fault == 'nan' else np.inf
+    x, error, match = (tf.constant(bad), tf.errors.InvalidArgumentError,
+                       'NaN or Inf')
+  elif fault == 'event':
+    x = tf.concat([x, x[..., :1]], -1)
+    error, match = ValueError, r'must have shape \[\.\.\., %d\]' % c['event']
+  elif fault == 'int':
+    x = tf.cast(x, tf.int32)
+    error, match = TypeError, '`x` must have dtype'
+  else:
+    x = tf.constant(1., c['dtype'])
+    error, match = ValueError, 'must have shape'
+  with pytest.raises(error, match=match):
+    bijector.forward(x, **kwargs)

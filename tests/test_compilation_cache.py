@@ -225,3 +225,74 @@ def test_a_cache_others_can_write_is_refused_with_a_warning(tmp_path):
   assert 'cache off' not in res.stderr
   assert os.stat(fresh).st_mode & 0o777 == 0o700
   assert _entries(fresh)
+
+
+# ------------------------------------------------------- warm runs are quiet
+
+TINY_TRAIN = ['train', '--dataset', 'moons', '--num-train', '256',
+              '--num-test', '128', '--batch-size', '64', '--blocks', '1',
+              '--hidden', '8', '--solver', 'rk4', '--num-steps', '4',
+              '--no-progress', '--epochs', '1']
+
+
+@pytest.mark.slow
+def test_a_warm_command_line_run_prints_no_error_lines(tmp_path):
+  """The second run loads what the first compiled, and TensorFlow's
+  complaints about reading entries as text do not reach the user."""
+  cache = tmp_path / 'cache'
+  env = dict(os.environ, TFP_FFJORD_XLA_CACHE=str(cache))
+  for name in ('TF_CPP_MIN_LOG_LEVEL', 'TF_XLA_FLAGS'):
+    env.pop(name, None)   # the command line's own logging set-up
+  runs = []
+  for i in range(2):
+    res = subprocess.run(
+        [sys.executable, '-m', 'tfp_ffjord', *TINY_TRAIN, '--out',
+         str(tmp_path / f'run{i}')], env=env, capture_output=True,
+        text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs.append((res.stderr, {e: os.stat(cache / e).st_mtime_ns
+                              for e in _entries(cache)}))
+  (_, cold), (warm_err, warm) = runs
+  assert cold and warm == cold   # loaded, not compiled again
+  assert warm_err.strip() == '', warm_err[-3000:]
+
+
+SHARED_CHILD = '''
+import sys
+import tfp_ffjord
+import tensorflow as tf
+
+@tf.function(jit_compile=True)
+def f(x):
+  return tf.reduce_sum(tf.sin(x) * tf.exp(-x ** 2) * float(sys.argv[1]))
+
+print('VALUE', float(f(tf.linspace(0., 3., 64))))
+'''
+
+
+@pytest.mark.slow
+def test_six_processes_on_one_cache_at_once(tmp_path):
+  """Three load an entry while three write new ones: all succeed and
+  agree with each other."""
+  cache = tmp_path / 'xla'
+  env = dict(os.environ, TFP_FFJORD_XLA_CACHE=str(cache))
+  env.pop('TF_XLA_FLAGS', None)
+
+  def start(scale):
+    return subprocess.Popen([sys.executable, '-c', SHARED_CHILD, str(scale)],
+                            env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  first = start(1)
+  assert first.wait(timeout=300) == 0, first.communicate()
+  before = _entries(cache)
+  assert len(before) == 1
+  procs = [start(1) for _ in range(3)] + [start(s) for s in (2, 3, 4)]
+  values = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    values.append(float(out.split()[-1]))
+  assert values[0] == values[1] == values[2]
+  np.testing.assert_allclose(values[3:], [2 * values[0], 3 * values[0],
+                                          4 * values[0]], rtol=1e-6)
+  assert len(_entries(cache)) == 4

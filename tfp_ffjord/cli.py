@@ -277,6 +277,11 @@ _STARTUP_NOISE = (
     # compiled it. Entries of other CPUs are never loaded (their names
     # differ: `compilation_cache.cpu_fingerprint`).
     'Target machine feature +prefer-no-',
+    # Loading a cached executable: TensorFlow tries to read the (binary)
+    # entry as text first, and protobuf logs why that fails, three lines an
+    # entry; the binary read that follows succeeds. (A failed load is
+    # reported by other lines, which pass.)
+    'Error parsing text-format tensorflow.XlaSerializedCacheEntry',
 )
 
 
@@ -463,8 +468,20 @@ def cmd_train(args):
   return _locked(args.out, _train, args)
 
 
+def _flag_names(error) -> str:
+  """A config error's message with each field named by its option
+  (`batch_size` -> --batch-size)."""
+  message = str(error)
+  for field, flags, _ in config_options():
+    message = message.replace(f'`{field.name}`', flags[-1])
+  return message
+
+
 def _train(args):
-  config = _train_config(args)
+  try:
+    config = _train_config(args)
+  except ValueError as e:   # the config's own checks, across fields too
+    raise UsageError(_flag_names(e)) from None
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   threads = intra_op_threads(args.intra_op_threads, config)
   if threads:
@@ -477,7 +494,10 @@ def _train(args):
   from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
   strategy = training.make_strategy(args.strategy, args.cpu_devices,
                                     args.collective_timeout)
-  trainer = training.Trainer(config, out_dir=args.out, strategy=strategy)
+  try:
+    trainer = training.Trainer(config, out_dir=args.out, strategy=strategy)
+  except ValueError as e:   # options that do not fit the data
+    raise UsageError(_flag_names(e)) from None
   if trainer.distributed:
     names = {'mirrored': 'MirroredStrategy', 'tpu': 'TPUStrategy',
              'multi-worker': 'MultiWorkerMirroredStrategy'}

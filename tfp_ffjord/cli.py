@@ -101,6 +101,7 @@ def _hidden(text):
 _TYPES = {
     'positive-int': _positive_int,
     'int': _int,
+    'non-negative-int': _non_negative_int,
     'positive': _positive_float,
     'non-negative': _non_negative_float,
     'sizes': _hidden,
@@ -183,7 +184,7 @@ def build_parser():
   sample = sub.add_parser('sample', help='draw samples from a trained flow')
   sample.add_argument('run', help='a training output directory')
   sample.add_argument('-n', '--num', type=_positive_int, default=1000)
-  sample.add_argument('--seed', type=_int, default=0)
+  sample.add_argument('--seed', type=_non_negative_int, default=0)
   sample.add_argument('--label', type=_int, default=None,
                       help='conditional models: sample this class only')
   sample.add_argument('--out', default=None,
@@ -234,7 +235,7 @@ def _add_vi_parser(sub):
     help='Adam learning rate; default: 0.01')
   a('--sample-size', type=_positive_int, default=64,
     help='Monte Carlo samples per step; default: 64')
-  a('--seed', type=_int, default=0, help='default: 0')
+  a('--seed', type=_non_negative_int, default=0, help='default: 0')
   a('--blocks', type=_positive_int, default=2,
     help='ffjord: FFJORD blocks; default: 2')
   a('--hidden', type=_hidden, default=[32, 32],
@@ -469,12 +470,16 @@ def cmd_train(args):
 
 
 def _flag_names(error) -> str:
-  """A config error's message with each field named by its option
-  (`batch_size` -> --batch-size)."""
-  message = str(error)
-  for field, flags, _ in config_options():
-    message = message.replace(f'`{field.name}`', flags[-1])
-  return message
+  """A config error's message with each field named by its option."""
+  flags = {field.name: names[-1] for field, names, _ in config_options()}
+
+  def option(match):
+    name, value = match.group(1), match.group(2)
+    if name not in flags:
+      return match.group(0)
+    return flags[name] if value is None else f'{flags[name]} {value}'
+  # `batch_size` -> --batch-size; `model='conv'` -> --model 'conv'.
+  return re.sub(r'`(\w+)(?:=([^`]*))?`', option, str(error))
 
 
 def _train(args):

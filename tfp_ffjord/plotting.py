@@ -30,9 +30,18 @@ def _save(fig, path):
 
 
 def bounds(points: np.ndarray, margin: float = 0.1):
-  """`[(xmin, xmax), (ymin, ymax)]` around 2-D points, with a margin."""
+  """`[(xmin, xmax), (ymin, ymax)]` around 2-D points, with a margin.
+
+  An axis the points do not spread along (a single point, say) gets the
+  other axis' width, or 2 if neither spreads.
+  """
   lo, hi = np.percentile(points, 0.5, axis=0), np.percentile(points, 99.5,
                                                                axis=0)
+  width = hi - lo
+  fallback = float(np.max(width)) if np.max(width) > 0 else 2.
+  flat = ~(width > 0)
+  lo = np.where(flat, lo - fallback / 2, lo)
+  hi = np.where(flat, hi + fallback / 2, hi)
   pad = margin * (hi - lo)
   return [(float(lo[i] - pad[i]), float(hi[i] + pad[i])) for i in range(2)]
 

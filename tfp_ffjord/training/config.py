@@ -25,6 +25,7 @@ EXACT_EVAL_MAX_DIM = 64
 KINDS = {
     'positive-int': 'a positive integer',
     'int': 'an integer',
+    'non-negative-int': 'a non-negative integer',
     'positive': 'a positive number',
     'non-negative': 'a non-negative number',
     'choice': 'one of the names of a registry table',
@@ -61,6 +62,7 @@ def check_value(name: str, value, kind: str, choices=None,
   ok = {
       'positive-int': lambda: is_int and value >= 1,
       'int': lambda: is_int,
+      'non-negative-int': lambda: is_int and value >= 0,
       'positive': lambda: is_number and value > 0 and math.isfinite(value),
       'non-negative': lambda: (is_number and value >= 0
                                and math.isfinite(value)),
@@ -154,7 +156,7 @@ class TrainConfig:
   jacobian_weight: float = _field(0.0, 'non-negative', "RNODE's Jacobian "
                                   'Frobenius weight (lambda_2)')
   base_scale: float = _field(0.8, 'positive', 'std of the Gaussian base', fixed=True)
-  seed: int = _field(0, 'int', 'seed of the data, the weights and the noise', fixed=True)
+  seed: int = _field(0, 'non-negative-int', 'seed of the data, the weights and the noise', fixed=True)
   jit_compile: bool = _field(True, 'flag', 'compile the steps with XLA',
                              flags=('--no-jit',))
   eval_rtol: float = _field(1e-5, 'positive', 'held-out evaluation: relative '

@@ -113,6 +113,7 @@ def test_inverse_undoes_forward_and_log_dets_agree(c):
            'fldj, same seed')
 
 
+@pytest.mark.slow
 @given(configurations(traces=('exact',)))
 def test_log_det_is_slogdet_of_the_autodiff_jacobian(c):
   bijector, x, kwargs = _build(c)
@@ -136,6 +137,7 @@ def test_log_det_is_slogdet_of_the_autodiff_jacobian(c):
          'fldj vs slogdet')
 
 
+@pytest.mark.slow
 @given(configurations())
 def test_one_solve_per_log_prob_and_gradients_reach_every_variable(c):
   bijector, x, kwargs = _build(c)
@@ -166,6 +168,7 @@ def test_one_solve_per_log_prob_and_gradients_reach_every_variable(c):
     assert np.any(g.numpy() != 0), v.name
 
 
+@pytest.mark.slow
 @given(configurations(), st.sampled_from(['function', 'xla']))
 def test_eager_function_and_xla_agree(c, mode):
   # One dtype, solver and gradient per mode is enough for compiled runs

@@ -37,6 +37,10 @@ ROUND_TRIP_ATOL = 2e-3
 # (zero but for rounding) and of the reparameterised loss (its per-sample
 # noise is of order one).
 STL_GRAD_MAX = 1e-6
+# Monte Carlo error of a standardised moment error over 8,192 draws of a
+# Gaussian with 1.25x the true scale: ~0.014 (mean) and ~0.01 (std); five
+# of those.
+MOMENT_ERROR_ATOL = 0.06
 REPARAM_GRAD_MIN = 1e-2
 
 
@@ -151,7 +155,24 @@ def test_eight_schools_round_trip_and_ground_truth_shapes():
   np.testing.assert_allclose(again.numpy(), log_q.numpy(),
                              atol=ROUND_TRIP_ATOL)
   measured = vi.evaluate(q, target, num_samples=256)
-  assert np.isfinite(measured['elbo']) and measured['mean_error'] > 0
+  assert np.isfinite(measured['elbo'])
+  assert np.isfinite(measured['mean_error'])
+  assert np.isfinite(measured['std_error'])
+
+
+def test_evaluate_measures_known_moment_errors():
+  """A Gaussian surrogate with its mean off by half a standard deviation in
+  one coordinate and every scale 1.25x the truth: errors 0.5 and 0.25."""
+  target = vi.load_target('banana')
+  truth = target.sample_transformations['identity']
+  mean = np.asarray(truth.ground_truth_mean)
+  std = np.asarray(truth.ground_truth_standard_deviation)
+  q = tfp.distributions.MultivariateNormalDiag(
+      loc=(mean + [0.5 * std[0], 0.]).astype(np.float32),
+      scale_diag=(1.25 * std).astype(np.float32))
+  measured = vi.evaluate(q, target, num_samples=8192)
+  assert measured['mean_error'] == pytest.approx(0.5, abs=MOMENT_ERROR_ATOL)
+  assert measured['std_error'] == pytest.approx(0.25, abs=MOMENT_ERROR_ATOL)
 
 
 def test_iaf_baseline_stays_autoregressive_under_sonnet_updates():
@@ -247,7 +268,11 @@ def test_cli_vi_writes_metrics_and_figures(tmp_path):
   # Banana's density is normalised: the ELBO is at most 0. An untrained
   # surrogate (N(0, I) against scales 10 and 4.4) is below -3.
   assert -3. < metrics['elbo'] < 5 * metrics['elbo_stderr']
-  assert metrics['mean_error'] >= 0 and metrics['std_error'] >= 0
+  # The untrained surrogate's standard deviations (1, 1) against the
+  # truth's (10, 4.36) give a standardised error of 0.9: 60 steps must
+  # have moved them.
+  assert 0 <= metrics['std_error'] < 0.9, metrics
+  assert np.isfinite(metrics['mean_error'])
   for png in ('elbo.png', 'posterior.png'):
     assert os.path.getsize(os.path.join(out, png)) > 5000, png
   assert cli.main(['vi', '--out', out]) == cli.EXIT_USAGE   # no overwrite

@@ -239,3 +239,29 @@ def test_autograph_leaves_the_package_alone():
 
   np.testing.assert_allclose(solve(tf.ones([2])).numpy(), np.exp(-1.),
                              rtol=1e-4)
+
+
+def test_the_ode_package_imports_nothing_above_it():
+  """`tfp_ffjord.ode` stands alone: of the package it imports only itself
+  and the leaf modules below everything (protocols, the XLA lowerings,
+  the autograph switch), never the bijectors, the training code or the
+  registry of command-line names."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  allowed = {'tfp_ffjord.ode', 'tfp_ffjord.protocols', 'tfp_ffjord._lowering',
+             'tfp_ffjord._autograph'}
+  found = set()
+  for path in pathlib.Path(ode.__file__).parent.glob('*.py'):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module and (
+          node.module.startswith('tfp_ffjord')):
+        names = ([node.module] if node.module != 'tfp_ffjord' else
+                 [f'tfp_ffjord.{a.name}' for a in node.names])
+        found.update((path.name, n) for n in names)
+      elif isinstance(node, ast.Import):
+        found.update((path.name, a.name) for a in node.names
+                     if a.name.startswith('tfp_ffjord'))
+  assert found   # the walk saw the package's own imports
+  above = sorted((f, n) for f, n in found
+                 if not any(n == a or n.startswith(a + '.') for a in allowed))
+  assert not above, above

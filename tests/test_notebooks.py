@@ -77,11 +77,14 @@ def test_ffjord_moons(tmp_path):
   # base distribution alone) scores ~2.42 nats on these points, the
   # untrained flow ~2.66; 32 steps reach ~1.98.
   assert r['final_test_nll'] < r['identity_test_nll'] - LEARNED_MARGIN, r
-  assert np.isfinite(r['hutchinson_test_nll'])
+  # The flow trained with Hutchinson's estimator (exact held-out NLL) must
+  # learn as well.
+  assert r['hutchinson_test_nll'] < r['identity_test_nll'] - LEARNED_MARGIN, r
   # Every solver (ours, TFP's, ours inside tfb.FFJORD) agrees on log p.
   for name, err in r['solver_errors'].items():
     assert err < 2e-3, name
-  assert np.isfinite(r['our_step_ms']) and np.isfinite(r['tfp_step_ms'])
+  # Timed (never compared: no wall-clock assertions in tests).
+  assert r['our_step_ms'] > 0 and r['tfp_step_ms'] > 0
   for png in ('panels_first.png', 'panels_last.png', 'density.png'):
     assert (tmp_path / 'figures' / png).stat().st_size > 5000
 

@@ -8,15 +8,18 @@ derandomized, so a run is reproducible) and `long`
 search found is kept below as an explicit `@example`.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
-from hypothesis import assume, example, given, note
+from hypothesis import assume, example, given, note, settings
 from hypothesis import strategies as st
 
 import tfp_ffjord
 from tfp_ffjord import ode
+from tfp_ffjord import training
 
 tfd = tfp.distributions
 
@@ -309,3 +312,74 @@ def test_any_train_options_run_or_exit_2_naming_one(argv, tmp_path_factory,
     if given & set(flags):
       spellings |= set(flags)
   assert any(f in lines[0] for f in spellings), err
+
+
+# A value of each kind, and values no kind accepts where it is not theirs.
+PYTHON_VALUES = st.sampled_from(
+    [None, True, False, 0, 1, 3, -2, 0.5, 1e-3, -0.5, float('nan'),
+     float('inf'), 'moons', 'tanh', '', (4,), (4, 4), (), (0,), [8], 'x' * 3,
+     2**40])
+
+
+def _valid_value(field):
+  kind = field.metadata['kind']
+  return {
+      'positive-int': st.integers(1, 5),
+      'non-negative-int': st.integers(0, 5),
+      'int': st.integers(-5, 5),
+      'positive': st.floats(1e-3, 10.),
+      'non-negative': st.floats(0., 10.),
+      'choice': st.sampled_from(field.metadata.get('choices') or ('',)),
+      'flag': st.booleans(),
+      'sizes': st.lists(st.integers(1, 8), min_size=1, max_size=3).map(tuple),
+  }[kind]
+
+
+@st.composite
+def config_fields(draw):
+  """A few fields, most given a value of their kind, some anything."""
+  fields = dataclasses.fields(training.TrainConfig)
+  chosen = draw(st.lists(st.sampled_from(fields), max_size=6,
+                         unique_by=lambda f: f.name))
+  return {f.name: draw(st.one_of(_valid_value(f), _valid_value(f),
+                                 PYTHON_VALUES)) for f in chosen}
+
+
+@settings(max_examples=200)   # milliseconds each: search more
+@given(fields=config_fields())
+def test_train_config_accepts_or_names_the_field(fields):
+  """`TrainConfig(**fields)` either builds or raises `ValueError` naming a
+  field it was given (never another exception)."""
+  try:
+    config = training.TrainConfig(**fields)
+  except ValueError as e:
+    assert any(f'`{name}' in str(e) for name in fields), str(e)
+    return
+  by_name = {f.name: f for f in dataclasses.fields(training.TrainConfig)}
+  for name, value in fields.items():
+    got = getattr(config, name)
+    assert got == (tuple(value) if isinstance(value, list) else value), name
+    assert _fits(by_name[name], value), (name, value)
+
+
+def _fits(field, value):
+  """Whether `value` is what `field` may hold (the test's own statement of
+  the kinds, not the package's check)."""
+  if value is None:
+    return field.default is None
+  kind = field.metadata['kind']
+  is_int = isinstance(value, int) and not isinstance(value, bool)
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  finite = number and np.isfinite(value)
+  return {
+      'positive-int': is_int and value >= 1,
+      'non-negative-int': is_int and value >= 0,
+      'int': is_int,
+      'positive': finite and value > 0,
+      'non-negative': finite and value >= 0,
+      'choice': value in field.metadata.get('choices', ()),
+      'flag': isinstance(value, bool),
+      'sizes': isinstance(value, (tuple, list)) and len(value) > 0 and all(
+          isinstance(h, int) and not isinstance(h, bool) and h >= 1
+          for h in value),
+  }[kind]

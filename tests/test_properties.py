@@ -9,6 +9,7 @@ search found is kept below as an explicit `@example`.
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -34,6 +35,13 @@ SLOGDET_ATOL = {tf.float32: 2e-3, tf.float64: 1e-5}
 # eager, tf.function and XLA run the same steps: rounding apart.
 MODES_ATOL = {tf.float32: 1e-4, tf.float64: 1e-9}
 RK4_STEPS = {tf.float32: 16, tf.float64: 128}
+# The properties that cost seconds an example (every solve and its gradient
+# traced or compiled anew) try fewer examples in the `ci` profile, to keep
+# the suite within its budget; other profiles keep their own count.
+HEAVY_EXAMPLES = 3
+_heavy = (settings(max_examples=HEAVY_EXAMPLES)
+          if os.environ.get('HYPOTHESIS_PROFILE', 'ci') == 'ci'
+          else (lambda test: test))
 
 SOLVERS = ('dopri5', 'tsit5', 'rk4')
 GRADIENTS = ('adjoint', 'backprop')
@@ -117,6 +125,7 @@ def test_inverse_undoes_forward_and_log_dets_agree(c):
 
 
 @pytest.mark.slow
+@_heavy
 @given(configurations(traces=('exact',)))
 def test_log_det_is_slogdet_of_the_autodiff_jacobian(c):
   bijector, x, kwargs = _build(c)
@@ -141,6 +150,7 @@ def test_log_det_is_slogdet_of_the_autodiff_jacobian(c):
 
 
 @pytest.mark.slow
+@_heavy
 @given(configurations())
 def test_one_solve_per_log_prob_and_gradients_reach_every_variable(c):
   bijector, x, kwargs = _build(c)
@@ -172,6 +182,7 @@ def test_one_solve_per_log_prob_and_gradients_reach_every_variable(c):
 
 
 @pytest.mark.slow
+@_heavy
 @given(configurations(), st.sampled_from(['function', 'xla']))
 def test_eager_function_and_xla_agree(c, mode):
   # One dtype, solver and gradient per mode is enough for compiled runs

@@ -106,6 +106,3 @@ def test_two_trainings_started_together_one_runs_one_is_refused(tmp_path):
   with open(os.path.join(out, 'metrics.json')) as f:
     assert [e['epoch'] for e in json.load(f)['epochs']] == [1, 2]
   assert not os.path.exists(os.path.join(out, run_dir.LOCK_FILE))
-  # The directory is free again.
-  res = _cli('train', '--out', out, '--resume', '--epochs', '2')
-  assert res.wait(timeout=600) == 0, res.communicate()

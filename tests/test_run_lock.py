@@ -106,3 +106,22 @@ def test_two_trainings_started_together_one_runs_one_is_refused(tmp_path):
   with open(os.path.join(out, 'metrics.json')) as f:
     assert [e['epoch'] for e in json.load(f)['epochs']] == [1, 2]
   assert not os.path.exists(os.path.join(out, run_dir.LOCK_FILE))
+
+
+def test_a_refused_writer_never_removes_the_holders_lock(tmp_path):
+  """Two runs started on a new directory can both have made it; the one
+  refused must leave the holder's lock file (and so the directory) alone."""
+  out = str(tmp_path / 'new')
+  holder = _holder(out)
+  try:
+    second = run_dir.RunLock(out)
+    second._created_directory = True   # pylint: disable=protected-access
+    with pytest.raises(run_dir.RunDirBusy, match=f'pid {holder.pid}'):
+      second.acquire()
+    assert os.path.exists(os.path.join(out, run_dir.LOCK_FILE))
+    # Still held: a third writer is refused too.
+    with pytest.raises(run_dir.RunDirBusy):
+      run_dir.RunLock(out).acquire()
+  finally:
+    holder.stdin.close()
+    holder.wait(timeout=60)

@@ -154,13 +154,11 @@ class RunLock:
     return self
 
   def _release_directory(self):
-    # A directory made only to hold the lock goes with it.
+    # A refused run leaves no directory it made. The lock file is never
+    # removed here: it may be the holder's (two runs can both have made the
+    # directory), and then the directory is not empty and stays.
     if self._created_directory:
       self._created_directory = False
-      try:
-        os.remove(self.path)
-      except OSError:
-        pass
       try:
         os.rmdir(self.directory)
       except OSError:

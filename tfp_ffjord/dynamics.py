@@ -380,10 +380,10 @@ class _Packing:
   Variables of one dtype and trainability form a group (in order of first
   appearance); a group's values, each flattened and concatenated in the
   order given, are one Tensor. For K stacked modules that is one `[K, P]`
-  Tensor where there were as many `[K, ...]` Tensors as variables: each
-  Tensor a compiled step reads, gathers from, accumulates a gradient into
-  and updates (with its optimizer slots) costs XLA kernels of its own, so
-  the seed model's 6 become 1 (a first training step ~15% faster).
+  Tensor rather than one `[K, ...]` Tensor per variable: every Tensor a
+  compiled step reads, gathers from, accumulates a gradient into and
+  updates (with its optimizer slots) costs XLA kernels of its own, so fewer
+  Tensors make a shorter trace and compilation.
   """
 
   def __init__(self, variables):
@@ -445,9 +445,8 @@ class StackedBlocks(snt.Module):
   step, read, gathered from and given a gradient in its solver loops.
   `StackedFFJORD(stacked.blocks)` solves the K blocks in one loop reading
   the packed variable as it is: the seed model's 4 blocks of 6 variables
-  become 1 variable, and its first training step (tracing and XLA
-  compilation) takes ~35% less time than with separate modules, ~15% less
-  than with one `[K, ...]` variable per variable of a block.
+  are 1 variable, which makes its first training step (tracing and XLA
+  compilation) shorter than separate modules' (benchmarks/RESULTS.md).
 
   The first module computes every block (its own variables are set aside
   during the call); keep the modules' code free of Python state that

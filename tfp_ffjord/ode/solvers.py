@@ -905,13 +905,12 @@ def _adjoint_gradients(g, tableau, control, s0, ss, outputs, c_flat,
   float_idx = [i for i, c in enumerate(c_flat) if _is_float(c)]
   num_t = tf.shape(ss)[0]
   params = _Params(float_c, variables)
-  # The parameters' adjoint is error-controlled too: with a seminorm (it
-  # left out) a large first step integrated the parameter gradients with no
-  # control (a 4.6e-4 relative error at Tsit5's defaults on a Hutchinson
-  # chain, against 6e-6 with the probe's small first steps). Each segment
-  # integrates its own contribution from zero, which is what the norm sees:
-  # a segment's steps do not depend on what the later segments added, so a
-  # segmented solve steps exactly as separate solves would.
+  # The parameters' adjoint is error-controlled too (not a seminorm that
+  # leaves it out): otherwise a large first step integrates the parameter
+  # gradients with no control at all. Each segment integrates its own
+  # contribution from zero, which is what the norm sees: a segment's steps
+  # do not depend on what the later segments added, so a segmented solve
+  # steps exactly as separate solves would.
   mask = list(error_mask) * 2 + [True] * params.num_leaves
   state0 = ([o[-1] for o in outputs] + [tf.zeros_like(d[-1]) for d in dys]
             + params.zeros())

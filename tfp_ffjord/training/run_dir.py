@@ -62,11 +62,12 @@ class RunLock:
   """One writer per run directory: `OUT/.lock`, held with `flock`.
 
   The file names the holder (pid, host, start time) for the error a second
-  writer gets. The kernel drops the `flock` when its holder dies, however
-  it dies, so a lock file left by a dead process is taken over (with a
-  warning); one naming a live process on this host, or a holder on another
-  host, is refused with `RunDirBusy`. Not for directories shared by
-  machines whose file system does not carry `flock` between them.
+  writer gets. A held `flock` refuses the second writer with `RunDirBusy`.
+  The kernel drops the `flock` when its holder dies, however it dies, so a
+  lock file left by a dead process is taken over (with a warning); one
+  naming a live process on this host that holds no `flock` (a file system
+  that ignores it, or a reused pid) is refused too. Not for directories
+  shared by machines whose file system does not carry `flock` between them.
   """
 
   def __init__(self, path: str):
@@ -96,6 +97,12 @@ class RunLock:
                           time.localtime(since)) if since else '')
     return f"pid {holder.get('pid')} on {holder.get('host')}{when}"
 
+  def _busy(self, holder: Dict, hint: str = '') -> RunDirBusy:
+    return RunDirBusy(
+        f'{self.directory} is in use by another run '
+        f'({self.describe(holder)}); wait for it to finish, or use another '
+        f'--out{hint}')
+
   def acquire(self) -> 'RunLock':
     """Takes the lock (creating the directory); raises `RunDirBusy`."""
     if self.held:
@@ -114,10 +121,7 @@ class RunLock:
         if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
           raise
         self._release_directory()
-        raise RunDirBusy(
-            f'{self.directory} is in use by another run '
-            f'({self.describe(holder)}); wait for it to finish, or use '
-            'another --out') from None
+        raise self._busy(holder) from None
       # The file may have been removed by a holder releasing it between
       # our open and our flock: then the lock is on a dead inode; retry.
       try:
@@ -137,11 +141,8 @@ class RunLock:
         # without locking (never ours) or the file system ignores flock.
         os.close(fd)
         self._release_directory()
-        raise RunDirBusy(
-            f'{self.directory} is in use by another run '
-            f'({self.describe(holder)}); wait for it to finish, or use '
-            f'another --out (if that process is not a run, remove '
-            f'{self.path})')
+        raise self._busy(holder, f' (if that process is not a run, remove '
+                                 f'{self.path})')
       logging.getLogger('tfp_ffjord').warning(
           'Taking over the lock of %s left by %s, which is no longer '
           'running.', self.directory, self.describe(holder))
@@ -154,9 +155,10 @@ class RunLock:
     return self
 
   def _release_directory(self):
-    # A refused run leaves no directory it made. The lock file is never
-    # removed here: it may be the holder's (two runs can both have made the
-    # directory), and then the directory is not empty and stays.
+    # A directory this lock made goes if it is empty (a refused run, or a
+    # run that wrote nothing). The lock file is never removed here: it may
+    # be the holder's (two runs can both have made the directory), and then
+    # the directory is not empty and stays.
     if self._created_directory:
       self._created_directory = False
       try:
@@ -175,12 +177,7 @@ class RunLock:
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
-    if self._created_directory:
-      self._created_directory = False
-      try:
-        os.rmdir(self.directory)   # only if nothing was written
-      except OSError:
-        pass
+    self._release_directory()
 
   def __enter__(self):
     return self.acquire()

@@ -8,6 +8,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_ffjord import ode
+from tfp_ffjord.ode import controllers
 from tfp_ffjord.ode import runge_kutta
 from tfp_ffjord.ode import tableaus
 from tests.helpers import (RUN_MODES, SLOW_TO_LOWER, graph_op_types,
@@ -319,7 +320,7 @@ def test_adjoint_segments_start_from_the_forwards_proposed_steps(
 
   def spy(*args, **kwargs):
     result = integrate(*args, **kwargs)
-    calls.append((kwargs.get('first_step'), result))
+    calls.append((args[-1].first_step, result))
     return result
 
   monkeypatch.setattr(runge_kutta, 'integrate', spy)
@@ -407,7 +408,7 @@ def test_adjoint_restarts_at_repeated_and_initial_solution_times(name, mode):
 # Looping over stages and unrolling them run the same arithmetic in a
 # different order of graph construction: agreement to rounding. With
 # backprop this also checks the looped gradient (a reverse loop over each
-# step's stages, `solvers._rk_step_vjp`) against a tape through the
+# step's stages, `vjp.rk_step_vjp`) against a tape through the
 # written-out stages: dropping or mis-weighting its stage-cotangent update
 # fails every method with more than one stage.
 UNROLL_RTOL = 1e-12
@@ -552,6 +553,53 @@ def test_fixed_constructor_errors(kwargs, match):
     ode.RK4(**kwargs)
 
 
+# A solver is a method, a step-size controller and a gradient method; the
+# objects say the same as the string and keyword settings. Checked against
+# the closed form of y' = a y (dL/da for L = y(1) = y0 e^a is y0 e^a).
+PARTS_RTOL = 1e-6
+
+
+def test_gradient_and_controller_objects_equal_the_settings():
+  a = tf.Variable(-0.7, dtype=tf.float64)
+  y0 = tf.constant([1., 2.], tf.float64)
+  backward = lambda: ode.RK4(num_steps=50, gradient='adjoint')
+
+  def solve(solver):
+    with tf.GradientTape() as tape:
+      y1 = solver.solve(lambda t, y: a * y, 0., y0, [1.]).states[-1]
+      loss = tf.reduce_sum(y1)
+    return float(loss), float(tape.gradient(loss, a))
+
+  by_name = ode.Tsit5(rtol=1e-8, atol=1e-10, make_adjoint_solver_fn=backward)
+  by_object = ode.Tsit5(rtol=1e-8, atol=1e-10,
+                        gradient=ode.Adjoint(backward))
+  assert isinstance(by_object.gradient_method, ode.Adjoint)
+  assert by_object.gradient == 'adjoint'
+  assert by_object.settings_key() == by_name.settings_key()
+  assert solve(by_object) == solve(by_name)
+  value, grad = solve(by_object)
+  exact = 3. * np.exp(-0.7)
+  np.testing.assert_allclose(value, exact, rtol=PARTS_RTOL)
+  np.testing.assert_allclose(grad, exact, rtol=PARTS_RTOL)
+  backprop = ode.DormandPrince(rtol=1e-8, atol=1e-10,
+                               gradient=ode.Backprop())
+  assert backprop.gradient == 'backprop'
+  assert solve(backprop) == solve(ode.DormandPrince(
+      rtol=1e-8, atol=1e-10, gradient='backprop'))
+  # The controllers: frozen settings, equal when the settings are.
+  assert ode.Tsit5(rtol=1e-4).controller == ode.PIController(rtol=1e-4)
+  assert ode.RK4(num_steps=8).controller == ode.ConstantStepSize(num_steps=8)
+  assert ode.RK4(step_size=0.5).controller != ode.ConstantStepSize(
+      step_size=0.25)
+  with pytest.raises(ValueError, match='needs gradient=.adjoint.'):
+    ode.Tsit5(gradient=ode.Backprop(), make_adjoint_solver_fn=backward)
+  with pytest.raises(ValueError, match='both set the backward solver'):
+    ode.Tsit5(gradient=ode.Adjoint(backward),
+              make_adjoint_solver_fn=lambda: ode.Tsit5())
+  with pytest.raises(TypeError, match='must be None or a callable'):
+    ode.Adjoint('Tsit5')
+
+
 def test_solve_argument_errors():
   solver = ode.RK4(num_steps=4)
   y0 = tf.constant([1.0])
@@ -689,6 +737,7 @@ def test_a_step_measures_and_checks_its_state_with_one_reduction(
     return row_sums(rows, dtype)
 
   monkeypatch.setattr(runge_kutta, 'row_sums', counted)
+  monkeypatch.setattr(controllers, 'row_sums', counted)   # the probe's norms
 
   @tf.function(jit_compile=True)
   def solve(a, b, c):

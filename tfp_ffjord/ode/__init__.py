@@ -2,7 +2,9 @@
 
 Fixed step: `Euler`, `Midpoint`, `RK4`. Adaptive: `DormandPrince`, `Tsit5`.
 All compile under XLA, run in TF1 graphs, take complex states and offer
-`gradient='adjoint'` or `'backprop'`.
+`gradient='adjoint'` or `'backprop'` (or the objects `Adjoint(make_solver_fn)`
+and `Backprop()`). A solver's `controller` is its step-size controller,
+`ConstantStepSize` or `PIController`.
 """
 
 from tfp_ffjord.ode.base import Diagnostics
@@ -13,6 +15,10 @@ from tfp_ffjord.ode.base import XLA_BACKPROP_MAX_NUM_STEPS
 from tfp_ffjord.ode.base import status_message
 from tfp_ffjord.ode.checked import checked_function
 from tfp_ffjord.ode.checked import checked_while_loop
+from tfp_ffjord.ode.controllers import ConstantStepSize
+from tfp_ffjord.ode.controllers import PIController
+from tfp_ffjord.ode.gradients import Adjoint
+from tfp_ffjord.ode.gradients import Backprop
 from tfp_ffjord.ode.solvers import AdaptiveSolver
 from tfp_ffjord.ode.solvers import DormandPrince
 from tfp_ffjord.ode.solvers import Euler
@@ -25,12 +31,16 @@ from tfp_ffjord.ode.tableaus import ButcherTableau
 
 __all__ = [
     'AdaptiveSolver',
+    'Adjoint',
+    'Backprop',
     'ButcherTableau',
+    'ConstantStepSize',
     'Diagnostics',
     'DormandPrince',
     'Euler',
     'FixedStepSolver',
     'Midpoint',
+    'PIController',
     'RK4',
     'Results',
     'Solver',

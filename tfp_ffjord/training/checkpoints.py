@@ -37,10 +37,10 @@ class Checkpoints:
   def latest(self) -> Optional[str]:
     return self.manager.latest_checkpoint
 
-  def restore(self, convert=None) -> Optional[str]:
-    """Restores the newest readable checkpoint (see `run_dir.restore_latest`,
-    also for `convert`); None if there is none."""
-    return run_dir_lib.restore_latest(self.checkpoint, self._read, convert)
+  def restore(self) -> Optional[str]:
+    """Restores the newest readable checkpoint (see
+    `run_dir.restore_latest`); None if there is none."""
+    return run_dir_lib.restore_latest(self.checkpoint, self._read)
 
   def save(self, number: int) -> str:
     """Writes checkpoint `number` unless it is the latest already.

@@ -263,14 +263,11 @@ class RunDir:
     return [h for h in saved if h['epoch'] <= last_epoch]
 
 
-def restore_latest(checkpoint, manager, convert=None) -> Optional[str]:
+def restore_latest(checkpoint, manager) -> Optional[str]:
   """Restores `checkpoint` from the newest readable file of `manager`.
 
   A checkpoint that cannot be read (truncated or deleted files) is skipped
-  with a warning in favour of the previous one. `convert(path) -> bool`, if
-  given, is tried on a checkpoint that does not match `checkpoint` (e.g.
-  written with another variable layout): True means it restored it. Returns
-  the path restored, None if `manager` has no checkpoint; raises
+  with a warning in favour of the previous one. Returns the path restored, None if `manager` has no checkpoint; raises
   `TrainingError` if none of them can be read.
   """
   if not manager.checkpoints:
@@ -280,8 +277,6 @@ def restore_latest(checkpoint, manager, convert=None) -> Optional[str]:
       checkpoint.restore(path).assert_consumed()
       return path
     except Exception as e:  # pylint: disable=broad-except
-      if convert is not None and convert(path):
-        return path
       # Truncated files surface as OpError, IndexError, ValueError...
       logging.getLogger('tfp_ffjord').warning(
           'Cannot restore %s (%s); trying the previous checkpoint.', path,

@@ -6,7 +6,6 @@ SIGINT (`interrupt`), figures and export live in their own modules.
 """
 
 import contextlib
-import logging
 import math
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -15,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_ffjord import datasets
-from tfp_ffjord import dynamics as dynamics_lib
 from tfp_ffjord import ode
 from tfp_ffjord.training import adam as adam_lib
 from tfp_ffjord.training import distribute
@@ -222,118 +220,11 @@ class Trainer:
   def restore(self) -> bool:
     """Restores the latest readable checkpoint of `out_dir`; False if there
     is none (a truncated one is skipped, with a warning, for the previous)."""
-    if self.checkpoints is None or self.checkpoints.restore(
-        self._restore_other_layout) is None:
+    if self.checkpoints is None or self.checkpoints.restore() is None:
       return False
     self._restored = True
     self.history = self.run_dir.read_history(self.epochs_done)
     return True
-
-  def _restore_other_layout(self, path: str) -> bool:
-    """Restores a checkpoint written with an earlier layout of the blocks'
-    variables: one variable per block's variable (separate modules), or one
-    `[blocks, ...]` variable per variable of a block (before they were
-    packed into one). Reads it into variables of that layout, then packs
-    their values and Adam's moments into this trainer's. False if `path` is
-    neither, for this configuration."""
-    stacked = self.model.stacked_dynamics
-    if stacked is None:
-      return False
-    for read, layout in ((self._read_separate_blocks, 'one variable per block'),
-                         (self._read_unpacked_blocks,
-                          'one stacked variable per block variable')):
-      state = read(path)
-      if state is not None:
-        break
-    else:
-      return False
-    values, moments, optimizer_step, counters = state
-    for w, value in zip(stacked.packed, stacked.pack(values)):
-      w.assign(value)
-    slot = {v.ref(): i for i, v in enumerate(self.variables)}
-    for mine, theirs in ((self.optimizer.m, moments[0]),
-                         (self.optimizer.v, moments[1])):
-      for w, value in zip(stacked.packed, stacked.pack(theirs)):
-        if w.ref() in slot:
-          mine[slot[w.ref()]].assign(value)
-    self.optimizer.step.assign(optimizer_step)
-    for mine, value in zip((self.epoch, self.step, self.learning_rate),
-                           counters):
-      mine.assign(value)
-    logging.getLogger('tfp_ffjord').warning(
-        'Converted %s (%s) to the packed layout; the next checkpoint is '
-        'written packed.', path, layout)
-    return True
-
-  def _read_layout(self, path, model, variables):
-    """Restores `path` into `model` (the checkpoint's `model`), an Adam over
-    `variables` and the counters. Returns `(moments, optimizer_step,
-    counters)`, `moments(v)` being Adam's `(m, v)` for a variable `v` (zeros
-    for one it does not train), or None if `path` does not match."""
-    learning_rate = tf.Variable(0., dtype=tf.float32)
-    optimizer = adam_lib.Adam(learning_rate)
-    optimizer._initialize(variables)  # pylint: disable=protected-access
-    counters = [tf.Variable(0, dtype=tf.int64) for _ in range(2)]
-    try:
-      status = tf.train.Checkpoint(
-          model=model, optimizer=optimizer, epoch=counters[0],
-          step=counters[1], learning_rate=learning_rate).restore(path)
-      status.assert_existing_objects_matched()
-    except Exception:  # pylint: disable=broad-except
-      return None
-    # What this layout does not hold (e.g. the blocks' views) stays unread,
-    # without a warning for each value.
-    status.expect_partial()
-    slot = {v.ref(): i for i, v in enumerate(variables)}
-
-    def moments(v):
-      if v.ref() not in slot:
-        return tf.zeros_like(v), tf.zeros_like(v)
-      return optimizer.m[slot[v.ref()]], optimizer.v[slot[v.ref()]]
-    return moments, optimizer.step, (counters[0], counters[1], learning_rate)
-
-  def _read_separate_blocks(self, path):
-    """`path` as written before `FlowModel` stacked its blocks (one module
-    per block): per variable of a block, the K blocks' values and Adam
-    moments stacked `[K, ...]`; None if it is not such a checkpoint."""
-    separate = FlowModel.from_config(self.config, self.data,
-                                     stack_blocks=False)
-    variables = list(separate.trainable_variables)
-    read = self._read_layout(path, separate, variables)
-    if read is None:
-      return None
-    moments, optimizer_step, counters = read
-    per_block = [[v for _, v in dynamics_lib.variable_paths(d)]
-                 for d in separate.dynamics]
-
-    def stacked(of):
-      return [tf.stack([of(block[j]) for block in per_block])
-              for j in range(len(per_block[0]))]
-    return (stacked(tf.convert_to_tensor),
-            (stacked(lambda v: moments(v)[0]),
-             stacked(lambda v: moments(v)[1])),
-            optimizer_step, counters)
-
-  def _read_unpacked_blocks(self, path):
-    """`path` as written while `StackedBlocks` held one `[K, ...]` variable
-    per variable of a block (`model/stacked_dynamics/weights/j`, Adam's
-    slots in that order); None if it is not such a checkpoint."""
-    stacked = self.model.stacked_dynamics
-    trainable = [v.trainable for _, v in
-                 dynamics_lib.variable_paths(stacked.template)]
-    weights = [tf.Variable(tf.zeros_like(v)) for v in stacked.unpack()]
-    holder = tf.Module()
-    holder.weights = weights
-    model = tf.Module()
-    model.stacked_dynamics = holder
-    trained = [w for w, t in zip(weights, trainable) if t]
-    read = self._read_layout(path, model, trained)
-    if read is None:
-      return None
-    moments, optimizer_step, counters = read
-    return ([tf.convert_to_tensor(w) for w in weights],
-            ([moments(w)[0] for w in weights],
-             [moments(w)[1] for w in weights]), optimizer_step, counters)
 
   def save(self) -> Optional[str]:
     """Writes a checkpoint numbered by the global step (if not written yet)."""

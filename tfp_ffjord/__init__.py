@@ -25,7 +25,7 @@ _EXPORTS = {
     'FlowResult': ('tfp_ffjord.bijector', 'FlowResult'),
     'MLPODE': ('tfp_ffjord.dynamics', 'MLPODE'),
     'MultiscaleFFJORD': ('tfp_ffjord.multiscale', 'MultiscaleFFJORD'),
-    'StackedFFJORD': ('tfp_ffjord.bijector', 'StackedFFJORD'),
+    'StackedFFJORD': ('tfp_ffjord.stacked', 'StackedFFJORD'),
     'baselines': ('tfp_ffjord.baselines', None),
     'compilation_cache': ('tfp_ffjord.compilation_cache', None),
     'datasets': ('tfp_ffjord.datasets', None),

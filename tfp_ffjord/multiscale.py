@@ -24,10 +24,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tensorflow_probability.python.internal import cache_util
 
-from tfp_ffjord import bijector as bijector_lib
 from tfp_ffjord import dynamics
+from tfp_ffjord import flow_base
+from tfp_ffjord import stacked as stacked_lib
 from tfp_ffjord import trace as trace_lib
 
 tfb = tfp.bijectors
@@ -123,7 +123,7 @@ def _gather(x, index):
   return None if x is None else tf.gather(x, index, axis=-1)
 
 
-class MultiscaleFFJORD(tfb.Bijector):
+class MultiscaleFFJORD(flow_base.CachedFlow):
   """Levels of FFJORD blocks with squeezes and factoring out, as one bijector.
 
   Forward maps the latent (base side) to the image (data side), like
@@ -155,7 +155,7 @@ class MultiscaleFFJORD(tfb.Bijector):
     salt = 'tfp_ffjord.multiscale' if seed_salt is None else str(seed_salt)
     with tf.name_scope(name) as scope:
       self.levels = [
-          bijector_lib.StackedFFJORD(
+          stacked_lib.StackedFFJORD(
               fns, ode_solve_fn=ode_solve_fn,
               trace_augmentation_fn=trace_augmentation_fn,
               initial_time=initial_time, final_time=final_time,
@@ -175,14 +175,6 @@ class MultiscaleFFJORD(tfb.Bijector):
       super().__init__(forward_min_event_ndims=1, dtype=dtype,
                        validate_args=validate_args, parameters=parameters,
                        name=scope)
-
-  # Forward (inverse) values and log-dets come from one solve per level.
-  _cache = cache_util.BijectorCacheWithGreedyAttrs(
-      forward_name='_augmented_forward', inverse_name='_augmented_inverse')
-
-  @classmethod
-  def _parameter_properties(cls, dtype):
-    return dict()
 
   @property
   def level_dynamics(self) -> List[List]:
@@ -239,20 +231,22 @@ class MultiscaleFFJORD(tfb.Bijector):
     return parts + [[r.diagnostics] + ([] if below is None else below[4])]
 
   def _result(self, parts):
-    diagnostics = bijector_lib._sum_diagnostics(parts[4])  # pylint: disable=protected-access
-    return bijector_lib.FlowResult(parts[0], parts[1], diagnostics,
+    diagnostics = flow_base.sum_diagnostics(parts[4])
+    return flow_base.FlowResult(parts[0], parts[1], diagnostics,
                                    parts[2], parts[3])
 
   def solve_forward(self, x, regularize=False, **kwargs):
     """Latent -> image through every level; a `FlowResult` whose unreduced
     terms sum over the last axis to the log-det (and RNODE integrals)."""
     x = self._check(x, 'solve_forward')
-    return self._result(self._forward_level(0, x, regularize, dict(kwargs)))
+    return self._record(self._result(
+        self._forward_level(0, x, regularize, dict(kwargs))))
 
   def solve_inverse(self, y, regularize=False, **kwargs):
     """Image -> latent through every level (see `solve_forward`)."""
     y = self._check(y, 'solve_inverse')
-    return self._result(self._inverse_level(0, y, regularize, dict(kwargs)))
+    return self._record(self._result(
+        self._inverse_level(0, y, regularize, dict(kwargs))))
 
   def _augmented_forward(self, x, **kwargs):
     r = self.solve_forward(x, **kwargs)
@@ -263,24 +257,6 @@ class MultiscaleFFJORD(tfb.Bijector):
     r = self.solve_inverse(y, **kwargs)
     ildj = tf.reduce_sum(r.log_det_jacobian, -1)
     return r.value, {'ildj': ildj, 'fldj': -ildj}
-
-  def _forward(self, x, **kwargs):
-    return self._augmented_forward(x, **kwargs)[0]
-
-  def _inverse(self, y, **kwargs):
-    return self._augmented_inverse(y, **kwargs)[0]
-
-  def _forward_log_det_jacobian(self, x, **kwargs):
-    cached = self._cache.forward_attributes(x, **kwargs)
-    if 'fldj' not in cached:
-      cached.update(self._augmented_forward(x, **kwargs)[1])
-    return cached['fldj']
-
-  def _inverse_log_det_jacobian(self, y, **kwargs):
-    cached = self._cache.inverse_attributes(y, **kwargs)
-    if 'ildj' not in cached:
-      cached.update(self._augmented_inverse(y, **kwargs)[1])
-    return cached['ildj']
 
 
 def conv_level_dynamics(image_shape, levels: int, blocks: int,

@@ -42,6 +42,7 @@ from tfp_ffjord import bijector as bijector_lib
 from tfp_ffjord import dynamics as dynamics_lib
 from tfp_ffjord import ode
 from tfp_ffjord import registry
+from tfp_ffjord import stacked as stacked_lib
 from tfp_ffjord import trace as trace_lib
 from tfp_ffjord.training import adam as adam_lib
 from tfp_ffjord.training.errors import TrainingError
@@ -235,7 +236,7 @@ def build_ffjord_surrogate_posterior(
       f(tf.zeros([], flat_dtype), tf.zeros([1, dim], flat_dtype))
     if seed is not None:
       _seeded_weights(fns, seed)
-    ffjord = bijector_lib.StackedFFJORD(
+    ffjord = stacked_lib.StackedFFJORD(
         fns, ode_solve_fn=ode_solve_fn,
         trace_augmentation_fn=registry.resolve(registry.TRACES, trace,
                                                trace_lib),
@@ -504,7 +505,8 @@ def fit(surrogate, target_log_prob_fn: Callable, num_steps: int = 1000, *,
 def _has_ffjord(distribution) -> bool:
   chain = getattr(distribution, 'bijector', None)
   parts = getattr(chain, 'bijectors', [chain])
-  return any(isinstance(b, bijector_lib.FFJORD) and b.name == FFJORD_NAME
+  return any(isinstance(b, (bijector_lib.FFJORD, stacked_lib.StackedFFJORD))
+             and b.name == FFJORD_NAME
              for b in parts)
 
 

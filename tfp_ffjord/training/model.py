@@ -9,11 +9,11 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_ffjord import baselines
-from tfp_ffjord import bijector as bijector_lib
 from tfp_ffjord import dynamics
 from tfp_ffjord import ode
 from tfp_ffjord import multiscale
 from tfp_ffjord import registry
+from tfp_ffjord import stacked as stacked_lib
 from tfp_ffjord import trace as trace_lib
 from tfp_ffjord.training import flow_matching
 
@@ -275,7 +275,7 @@ class FlowModel(snt.Module):
       # first. It sits in a chain named for the kwargs routing
       # (`bijector_kwargs={'ffjord': ...}`) and a fixed salt keeps a seed's
       # noise the same in every process (determinism, resumes).
-      core = bijector_lib.StackedFFJORD(
+      core = stacked_lib.StackedFFJORD(
           self.dynamics, ode_solve_fn=solve, trace_augmentation_fn=trace_fn,
           dtype=self.dtype, name='ffjord', seed_salt='tfp_ffjord.training')
     pre = self.preprocessing()

@@ -125,8 +125,8 @@ def main(argv=None):
   for target in args.targets:
     for surrogate in args.surrogates:
       for seed in args.seeds:
-        m = vi.run(target, surrogate, num_steps=10**7, seed=seed,
-                   max_seconds=args.seconds, verbose=True)
+        m = vi.run(target=target, surrogate=surrogate, num_steps=10**7,
+                   seed=seed, max_seconds=args.seconds, verbose=True)
         print(json.dumps({k: v for k, v in m.items() if k != 'config'}),
               flush=True)
         rows.append(m)

@@ -21,6 +21,7 @@ _EXPORTS = {
     'TrainConfig': 'config',
     'FlowModel': 'model',
     'LogProbTerms': 'model',
+    'ModelSpec': 'model',
     'make_solver': 'model',
     'make_trace': 'model',
     'CONTEXT_KEY': 'model',

@@ -6,7 +6,6 @@ import tensorflow as tf
 
 from tfp_ffjord import registry
 from tfp_ffjord.training.steps import LossTerms
-from tfp_ffjord.training.steps import apply_gradients
 
 __all__ = ['make_strategy', 'is_chief', 'make_distributed_step',
            'distribute_batches']
@@ -78,10 +77,10 @@ def make_strategy(name: str = 'default', cpu_devices: Optional[int] = None,
   return tf.distribute.TPUStrategy(resolver)
 
 
-def make_distributed_step(strategy, loss_fn, optimizer, variables, step,
-                          global_batch: int, clip_norm=None,
+def make_distributed_step(strategy, loss_fn, update, global_batch: int,
                           jit_compile: bool = True, on_trace=None):
-  """`step(batch, labels) -> LossTerms` under `strategy`.
+  """`step(batch, labels) -> LossTerms` under `strategy`: one optimizer
+  step (`update`, a `steps.Update`).
 
   `loss_fn(batch, labels, replica_id) -> LossTerms` is one replica's loss.
   Each replica scales its loss by its share of the global batch and takes
@@ -90,7 +89,7 @@ def make_distributed_step(strategy, loss_fn, optimizer, variables, step,
   runs once, in cross-replica context, which assigns the same new values to
   every copy of each (mirrored) variable. `nfe` is the mean over replicas.
   """
-  variables = list(variables)
+  variables = list(update.variables)
 
   def replica_grads(batch, labels, replica_id):
     if on_trace is not None:
@@ -121,7 +120,7 @@ def make_distributed_step(strategy, loss_fn, optimizer, variables, step,
     summed = [first(v) for v in summed]
     loss, kinetic, frobenius, grads = (summed[0], summed[1], summed[2],
                                        summed[3:])
-    apply_gradients(optimizer, loss, grads, variables, step, clip_norm)
+    update.apply(loss, grads)
     return LossTerms(loss, tf.cast(tf.round(first(nfe)), tf.int32), kinetic,
                      frobenius)
 

@@ -17,6 +17,8 @@ first (`ot_solver='exact'`: SciPy's assignment) or pairs them inside the
 loop (`'sinkhorn'`: entropic OT in TensorFlow, `sinkhorn_pairing`).
 """
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
@@ -228,10 +230,22 @@ def run_chunk(steps_fn, config, step: int, chunk: int, data, labels,
   return [float(v) for v in losses.numpy()[:int(done)]]
 
 
-def run_epoch(steps_fn, config, data, conditional: bool, steps: int,
-              epoch: int, skip: int, chunk: int, step_var, base_scale: float):
-  """Runs an epoch's steps after the first `skip`, `chunk` per call;
-  yields each call's losses (the caller checks them and may stop)."""
+class EpochSteps(NamedTuple):
+  """What `run_epoch` calls: `make_steps`'s `steps_fn`, the steps per call
+  (`chunk`), the global step variable and the base distribution's scale."""
+  steps_fn: Callable
+  chunk: int
+  step_var: tf.Variable
+  base_scale: float
+
+
+def run_epoch(epoch_steps: EpochSteps, config, data, conditional: bool,
+              steps: int, epoch: int, skip: int):
+  """Runs an epoch's `steps` after the first `skip`, `epoch_steps.chunk`
+  per call; yields each call's losses (the caller checks them and may
+  stop)."""
+  steps_fn, chunk = epoch_steps.steps_fn, epoch_steps.chunk
+  step_var, base_scale = epoch_steps.step_var, epoch_steps.base_scale
   labels = (data.train_labels if conditional
             else np.zeros(len(data.train), np.int32)).astype(np.int32)
   order = epoch_order(len(data.train), config.batch_size, steps, config.seed,

@@ -1,6 +1,7 @@
 """`FlowModel`: the variables of a stack of FFJORD blocks, and its flows."""
 
 import collections
+import dataclasses
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from tfp_ffjord.training import flow_matching
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
-__all__ = ['FlowModel', 'LogProbTerms', 'make_solver', 'make_trace',
+__all__ = ['FlowModel', 'LogProbTerms', 'ModelSpec', 'make_solver', 'make_trace',
            'solver_named',
            'CONTEXT_KEY']
 
@@ -65,6 +66,51 @@ def make_trace(name: str):
   return registry.resolve(registry.TRACES, name, trace_lib)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What `FlowModel` builds (see its doc): the architecture (a name of
+  `registry.MODELS`), its blocks, hidden sizes and activation (a name of
+  `registry.ACTIVATIONS`), the base distribution's scale, the image shape
+  and levels of image models, the logit transform's `alpha`, the
+  baselines' seed, and whether FFJORD blocks keep their variables packed."""
+  blocks: int = 4
+  hidden: Sequence[int] = (8, 8)
+  activation: str = 'tanh'
+  base_scale: float = 0.8
+  architecture: str = 'ffjord'
+  image_shape: Optional[Sequence[int]] = None
+  levels: int = 2
+  logit_alpha: Optional[float] = None
+  seed: int = 0
+  stack_blocks: bool = True
+
+
+def _check_spec(spec, dim, num_classes):
+  """`FlowModel`'s argument checks."""
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or (
+      num_classes < 0):
+    raise ValueError('`num_classes` must be a non-negative int; got '
+                     f'{num_classes!r}.')
+  if spec.activation not in registry.ACTIVATIONS:
+    raise ValueError(f'`activation` must be one of '
+                     f'{", ".join(registry.ACTIVATIONS)}; got '
+                     f'{spec.activation!r}.')
+  architecture = spec.architecture
+  if architecture not in registry.MODELS:
+    raise ValueError(f'`architecture` must be one of '
+                     f'{", ".join(registry.MODELS)}; got {architecture!r}.')
+  info = registry.MODELS[architecture]
+  if info.images_only:
+    image_shape = spec.image_shape
+    if image_shape is None or int(np.prod(image_shape)) != int(dim):
+      raise ValueError(
+          f'`architecture={architecture!r}` needs `image_shape` (height, '
+          f'width, channels) with {dim} elements; got {image_shape!r}.')
+  if num_classes and info.kind != 'ffjord':
+    raise ValueError(f'`architecture={architecture!r}` is not '
+                     'conditional: `num_classes` must be 0.')
+
+
 class FlowModel(snt.Module):
   """A flow's variables, and its flows with any solver: FFJORD blocks over a
   Gaussian base (or one of TFP's discrete flows, as a baseline).
@@ -98,52 +144,42 @@ class FlowModel(snt.Module):
   `dynamics` are then its per-block views. Same initial values and the
   same flow as separate modules (`stack_blocks=False`), with one variable
   instead of 24 for the seed model: a first training step ~35% faster.
-  Checkpoints of earlier layouts (separate modules, or one `[blocks, ...]`
-  variable per variable of a block) are converted on restore by the
-  `Trainer`.
+  The settings are a `ModelSpec` (`spec`), or its fields as keyword
+  arguments (`FlowModel(2, blocks=2, hidden=(8,))`), which override those
+  of `spec`.
   """
 
-  def __init__(self, dim: int, blocks: int = 4,
-               hidden: Sequence[int] = (8, 8), activation: str = 'tanh',
-               base_scale: float = 0.8, num_classes: int = 0,
-               dtype=tf.float32, name='flow_model', *,
-               architecture: str = 'ffjord',
-               image_shape: Optional[Sequence[int]] = None, levels: int = 2,
-               logit_alpha: Optional[float] = None, seed: int = 0,
-               stack_blocks: bool = True):
+  def __init__(self, dim: int, spec: Optional['ModelSpec'] = None,
+               num_classes: int = 0, dtype=tf.float32, name='flow_model',
+               **settings):
     super().__init__(name=name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or (
-        num_classes < 0):
-      raise ValueError('`num_classes` must be a non-negative int; got '
-                       f'{num_classes!r}.')
-    if activation not in registry.ACTIVATIONS:
-      raise ValueError(f'`activation` must be one of '
-                       f'{", ".join(registry.ACTIVATIONS)}; got '
-                       f'{activation!r}.')
-    if architecture not in registry.MODELS:
-      raise ValueError(f'`architecture` must be one of '
-                       f'{", ".join(registry.MODELS)}; got {architecture!r}.')
-    info = registry.MODELS[architecture]
-    if info.images_only:
-      if image_shape is None or int(np.prod(image_shape)) != int(dim):
-        raise ValueError(
-            f'`architecture={architecture!r}` needs `image_shape` (height, '
-            f'width, channels) with {dim} elements; got {image_shape!r}.')
-    if num_classes and info.kind != 'ffjord':
-      raise ValueError(f'`architecture={architecture!r}` is not '
-                       'conditional: `num_classes` must be 0.')
+    unknown = sorted(set(settings) - {f.name for f in
+                                      dataclasses.fields(ModelSpec)})
+    if unknown:
+      raise TypeError(f'FlowModel: unknown setting {unknown[0]!r}; the '
+                      'settings are the fields of `ModelSpec`: '
+                      f'{", ".join(f.name for f in dataclasses.fields(ModelSpec))}.')
+    spec = dataclasses.replace(spec or ModelSpec(), **settings)
+    _check_spec(spec, dim, num_classes)
+    self.spec = spec
     self.num_classes = num_classes
     self.dim = int(dim)
     self.dtype = tf.as_dtype(dtype)
-    self.base_scale = float(base_scale)
-    self.architecture = architecture
-    self.image_shape = None if image_shape is None else tuple(image_shape)
-    self.logit_alpha = logit_alpha
-    context_keys = (CONTEXT_KEY,) if num_classes else ()
-    act = registry.resolve(registry.ACTIVATIONS, activation, tf)
+    self.base_scale = float(spec.base_scale)
+    self.architecture = spec.architecture
+    self.image_shape = (None if spec.image_shape is None
+                        else tuple(spec.image_shape))
+    self.logit_alpha = spec.logit_alpha
     self.level_dynamics = None
     self.baseline = None
     self.stacked_dynamics = None
+    self._build(spec)
+
+  def _build(self, spec):
+    """The dynamics modules (built) or the baseline flow of `spec`."""
+    context_keys = (CONTEXT_KEY,) if self.num_classes else ()
+    act = registry.resolve(registry.ACTIVATIONS, spec.activation, tf)
+    architecture, hidden, blocks = spec.architecture, spec.hidden, spec.blocks
     if architecture == 'ffjord':
       self.dynamics = [
           dynamics.MLPODE(list(hidden), self.dim, act,
@@ -156,21 +192,23 @@ class FlowModel(snt.Module):
           for i in range(blocks)]
     elif architecture == 'multiscale':
       self.level_dynamics = multiscale.conv_level_dynamics(
-          self.image_shape, levels, blocks, list(hidden), act, context_keys)
+          self.image_shape, spec.levels, blocks, list(hidden), act,
+          context_keys)
       self.dynamics = [d for level in self.level_dynamics for d in level]
     else:
       self.dynamics = []
       if architecture == 'glow':
-        self.baseline = baselines.make_glow(self.image_shape, levels, blocks,
-                                            hidden[0], seed=seed)
+        self.baseline = baselines.make_glow(
+            self.image_shape, spec.levels, blocks, hidden[0], seed=spec.seed)
       else:
         make = (baselines.make_realnvp if architecture == 'realnvp'
                 else baselines.make_maf)
-        self.baseline = make(self.dim, blocks, tuple(hidden), act, seed=seed)
+        self.baseline = make(self.dim, blocks, tuple(hidden), act,
+                             seed=spec.seed)
     for d in self.dynamics:  # Sonnet creates variables on the first call.
       d(tf.zeros([], self.dtype), tf.zeros([1, d.output_size], self.dtype),
         **self.context_kwargs(tf.zeros([1], tf.int32)))
-    if stack_blocks and architecture in ('ffjord', 'conv'):
+    if spec.stack_blocks and architecture in ('ffjord', 'conv'):
       # The blocks' variables packed into one [blocks, P] variable
       # (initialised with the blocks' values): one parameter tensor for
       # the optimizer and the compiled step (see `dynamics.StackedBlocks`).
@@ -182,12 +220,15 @@ class FlowModel(snt.Module):
   def from_config(cls, config, data, **kwargs) -> 'FlowModel':
     """The model a `TrainConfig` describes, for a `datasets.Dataset`
     (`kwargs`, e.g. `stack_blocks`, go to the constructor)."""
-    return cls(data.dim, config.blocks, config.hidden, config.activation,
-               config.base_scale,
+    spec = ModelSpec(
+        blocks=config.blocks, hidden=config.hidden,
+        activation=config.activation, base_scale=config.base_scale,
+        architecture=config.model, image_shape=data.image_shape,
+        levels=config.levels, logit_alpha=config.logit_alpha,
+        seed=config.seed)
+    return cls(data.dim, spec,
                num_classes=data.num_classes if config.conditional else 0,
-               architecture=config.model, image_shape=data.image_shape,
-               levels=config.levels, logit_alpha=config.logit_alpha,
-               seed=config.seed, **kwargs)
+               **kwargs)
 
   @property
   def is_ffjord(self) -> bool:

@@ -7,7 +7,7 @@ their diagnostics (NFE, regularisers) as values.
 """
 
 import collections
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -15,7 +15,7 @@ from tfp_ffjord import _lowering
 from tfp_ffjord import ode
 from tfp_ffjord.training import adam
 
-__all__ = ['LossTerms', 'apply_gradients', 'make_train_step',
+__all__ = ['LossTerms', 'Update', 'apply_gradients', 'make_train_step',
            'make_eval_step']
 
 LossTerms = collections.namedtuple(
@@ -67,6 +67,21 @@ def apply_gradients(optimizer, loss, grads, variables, step=None,
   return tf.cond(finite, update, lambda: tf.constant(False))
 
 
+class Update(NamedTuple):
+  """An optimizer step's parts: the optimizer, the variables it updates,
+  the step counter of applied updates (optional) and the gradients' global
+  norm clip (optional)."""
+  optimizer: Any
+  variables: List[tf.Variable]
+  step: Optional[tf.Variable] = None
+  clip_norm: Optional[float] = None
+
+  def apply(self, loss, grads):
+    """`apply_gradients` with these parts."""
+    return apply_gradients(self.optimizer, loss, grads, list(self.variables),
+                           self.step, self.clip_norm)
+
+
 def _counted(fn, on_trace):
   if on_trace is None:
     return fn
@@ -77,25 +92,22 @@ def _counted(fn, on_trace):
   return traced
 
 
-def make_train_step(loss_fn: Callable[..., LossTerms], optimizer,
-                    variables: Sequence[tf.Variable], step: tf.Variable,
-                    input_signature, clip_norm: Optional[float] = None,
-                    jit_compile: bool = True, on_trace=None):
-  """`train_step(*inputs) -> LossTerms`: one optimizer step.
+def make_train_step(loss_fn: Callable[..., LossTerms], update: Update,
+                    input_signature, jit_compile: bool = True,
+                    on_trace=None):
+  """`train_step(*inputs) -> LossTerms`: one optimizer step (`update`).
 
   `loss_fn(*inputs)` computes the `LossTerms` (under the step's tape). The
   step is an `ode.checked_function`: a failed solve raises
   `ode.SolverError` after the call, even under XLA, and its update was not
   applied (the loss is NaN).
   """
-  variables = list(variables)
+  variables = list(update.variables)
 
   def train_step(*inputs):
     with tf.GradientTape() as tape:
       terms = loss_fn(*inputs)
-    apply_gradients(optimizer, terms.loss,
-                    tape.gradient(terms.loss, variables), variables, step,
-                    clip_norm)
+    update.apply(terms.loss, tape.gradient(terms.loss, variables))
     return terms
 
   # autograph=False: the traced code uses explicit control flow; converting

@@ -66,23 +66,8 @@ class Trainer:
     self.num_replicas = self.strategy.num_replicas_in_sync
     self.is_chief = distribute.is_chief(
         getattr(self.strategy, 'cluster_resolver', None))
-    if self.distributed and config.objective != 'maximum-likelihood':
-      raise ValueError('Training under a tf.distribute strategy supports '
-                       "`objective='maximum-likelihood'` only; got "
-                       f'{config.objective!r}.')
-    if self.distributed and config.batch_size % self.num_replicas:
-      raise ValueError(
-          f'`batch_size` ({config.batch_size}) is the global batch: it must '
-          f'be divisible by the {self.num_replicas} replicas.')
-    self.data = data or datasets.load(config.dataset, config.num_train,
-                                      config.num_test, seed=config.seed)
-    if config.batch_size > len(self.data.train):
-      raise ValueError(
-          f'`batch_size` ({config.batch_size}) is larger than the '
-          f'{len(self.data.train)} training points.')
-    if config.conditional and not self.data.num_classes:
-      raise ValueError(f'`conditional=True` but dataset {self.data.name!r} '
-                       'has no class labels.')
+    self.data = _checked_data(config, data, self.num_replicas
+                              if self.distributed else None)
     self.steps_per_epoch = (config.steps_per_epoch
                             or len(self.data.train) // config.batch_size)
     tf.random.set_seed(config.seed)
@@ -131,31 +116,8 @@ class Trainer:
     self.num_traces += 1
 
   def _compile(self):
-    config, dim = self.config, self.data.dim
-    # Labels are always an input (ignored by unconditional models), so both
-    # kinds of model share one compiled signature.
-    labels = lambda n: tf.TensorSpec([n], tf.int32)
-    points = lambda n: tf.TensorSpec([n, dim], tf.float32)
-    loss = lambda batch, labels, replica_id=None: likelihood.likelihood_loss(
-        self.model, self.chain, config, batch, labels,
-        likelihood.hutchinson_seed(config, self.step, replica_id))
-    common = dict(clip_norm=config.clip_norm, jit_compile=config.jit_compile,
-                  on_trace=self._count_trace)
-    if self.distributed:
-      self._train_step = distribute.make_distributed_step(
-          self.strategy, loss, self.optimizer, self.variables, self.step,
-          config.batch_size, **common)
-    else:
-      self._train_step = steps_lib.make_train_step(
-          loss, self.optimizer, self.variables, self.step,
-          [points(config.batch_size), labels(config.batch_size)], **common)
-    self._fm_chunk = min(FLOW_MATCHING_CHUNK, self.steps_per_epoch)
-    self._fm_steps = flow_matching.make_steps(
-        self.model, self.optimizer, self.variables, self.step, config,
-        self._fm_chunk, dim, on_trace=self._count_trace)
-    self.evaluator = Evaluator(self.model, self.eval_flow, self.eval_chain,
-                               self.data, config.eval_batch_size,
-                               config.jit_compile)
+    (self._train_step, self._fm_chunk, self._fm_steps,
+     self.evaluator) = _compiled_steps(self)
 
   # ---------------------------------------------------------------- steps
 
@@ -256,14 +218,8 @@ class Trainer:
       if self.is_chief:
         self.writer = tf.summary.create_file_writer(self.run_dir.log_dir)
     first = self.epochs_done
-    # Batches of `first` applied before an interruption.
-    skip = int(self.step.numpy()) - first * self.steps_per_epoch
-    skip = skip if 0 <= skip < self.steps_per_epoch else 0
-    start = time.perf_counter() - (self.history[-1]['wall_time']
-                                   if self.history else 0.)
-    # Seconds in training steps only (no evaluations, checkpoints, logs).
-    train_time = (self.history[-1].get('train_time', 0.) if self.history
-                  else 0.)
+    skip, start, train_time = _resume_point(
+        self.history, first, int(self.step.numpy()), self.steps_per_epoch)
     bar = tqdm.trange(first, config.epochs, initial=first,
                       total=config.epochs, desc=config.dataset,
                       disable=not progress)
@@ -271,10 +227,7 @@ class Trainer:
       with sigint_flag() as interrupted, contextlib.closing(bar):
         for epoch in bar:
           if config.lr_schedule == 'cosine':
-            progress_ = epoch / max(config.epochs - 1, 1)
-            self.learning_rate.assign(config.learning_rate * (
-                COSINE_FLOOR + (1. - COSINE_FLOOR) * 0.5 * (
-                    1. + math.cos(math.pi * min(progress_, 1.)))))
+            self.learning_rate.assign(_cosine_rate(config, epoch))
           began = time.perf_counter()
           losses, nfes, regs = self._train_epoch(epoch, skip, interrupted)
           train_time += time.perf_counter() - began
@@ -296,15 +249,9 @@ class Trainer:
     config, conditional = self.config, bool(self.model.num_classes)
     if interrupted[0]:
       self._stop_interrupted(epoch)
-    if config.objective == 'flow-matching':
-      # Lists of losses, one per compiled chunk of steps.
-      results = ([(loss, 0, (0., 0.)) for loss in losses]
-                 for losses in flow_matching.run_epoch(
-                     self._fm_steps, config, self.data, conditional,
-                     self.steps_per_epoch, epoch, skip, self._fm_chunk,
-                     self.step, self.model.base_scale))
-    else:
-      results = self._likelihood_epoch(epoch, skip, conditional)
+    epoch_fn = (_flow_matching_epoch if config.objective == 'flow-matching'
+                else _likelihood_epoch)
+    results = epoch_fn(self, epoch, skip, conditional)
     losses, nfes, regs = [], [], []
     for chunk in results:
       for loss, nfe, reg in chunk:
@@ -317,30 +264,6 @@ class Trainer:
         self._stop_interrupted(epoch)
     return losses, nfes, regs
 
-  def _likelihood_epoch(self, epoch, skip, conditional):
-    """Runs the epoch's maximum-likelihood steps; yields `[(loss, nfe,
-    regularisers)]` after each."""
-    config = self.config
-    ds = self.data.train_dataset(config.batch_size, seed=config.seed + epoch,
-                                 with_labels=conditional)
-    if config.steps_per_epoch is not None:
-      # Each pass over the data is reshuffled (deterministically).
-      ds = ds.repeat().take(self.steps_per_epoch)
-    ds = ds.skip(skip)
-    if self.distributed:
-      ds = distribute.distribute_batches(self.strategy, ds, conditional)
-    # Single-device steps go through the public `train_step`.
-    step = self._run_step if self.distributed else self.train_step
-    for item in ds:
-      batch, labels = item if (conditional or self.distributed) else (item,
-                                                                      None)
-      try:
-        loss, nfe = step(batch, labels)
-      except TrainingError as e:
-        raise TrainingError(f'Epoch {epoch + 1}: {str(e).rstrip(".")}'
-                            f'{self._kept()}', e.solver_error) from None
-      yield [(loss, nfe, self.last_regularizers)]
-
   def _end_epoch(self, epoch, losses, nfes, regs, start, bar, callback,
                  train_time):
     """Held-out evaluation, the epoch's record, checkpoint, logs, metrics."""
@@ -351,18 +274,10 @@ class Trainer:
           e, f'in the held-out evaluation after epoch {epoch + 1}',
           f'{self._kept()} Evaluate with a looser tolerance or more '
           '`max_num_steps`.') from None
-    mean = lambda xs: float(np.mean(xs)) if xs else None
-    record = dict(epoch=epoch + 1,
-                  learning_rate=float(self.learning_rate.numpy()),
-                  train_loss=mean(losses), test_nll=evaluation['nll'],
-                  nfe_per_step=mean(nfes), eval_nfe=evaluation['nfe'],
-                  wall_time=time.perf_counter() - start,
-                  train_time=train_time)
-    if 'bits_per_dim' in evaluation:
-      record['test_bits_per_dim'] = evaluation['bits_per_dim']
-    if self.config.regularized and regs:
-      record['kinetic_energy'] = mean([r[0] for r in regs])
-      record['jacobian_frobenius'] = mean([r[1] for r in regs])
+    record = _epoch_record(epoch, float(self.learning_rate.numpy()),
+                           (losses, nfes, regs), evaluation,
+                           (time.perf_counter() - start, train_time),
+                           self.config.regularized)
     self.history.append(record)
     self.epoch.assign(epoch + 1)
     bar.set_postfix(loss=f'{record["train_loss"] or float("nan"):.3f}',
@@ -371,11 +286,7 @@ class Trainer:
     if self.run_dir is not None:
       self.save()   # every worker: saving may need collectives
       if self.is_chief:
-        with self.writer.as_default(step=record['epoch']):
-          for key, value in record.items():
-            if key != 'epoch' and value is not None:
-              tf.summary.scalar(key, value)
-        self.writer.flush()
+        _log_scalars(self.writer, record)
         self.write_metrics()
     if callback is not None:
       callback(record)
@@ -422,6 +333,144 @@ class Trainer:
     """Writes the figures that apply to the data (see `figures`)."""
     from tfp_ffjord.training import figures  # pylint: disable=g-import-not-at-top
     return figures.write_figures(self, out_dir, tag, seed=self.config.seed)
+
+
+def _compiled_steps(trainer):
+  """`trainer`'s compiled functions: `(train_step, flow-matching chunk,
+  flow-matching steps, Evaluator)`."""
+  config, dim = trainer.config, trainer.data.dim
+  # Labels are always an input (ignored by unconditional models), so both
+  # kinds of model share one compiled signature.
+  labels = lambda n: tf.TensorSpec([n], tf.int32)
+  points = lambda n: tf.TensorSpec([n, dim], tf.float32)
+  loss = lambda batch, labels, replica_id=None: likelihood.likelihood_loss(
+      trainer.model, trainer.chain, config, batch, labels,
+      likelihood.hutchinson_seed(config, trainer.step, replica_id))
+  common = dict(jit_compile=config.jit_compile,
+                on_trace=trainer._count_trace)  # pylint: disable=protected-access
+  update = steps_lib.Update(trainer.optimizer, trainer.variables,
+                            trainer.step, config.clip_norm)
+  if trainer.distributed:
+    train_step = distribute.make_distributed_step(
+        trainer.strategy, loss, update, config.batch_size, **common)
+  else:
+    train_step = steps_lib.make_train_step(
+        loss, update, [points(config.batch_size), labels(config.batch_size)],
+        **common)
+  fm_chunk = min(FLOW_MATCHING_CHUNK, trainer.steps_per_epoch)
+  fm_steps = flow_matching.make_steps(
+      trainer.model, trainer.optimizer, trainer.variables, trainer.step,
+      config, fm_chunk, dim, on_trace=trainer._count_trace)  # pylint: disable=protected-access
+  evaluator = Evaluator(trainer.model, trainer.eval_flow, trainer.eval_chain,
+                        trainer.data, config.eval_batch_size,
+                        config.jit_compile)
+  return train_step, fm_chunk, fm_steps, evaluator
+
+
+def _checked_data(config, data, num_replicas):
+  """`data` (default: `config.dataset` loaded) after the checks that need
+  it and the replicas (`num_replicas`, None when not distributed)."""
+  if num_replicas is not None and config.objective != 'maximum-likelihood':
+    raise ValueError('Training under a tf.distribute strategy supports '
+                     "`objective='maximum-likelihood'` only; got "
+                     f'{config.objective!r}.')
+  if num_replicas is not None and config.batch_size % num_replicas:
+    raise ValueError(
+        f'`batch_size` ({config.batch_size}) is the global batch: it must '
+        f'be divisible by the {num_replicas} replicas.')
+  data = data or datasets.load(config.dataset, config.num_train,
+                               config.num_test, seed=config.seed)
+  if config.batch_size > len(data.train):
+    raise ValueError(
+        f'`batch_size` ({config.batch_size}) is larger than the '
+        f'{len(data.train)} training points.')
+  if config.conditional and not data.num_classes:
+    raise ValueError(f'`conditional=True` but dataset {data.name!r} '
+                     'has no class labels.')
+  return data
+
+
+def _resume_point(history, first, step, steps_per_epoch):
+  """`(skip, start, train_time)` for a `fit()` from epoch `first` at global
+  step `step`: the batches of `first` applied before an interruption, the
+  `perf_counter` origin of the run's wall time, and the seconds spent in
+  training steps only (no evaluations, checkpoints, logs)."""
+  skip = step - first * steps_per_epoch
+  skip = skip if 0 <= skip < steps_per_epoch else 0
+  start = time.perf_counter() - (history[-1]['wall_time'] if history else 0.)
+  train_time = history[-1].get('train_time', 0.) if history else 0.
+  return skip, start, train_time
+
+
+def _cosine_rate(config, epoch):
+  """The cosine schedule's learning rate for `epoch`."""
+  progress = epoch / max(config.epochs - 1, 1)
+  return config.learning_rate * (COSINE_FLOOR + (1. - COSINE_FLOOR) * 0.5 * (
+      1. + math.cos(math.pi * min(progress, 1.))))
+
+
+def _flow_matching_epoch(trainer, epoch, skip, conditional):
+  """Runs `trainer`'s flow-matching steps of `epoch` after the first
+  `skip`; yields `[(loss, 0, (0, 0))]` per compiled chunk of steps."""
+  epoch_steps = flow_matching.EpochSteps(
+      trainer._fm_steps, trainer._fm_chunk, trainer.step,  # pylint: disable=protected-access
+      trainer.model.base_scale)
+  for losses in flow_matching.run_epoch(
+      epoch_steps, trainer.config, trainer.data, conditional,
+      trainer.steps_per_epoch, epoch, skip):
+    yield [(loss, 0, (0., 0.)) for loss in losses]
+
+
+def _likelihood_epoch(trainer, epoch, skip, conditional):
+  """Runs the epoch's maximum-likelihood steps; yields `[(loss, nfe,
+  regularisers)]` after each."""
+  config = trainer.config
+  ds = trainer.data.train_dataset(config.batch_size, seed=config.seed + epoch,
+                               with_labels=conditional)
+  if config.steps_per_epoch is not None:
+    # Each pass over the data is reshuffled (deterministically).
+    ds = ds.repeat().take(trainer.steps_per_epoch)
+  ds = ds.skip(skip)
+  if trainer.distributed:
+    ds = distribute.distribute_batches(trainer.strategy, ds, conditional)
+  # Single-device steps go through the public `train_step`.
+  step = trainer._run_step if trainer.distributed else trainer.train_step
+  for item in ds:
+    batch, labels = item if (conditional or trainer.distributed) else (item,
+                                                                    None)
+    try:
+      loss, nfe = step(batch, labels)
+    except TrainingError as e:
+      raise TrainingError(f'Epoch {epoch + 1}: {str(e).rstrip(".")}'
+                          f'{trainer._kept()}', e.solver_error) from None
+    yield [(loss, nfe, trainer.last_regularizers)]
+
+
+def _epoch_record(epoch, learning_rate, steps, evaluation, times,
+                  regularized):
+  """An epoch's line of the history: `steps` is its steps' `(losses, nfes,
+  regularisers)`, `times` the `(wall, training)` seconds so far."""
+  losses, nfes, regs = steps
+  mean = lambda xs: float(np.mean(xs)) if xs else None
+  record = dict(epoch=epoch + 1, learning_rate=learning_rate,
+                train_loss=mean(losses), test_nll=evaluation['nll'],
+                nfe_per_step=mean(nfes), eval_nfe=evaluation['nfe'],
+                wall_time=times[0], train_time=times[1])
+  if 'bits_per_dim' in evaluation:
+    record['test_bits_per_dim'] = evaluation['bits_per_dim']
+  if regularized and regs:
+    record['kinetic_energy'] = mean([r[0] for r in regs])
+    record['jacobian_frobenius'] = mean([r[1] for r in regs])
+  return record
+
+
+def _log_scalars(writer, record):
+  """The record's values as TensorBoard scalars at its epoch."""
+  with writer.as_default(step=record['epoch']):
+    for key, value in record.items():
+      if key != 'epoch' and value is not None:
+        tf.summary.scalar(key, value)
+  writer.flush()
 
 
 def load_run(run_dir: str) -> Trainer:

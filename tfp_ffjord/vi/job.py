@@ -1,0 +1,126 @@
+"""The job behind `tfp-ffjord vi`: one surrogate fitted to one target,
+measured, and written to a run directory."""
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_ffjord.training.model import solver_named
+from tfp_ffjord.vi.fitting import _flat_draws  # pylint: disable=protected-access
+from tfp_ffjord.vi.fitting import _flat_truth  # pylint: disable=protected-access
+from tfp_ffjord.vi.fitting import evaluate
+from tfp_ffjord.vi.fitting import fit
+from tfp_ffjord.vi.surrogates import build_surrogate
+from tfp_ffjord.vi.surrogates import load_target
+from tfp_ffjord.vi.surrogates import target_log_prob_fn
+
+@dataclasses.dataclass
+class VIConfig:
+  """One `tfp-ffjord vi` job: the target and surrogate (names of
+  `registry.VI_TARGETS` and `registry.VI_SURROGATES`), `fit`'s settings,
+  the FFJORD surrogate's architecture and solver (a name of
+  `registry.SOLVERS`, its tolerances or fixed step count; backprop
+  gradients), the trace (None: exact up to `EXACT_TRACE_MAX_DIM`) and the
+  samples `evaluate` draws."""
+  target: str = 'banana'
+  surrogate: str = 'ffjord'
+  num_steps: int = 2000
+  max_seconds: Optional[float] = None
+  learning_rate: float = 1e-2
+  sample_size: int = 64
+  seed: int = 0
+  blocks: int = 2
+  hidden: Sequence[int] = (32, 32)
+  solver: str = 'dopri5'
+  rtol: float = 1e-3
+  atol: float = 1e-6
+  num_solver_steps: int = 8
+  trace: Optional[str] = None
+  estimator: str = 'reparameterization'
+  num_eval_samples: int = 4096
+
+
+def run(config: Optional[VIConfig] = None, out_dir: Optional[str] = None, *,
+        verbose: bool = False, **settings) -> dict:
+  """Fits one surrogate to one registered target and measures it.
+
+  The job behind `tfp-ffjord vi`: `load_target`, `build_surrogate`, `fit`,
+  `evaluate`; with `out_dir`, writes `metrics.json`, `elbo.png` and
+  `posterior.png` (surrogate and exact samples for a 2-D target with a
+  sampler; per-coordinate means and standard deviations against the ground
+  truth otherwise). `settings` override fields of `config` (default
+  `VIConfig()`), e.g. `run(target='funnel', num_steps=500)`. Returns the
+  metrics.
+  """
+  c = dataclasses.replace(config or VIConfig(), **settings)
+  tf.random.set_seed(c.seed)
+  model = load_target(c.target)
+  ffjord_kwargs = {}
+  if c.surrogate == 'ffjord':
+    ffjord_kwargs = dict(blocks=c.blocks, trace=c.trace,
+                         ode_solve_fn=solver_named(
+                             c.solver, rtol=c.rtol, atol=c.atol,
+                             num_steps=c.num_solver_steps,
+                             gradient='backprop').solve)
+
+  def build():
+    return build_surrogate(c.surrogate, model, hidden=c.hidden, seed=c.seed,
+                           **ffjord_kwargs)
+  q = build()
+  stopped = build() if c.estimator == 'stl' else None
+  result = fit(q, target_log_prob_fn(model), c.num_steps,
+               learning_rate=c.learning_rate, sample_size=c.sample_size,
+               seed=c.seed, estimator=c.estimator, stopped_surrogate=stopped,
+               max_seconds=c.max_seconds)
+  if verbose:
+    print(f'{c.target} / {c.surrogate}: {result.steps} steps in '
+          f'{result.seconds[-1]:.1f} s (first {result.first_step_seconds:.1f}'
+          ' s)', flush=True)
+  measured = evaluate(q, model, num_samples=c.num_eval_samples,
+                      seed=c.seed + 1)
+  tail = result.losses[-max(1, result.steps // 10):]
+  config_record = {k: v for k, v in dataclasses.asdict(c).items()
+                   if k not in ('target', 'surrogate', 'estimator',
+                                'num_eval_samples')}
+  config_record['hidden'] = list(c.hidden)
+  metrics = dict(
+      target=c.target, surrogate=c.surrogate, estimator=c.estimator,
+      steps=int(result.steps), wall_seconds=float(result.seconds[-1]),
+      first_step_seconds=float(result.first_step_seconds),
+      final_train_elbo=float(-np.mean(tail)),
+      num_parameters=int(sum(np.prod(v.shape) for v in q.trainable_variables)),
+      config=config_record, **measured)
+  if out_dir is not None:
+    _write_outputs(out_dir, metrics, result, q, model)
+  return metrics
+
+
+def _write_outputs(out_dir, metrics, result, q, model):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from tfp_ffjord import plotting  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  title = f'{metrics["target"]}: {metrics["surrogate"]} surrogate'
+  plotting.plot_elbo(os.path.join(out_dir, 'elbo.png'),
+                     {metrics['surrogate']: -result.losses}, title=title)
+  samples = q.sample(2000, seed=(metrics['config']['seed'], 99))
+  transform = model.sample_transformations['identity']
+  flat = _flat_draws(transform(samples)).astype(np.float64)
+  path = os.path.join(out_dir, 'posterior.png')
+  if flat.shape[1] == 2 and hasattr(model, 'sample'):
+    reference = _flat_draws(model.sample(2000, seed=(0, 1)))
+    plotting.plot_posterior_2d(path, flat, reference, title=title)
+  else:
+    truth_mean = transform.ground_truth_mean
+    truth_std = transform.ground_truth_standard_deviation
+    plotting.plot_marginals(
+        path, flat.mean(0), flat.std(0),
+        None if truth_mean is None else _flat_truth(truth_mean),
+        None if truth_std is None else _flat_truth(truth_std), title=title)
+  tmp = os.path.join(out_dir, 'metrics.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(dict(metrics, neg_elbo_per_step=[float(v) for v in
+                                               result.losses]), f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, 'metrics.json'))

@@ -244,12 +244,14 @@ def test_autograph_leaves_the_package_alone():
 def test_the_ode_package_imports_nothing_above_it():
   """`tfp_ffjord.ode` stands alone: of the package it imports only itself
   and the leaf modules below everything (protocols, the XLA lowerings,
-  the autograph switch, the argument checks), never the bijectors, the training code or the
+  the autograph switch, the argument checks, the packing of small
+  Tensors), never the bijectors, the training code or the
   registry of command-line names."""
   import ast  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   allowed = {'tfp_ffjord.ode', 'tfp_ffjord.protocols', 'tfp_ffjord._lowering',
-             'tfp_ffjord._autograph', 'tfp_ffjord._checks'}
+             'tfp_ffjord._autograph', 'tfp_ffjord._checks',
+             'tfp_ffjord._packing'}
   found = set()
   for path in pathlib.Path(ode.__file__).parent.glob('*.py'):
     for node in ast.walk(ast.parse(path.read_text())):

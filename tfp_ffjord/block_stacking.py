@@ -8,9 +8,10 @@ and trainability, and the first module's code run on row `k`.
 import contextlib
 from typing import Callable, Optional
 
-import numpy as np
 import sonnet as snt
 import tensorflow as tf
+
+from tfp_ffjord._packing import Packing
 
 __all__ = ['StackedBlock', 'StackedBlocks', 'stacked_call', 'variable_paths']
 
@@ -74,56 +75,17 @@ def _gather(weights, k):
   return [tf.gather(w, k) for w in weights]
 
 
-class _Packing:
-  """How the variables of a module pack into a few `[..., P]` Tensors.
-
-  Variables of one dtype and trainability form a group (in order of first
-  appearance); a group's values, each flattened and concatenated in the
-  order given, are one Tensor. For K stacked modules that is one `[K, P]`
-  Tensor rather than one `[K, ...]` Tensor per variable: every Tensor a
-  compiled step reads, gathers from, accumulates a gradient into and
-  updates (with its optimizer slots) costs XLA kernels of its own, so fewer
-  Tensors make a shorter trace and compilation.
-  """
-
-  def __init__(self, variables):
-    self.shapes = [tuple(int(d) for d in v.shape) for v in variables]
-    self.sizes = [int(np.prod(shape, dtype=np.int64)) for shape in self.shapes]
-    groups = {}
-    for i, v in enumerate(variables):
-      groups.setdefault((tf.as_dtype(v.dtype), bool(v.trainable)),
-                        []).append(i)
-    self.groups = list(groups.items())
-
-  def pack(self, values):
-    """One `[K, P]` Tensor per group from one `[K, ...]` Tensor per
-    variable."""
-    out = []
-    for _, members in self.groups:
-      parts = []
-      for i in members:
-        value = tf.convert_to_tensor(values[i])
-        rows = value.shape[:1]
-        rows = rows[0] if rows.is_fully_defined() else tf.shape(value)[0]
-        parts.append(tf.reshape(value, [rows, self.sizes[i]]))
-      out.append(parts[0] if len(parts) == 1 else tf.concat(parts, 1))
-    return out
-
-  def unpack(self, packed):
-    """One `[*lead, ...]` Tensor per variable from `pack`'s `[*lead, P]`
-    Tensors (`lead` any: `[K]`, or `[]` for one module's row)."""
-    out = [None] * len(self.shapes)
-    for (_, members), p in zip(self.groups, packed):
-      p = tf.convert_to_tensor(p)
-      parts = ([p] if len(members) == 1 else
-               tf.split(p, [self.sizes[i] for i in members], axis=-1))
-      lead = p.shape[:-1]
-      for i, part in zip(members, parts):
-        shape = (lead.as_list() + list(self.shapes[i])
-                 if lead.is_fully_defined() else
-                 tf.concat([tf.shape(p)[:-1], self.shapes[i]], 0))
-        out[i] = tf.reshape(part, shape)
-    return out
+def _packing(variables) -> Packing:
+  """How the variables of a module pack into a few `[..., P]` Tensors:
+  variables of one dtype and trainability form a group (in order of first
+  appearance), one `[K, P]` Tensor for K stacked modules rather than one
+  `[K, ...]` Tensor per variable. Every Tensor a compiled step reads,
+  gathers from, accumulates a gradient into and updates (with its optimizer
+  slots) costs XLA kernels of its own, so fewer Tensors make a shorter
+  trace and compilation."""
+  return Packing([v.shape for v in variables],
+                 [(tf.as_dtype(v.dtype), bool(v.trainable))
+                  for v in variables])
 
 
 class StackedBlocks(snt.Module):
@@ -178,7 +140,7 @@ class StackedBlocks(snt.Module):
           'whose variables have the same names, shapes and dtypes (call '
           f'each once to build it); got {modules!r}.')
     self._paths = tuple(path for path, _ in layouts[0])
-    self._packing = _Packing([v for _, v in layouts[0]])
+    self._packing = _packing([v for _, v in layouts[0]])
     values = self.pack(_stacked_values(layouts))
     groups = self._packing.groups
     with self.name_scope:
@@ -223,7 +185,7 @@ class StackedBlocks(snt.Module):
 
   def pack(self, values):
     """`weights`-like Tensors from one `[K, ...]` Tensor per path."""
-    return self._packing.pack(list(values))
+    return self._packing.pack(list(values), lead=None)
 
   def unpack(self, packed=None):
     """One `[K, ...]` Tensor per path from `weights`-like Tensors (default:
@@ -329,10 +291,10 @@ def stacked_call(modules) -> Optional[Callable]:
   if layouts is None:
     return None
   paths = [path for path, _ in layouts[0]]
-  packing = _Packing([v for _, v in layouts[0]])
+  packing = _packing([v for _, v in layouts[0]])
 
   def stack():
-    return packing.pack(_stacked_values(layouts))
+    return packing.pack(_stacked_values(layouts), lead=None)
 
   def call(k, *args, stacked_weights=None, **kwargs):
     weights = stack() if stacked_weights is None else list(stacked_weights)

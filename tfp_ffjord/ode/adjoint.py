@@ -7,6 +7,7 @@ forward solve's); memory does not grow with the number of steps.
 
 import tensorflow as tf
 
+from tfp_ffjord._packing import Packing
 from tfp_ffjord.ode import runge_kutta
 from tfp_ffjord.ode import vjp as vjp_lib
 
@@ -17,48 +18,45 @@ class Params:
   """Packs the parameters' cotangents (float constants, then variables).
 
   When they share a dtype and have static shapes they travel through the
-  adjoint's backward solve as one flat vector: the loop's per-leaf work
-  (stage updates, selects: each a kernel under XLA) then does not grow
-  with their number. (`StackedFFJORD` passes its blocks' weights as
-  constants: 6 Tensors for an MLP with 2 hidden layers, one vector here;
-  for the seed model that cut ~0.5 s of XLA compilation. The backprop
-  gradient's loops only accumulate these cotangents, and packing them there
-  made no measurable difference.)
+  adjoint's backward solve as one flat vector (`_packing.Packing`): the
+  loop's per-leaf work (stage updates, selects: each a kernel under XLA)
+  then does not grow with their number. (`StackedFFJORD` passes its blocks'
+  weights as constants: 6 Tensors for an MLP with 2 hidden layers, one
+  vector here; for the seed model that cut ~0.5 s of XLA compilation. The
+  backprop gradient's loops only accumulate these cotangents, and packing
+  them there made no measurable difference.)
   """
 
   def __init__(self, float_c, variables):
     self.params = list(float_c) + list(variables)
     self.num_c = len(float_c)
-    self.flat = bool(self.params) and all(
+    flat = bool(self.params) and all(
         x.shape.is_fully_defined() and x.dtype == self.params[0].dtype
         for x in self.params)
+    self.packing = (Packing([x.shape for x in self.params],
+                            [0] * len(self.params)) if flat else None)
 
   @property
   def num_leaves(self):
     """How many Tensors `pack` returns."""
-    return 1 if self.flat else len(self.params)
+    return len(self.params) if self.packing is None else 1
 
   def pack(self, gc, gv):
-    """A list of Tensors (one if flat) from the cotangents of `c`, `v`."""
+    """A list of Tensors (one if packed) from the cotangents of `c`, `v`."""
     parts = list(gc) + list(gv)
-    if not self.flat:
-      return parts
-    return [tf.concat([tf.reshape(x, [-1]) for x in parts], 0)]
+    return parts if self.packing is None else self.packing.pack(parts)
 
   def zeros(self):
     """`pack` of zero cotangents."""
-    if self.flat:
-      size = sum(x.shape.num_elements() for x in self.params)
-      return [tf.zeros([size], self.params[0].dtype)]
-    return [tf.zeros_like(x) for x in self.params]
+    if self.packing is None:
+      return [tf.zeros_like(x) for x in self.params]
+    return self.packing.zeros([x.dtype for x in self.params])
 
   def unpack(self, packed):
     """`(gc, gv)` from `pack`'s list."""
     packed = list(packed)
-    if self.flat:
-      sizes = [x.shape.num_elements() for x in self.params]
-      packed = [tf.reshape(part, x.shape) for part, x in
-                zip(tf.split(packed[0], sizes), self.params)]
+    if self.packing is not None:
+      packed = self.packing.unpack(packed)
     return packed[:self.num_c], packed[self.num_c:]
 
 
@@ -67,24 +65,26 @@ class Layout:
 
   The backward solve's loop does per-leaf work (stage sums, the error norm,
   selects: each a kernel under XLA); with the state `(y, a, a_params)` as
-  one flat vector it does that work once. The leaves left out of the error
-  norm stay apart (the norm sees only the vector). Only leaves of static
-  shape and one dtype are packed; otherwise the state is left as it is.
+  one flat vector (`_packing.Packing`) it does that work once. The leaves
+  left out of the error norm stay apart (the norm sees only the vector).
+  Only leaves of static shape and one dtype are packed; otherwise the state
+  is left as it is.
   """
 
   def __init__(self, leaves, mask):
     self.mask = list(mask)
     inside = [x for x, use in zip(leaves, mask) if use]
-    self.packed = len(inside) > 1 and all(
+    packed = len(inside) > 1 and all(
         x.shape.is_fully_defined() and x.dtype == inside[0].dtype
         for x in inside)
-    self.shapes = [x.shape for x in leaves]
-    self.sizes = [x.shape.num_elements() for x in inside]
+    self.packing = (Packing([x.shape for x in leaves],
+                            [0 if use else None for use in self.mask])
+                    if packed else None)
 
   @property
   def error_mask(self):
     """The error mask of `pack`'s list."""
-    if not self.packed:
+    if self.packing is None:
       return self.mask
     return [True] + [False] * (len(self.mask) - sum(self.mask))
 
@@ -92,26 +92,16 @@ class Layout:
     """One vector of the leaves in the error norm (each with leading dims
     `lead`), then the others. With `flags`, `xs` holds a Python bool per
     leaf: the packed vector becomes a bool Tensor, the others stay bools."""
-    if not self.packed:
+    if self.packing is None:
       return list(xs)
     if flags:
-      inside = [tf.fill([size], flag) for size, flag in zip(
-          self.sizes, [x for x, use in zip(xs, self.mask) if use])]
-      return [tf.concat(inside, 0)] + [
-          x for x, use in zip(xs, self.mask) if not use]
-    lead = list(lead)
-    inside = [tf.reshape(x, lead + [-1])
-              for x, use in zip(xs, self.mask) if use]
-    return [tf.concat(inside, len(lead))] + [
-        x for x, use in zip(xs, self.mask) if not use]
+      return self.packing.pack_flags(list(xs))
+    return self.packing.pack(list(xs), lead=list(lead))
 
   def unpack(self, packed):
-    if not self.packed:
+    if self.packing is None:
       return list(packed)
-    inside = iter(tf.split(packed[0], self.sizes))
-    outside = iter(packed[1:])
-    return [tf.reshape(next(inside), shape) if use else next(outside)
-            for shape, use in zip(self.shapes, self.mask)]
+    return self.packing.unpack(packed)
 
 
 def adjoint_gradients(forward, backward, variables, dys, first_steps=None):

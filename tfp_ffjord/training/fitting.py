@@ -14,9 +14,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_ffjord import _lowering
-from tfp_ffjord.training import adam as adam_lib
+from tfp_ffjord.training import steps as steps_lib
 from tfp_ffjord.training.errors import TrainingError
-from tfp_ffjord.training.steps import apply_gradients
 
 __all__ = ['fit_adam', 'fit_lbfgs', 'total_variation', 'time_train_step']
 
@@ -40,17 +39,10 @@ def fit_adam(loss_fn: Callable[[], tf.Tensor], variables: Sequence[tf.Variable],
   if not learning_rate > 0:
     raise ValueError(
         f'`learning_rate` must be positive; got {learning_rate!r}.')
-  variables = list(variables)
-  optimizer = adam_lib.Adam(learning_rate)
-  optimizer._initialize(variables)  # pylint: disable=protected-access
-
-  @tf.function(jit_compile=jit_compile)
-  def step():
-    with tf.GradientTape() as tape:
-      loss = loss_fn()
-    apply_gradients(optimizer, loss, tape.gradient(loss, variables),
-                    variables)
-    return loss
+  step = tf.function(
+      steps_lib.loss_step(loss_fn, steps_lib.adam_update(variables,
+                                                         learning_rate)),
+      jit_compile=jit_compile)
 
   losses = []
   for i in range(steps):
@@ -157,19 +149,12 @@ def time_train_step(distribution, variables: Sequence[tf.Variable], batch,
   """
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
     raise ValueError(f'`steps` must be a positive integer; got {steps!r}.')
-  variables = list(variables)
-  optimizer = adam_lib.Adam(learning_rate)
-  # Slots before the first call: created inside it, they would make
-  # `tf.function` trace the step twice (the first step would time both).
-  optimizer._initialize(variables)  # pylint: disable=protected-access
   batch = tf.convert_to_tensor(batch)
-
-  @tf.function(jit_compile=jit_compile)
-  def step(x):
-    with tf.GradientTape() as tape:
-      loss = -tf.reduce_mean(distribution.log_prob(x))
-    optimizer.apply(tape.gradient(loss, variables), variables)
-    return loss
+  # Adam's slots exist before the first call, which then times one trace.
+  step = tf.function(
+      steps_lib.loss_step(lambda x: -tf.reduce_mean(distribution.log_prob(x)),
+                          steps_lib.adam_update(variables, learning_rate)),
+      jit_compile=jit_compile)
 
   start = time.perf_counter()
   loss = float(step(batch))

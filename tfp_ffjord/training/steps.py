@@ -15,8 +15,8 @@ from tfp_ffjord import _lowering
 from tfp_ffjord import ode
 from tfp_ffjord.training import adam
 
-__all__ = ['LossTerms', 'Update', 'apply_gradients', 'make_train_step',
-           'make_eval_step']
+__all__ = ['LossTerms', 'Update', 'adam_update', 'apply_gradients',
+           'loss_step', 'make_train_step', 'make_eval_step']
 
 LossTerms = collections.namedtuple(
     'LossTerms', ['loss', 'nfe', 'kinetic', 'frobenius'])
@@ -80,6 +80,34 @@ class Update(NamedTuple):
     """`apply_gradients` with these parts."""
     return apply_gradients(self.optimizer, loss, grads, list(self.variables),
                            self.step, self.clip_norm)
+
+
+def adam_update(variables, learning_rate, step=None,
+                clip_norm: Optional[float] = None) -> Update:
+  """An `Update` by this package's Adam (Sonnet's update rule), its slots
+  created now: created inside the first call of a `tf.function`, they would
+  make it trace twice."""
+  variables = list(variables)
+  optimizer = adam.Adam(learning_rate)
+  optimizer._initialize(variables)  # pylint: disable=protected-access
+  return Update(optimizer, variables, step, clip_norm)
+
+
+def loss_step(loss_fn: Callable, update: Update,
+              before: Optional[Callable[[], None]] = None):
+  """`step(*args) -> loss`: `update` applied to the gradient of
+  `loss_fn(*args)` (a scalar), unless the loss is not finite
+  (`apply_gradients`); `before()`, if given, runs first."""
+  variables = list(update.variables)
+
+  def step(*args):
+    if before is not None:
+      before()
+    with tf.GradientTape() as tape:
+      loss = loss_fn(*args)
+    update.apply(loss, tape.gradient(loss, variables))
+    return loss
+  return step
 
 
 def _counted(fn, on_trace):

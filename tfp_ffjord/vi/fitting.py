@@ -13,9 +13,8 @@ import tensorflow as tf
 from tfp_ffjord import _lowering
 from tfp_ffjord import ode
 from tfp_ffjord import registry
-from tfp_ffjord.training import adam as adam_lib
+from tfp_ffjord.training import steps as steps_lib
 from tfp_ffjord.training.errors import TrainingError
-from tfp_ffjord.training.steps import apply_gradients
 from tfp_ffjord.vi.surrogates import _check_positive_int  # pylint: disable=protected-access
 from tfp_ffjord.vi.surrogates import _ffjord_kwargs  # pylint: disable=protected-access
 from tfp_ffjord.vi.surrogates import target_log_prob_fn
@@ -188,25 +187,17 @@ def _adam_step(surrogate, stopped_surrogate, loss_fn, learning_rate,
   variables = list(surrogate.trainable_variables)
   stopped_variables = ([] if stopped_surrogate is None
                        else list(stopped_surrogate.trainable_variables))
-  optimizer = adam_lib.Adam(learning_rate)
-  optimizer._initialize(variables)  # pylint: disable=protected-access
-  constrained = [v for v in variables
-                 if getattr(v, 'constraint', None) is not None]
 
-  def one_step(step_seed):
+  def copy_to_stopped():
     for s, v in zip(stopped_variables, variables):
       s.assign(v)
-    with tf.GradientTape() as tape:
-      loss = loss_fn(step_seed, stopped_surrogate)
-    apply_gradients(optimizer, loss, tape.gradient(loss, variables),
-                    variables, clip_norm=clip_norm)
-    # Keras layers (e.g. the masks of `tfb.AutoregressiveNetwork`) keep
-    # their structure through variable constraints, which Keras optimizers
-    # apply after each update and Sonnet's do not.
-    for v in constrained:
-      v.assign(v.constraint(v))
-    return loss
-  return one_step
+  # `apply_gradients` re-applies Keras variable constraints (e.g. the masks
+  # of `tfb.AutoregressiveNetwork`) after each update, as Keras optimizers
+  # do and Sonnet's do not.
+  return steps_lib.loss_step(
+      lambda step_seed: loss_fn(step_seed, stopped_surrogate),
+      steps_lib.adam_update(variables, learning_rate, clip_norm=clip_norm),
+      before=copy_to_stopped if stopped_variables else None)
 
 
 def _chunked(one_step, dtype, steps_per_call, jit_compile):

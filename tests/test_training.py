@@ -296,3 +296,20 @@ def test_steps_per_epoch_sets_the_steps_between_evaluations(tmp_path,
   assert int(trainer.step) == 14
   assert trainer.manager.latest_checkpoint.endswith('ckpt-14')
   assert all(np.isfinite(h['train_loss']) for h in history)
+
+
+def test_flow_model_settings_as_a_spec_or_as_arguments():
+  def built(*args, **kwargs):
+    tf.random.set_seed(3)
+    model = training.FlowModel(*args, **kwargs)
+    return model.spec, [v.numpy() for v in model.trainable_variables]
+  spec, values = built(2, 3, (4,), activation='elu')
+  assert spec == training.ModelSpec(blocks=3, hidden=(4,), activation='elu')
+  for other in (built(2, spec=spec),
+                built(2, blocks=3, hidden=(4,), spec=training.ModelSpec(
+                    activation='elu'))):
+    assert other[0] == spec
+    for a, b in zip(values, other[1]):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(TypeError, match="unknown setting 'bogus'.*blocks"):
+    training.FlowModel(2, bogus=1)

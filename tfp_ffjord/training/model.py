@@ -144,21 +144,25 @@ class FlowModel(snt.Module):
   `dynamics` are then its per-block views. Same initial values and the
   same flow as separate modules (`stack_blocks=False`), with one variable
   instead of 24 for the seed model: a first training step ~35% faster.
-  The settings are a `ModelSpec` (`spec`), or its fields as keyword
-  arguments (`FlowModel(2, blocks=2, hidden=(8,))`), which override those
-  of `spec`.
+  The settings are a `ModelSpec` (`spec`), or its fields as arguments
+  (`FlowModel(2, 4, (8, 8))`, `FlowModel(2, blocks=2, activation='elu')`),
+  which override those of `spec`.
   """
 
-  def __init__(self, dim: int, spec: Optional['ModelSpec'] = None,
-               num_classes: int = 0, dtype=tf.float32, name='flow_model',
-               **settings):
+  def __init__(self, dim: int, blocks: Optional[int] = None,
+               hidden: Optional[Sequence[int]] = None,
+               spec: Optional['ModelSpec'] = None, num_classes: int = 0,
+               dtype=tf.float32, name='flow_model', **settings):
     super().__init__(name=name)
-    unknown = sorted(set(settings) - {f.name for f in
-                                      dataclasses.fields(ModelSpec)})
+    names = [f.name for f in dataclasses.fields(ModelSpec)]
+    unknown = sorted(set(settings) - set(names))
     if unknown:
       raise TypeError(f'FlowModel: unknown setting {unknown[0]!r}; the '
-                      'settings are the fields of `ModelSpec`: '
-                      f'{", ".join(f.name for f in dataclasses.fields(ModelSpec))}.')
+                      f'settings are the fields of `ModelSpec`: '
+                      f'{", ".join(names)}.')
+    for key, value in (('blocks', blocks), ('hidden', hidden)):
+      if value is not None:
+        settings[key] = value
     spec = dataclasses.replace(spec or ModelSpec(), **settings)
     _check_spec(spec, dim, num_classes)
     self.spec = spec
@@ -226,7 +230,7 @@ class FlowModel(snt.Module):
         architecture=config.model, image_shape=data.image_shape,
         levels=config.levels, logit_alpha=config.logit_alpha,
         seed=config.seed)
-    return cls(data.dim, spec,
+    return cls(data.dim, spec=spec,
                num_classes=data.num_classes if config.conditional else 0,
                **kwargs)
 

@@ -24,6 +24,7 @@ import numpy as np
 import sklearn.datasets
 import tensorflow as tf
 
+from tfp_ffjord import _checks
 from tfp_ffjord import registry
 
 __all__ = ['Dataset', 'NAMES', 'load', 'sample', 'moons_log_density',
@@ -145,10 +146,7 @@ class Dataset:
 
 
 def _check_batch_size(batch_size, num_points):
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
-      batch_size < 1):
-    raise ValueError(
-        f'`batch_size` must be a positive int; got {batch_size!r}.')
+  batch_size = _checks.positive_int('batch_size', batch_size)
   if num_points is not None and batch_size > num_points:
     raise ValueError(
         f'`batch_size` ({batch_size}) is larger than the {num_points} '
@@ -277,8 +275,7 @@ def sample(name: str, n: int, seed: int = 0) -> np.ndarray:
   _check_name(name)
   if name in IMAGE_DATASETS:
     raise ValueError(f'`{name}` is a fixed set of images; use `load`.')
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f'`n` must be a positive int; got {n!r}.')
+  n = _checks.positive_int('n', n)
   x, _ = _SAMPLERS[name](n, np.random.default_rng(seed))
   return x.astype(np.float32)
 
@@ -308,9 +305,8 @@ def load(name: str, num_train: Optional[int] = None,
   default_train, default_test = DEFAULT_SIZES.get(name, DEFAULT_SIZE)
   num_train = default_train if num_train is None else num_train
   num_test = default_test if num_test is None else num_test
-  for label, v in (('num_train', num_train), ('num_test', num_test)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ValueError(f'`{label}` must be a positive int; got {v!r}.')
+  num_train = _checks.positive_int('num_train', num_train)
+  num_test = _checks.positive_int('num_test', num_test)
   train_rng, test_rng = (np.random.default_rng(s) for s in
                          np.random.SeedSequence(seed).spawn(2))
   if name == 'digits':

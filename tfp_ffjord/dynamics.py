@@ -6,6 +6,7 @@ import sonnet as snt
 import tensorflow as tf
 
 from tfp_ffjord import _autograph
+from tfp_ffjord import _checks
 # Several modules of one architecture computed by one: re-exported here.
 from tfp_ffjord.block_stacking import stacked_call
 from tfp_ffjord.block_stacking import StackedBlock
@@ -271,10 +272,7 @@ class ConvODE(snt.Module):
       raise ValueError('`image_shape` must be three positive ints (height, '
                        f'width, channels); got {image_shape!r}.')
     sizes = _check_arguments(hidden_channels, shape[-1], activation)
-    if (isinstance(kernel_shape, bool) or not isinstance(kernel_shape, int)
-        or kernel_shape < 1):
-      raise ValueError('`kernel_shape` must be a positive int; got '
-                       f'{kernel_shape!r}.')
+    kernel_shape = _checks.positive_int('kernel_shape', kernel_shape)
     self.image_shape = shape
     self.output_size = shape[0] * shape[1] * shape[2]
     self._activation = activation

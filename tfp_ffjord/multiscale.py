@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_ffjord import _checks
 from tfp_ffjord import dynamics
 from tfp_ffjord import flow_base
 from tfp_ffjord import stacked as stacked_lib
@@ -99,8 +100,7 @@ def plan_levels(image_shape: Sequence[int], levels: int) -> List[Level]:
                             or s < 1 for s in shape):
     raise ValueError('`image_shape` must be three positive ints (height, '
                      f'width, channels); got {image_shape!r}.')
-  if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-    raise ValueError(f'`levels` must be a positive int; got {levels!r}.')
+  levels = _checks.positive_int('levels', levels)
   plan = []
   for i in range(levels):
     h, w, _ = shape

@@ -28,6 +28,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_ffjord import _autograph
+from tfp_ffjord import _checks
 from tfp_ffjord import protocols
 
 __all__ = [
@@ -240,10 +241,7 @@ def trace_jacobian_hutchinson(ode_fn, state_shape, dtype, sample_fn=None,
     `(e^T J)**2` (averaged over probes), whose sums over the event are
     `||f||^2` and an unbiased estimate of `||J||_F^2`.
   """
-  if (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-      or num_samples < 1):
-    raise ValueError(
-        f'`num_samples` must be a positive int; got {num_samples!r}.')
+  num_samples = _checks.positive_int('num_samples', num_samples)
   if sample_fn is None:
     if noise not in NOISE_TYPES:
       raise ValueError(f'`noise` must be one of {NOISE_TYPES}; got {noise!r}.')

@@ -4,6 +4,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tfp_ffjord import _checks
 from tfp_ffjord import registry
 from tfp_ffjord.training.steps import LossTerms
 
@@ -48,10 +49,7 @@ def make_strategy(name: str = 'default', cpu_devices: Optional[int] = None,
     raise ValueError('`strategy` must be one of '
                      f'{", ".join(registry.STRATEGIES)}; got {name!r}.')
   if cpu_devices is not None:
-    if isinstance(cpu_devices, bool) or not isinstance(
-        cpu_devices, int) or cpu_devices < 1:
-      raise ValueError('`cpu_devices` must be a positive int; got '
-                       f'{cpu_devices!r}.')
+    cpu_devices = _checks.positive_int('cpu_devices', cpu_devices)
     cpu = tf.config.list_physical_devices('CPU')[0]
     try:
       tf.config.set_logical_device_configuration(

@@ -11,6 +11,7 @@ from typing import Dict
 import numpy as np
 import tensorflow as tf
 
+from tfp_ffjord import _checks
 from tfp_ffjord import ode
 from tfp_ffjord.training import steps as steps_lib
 
@@ -162,8 +163,7 @@ class Evaluator:
     all) or `[n]` ints; by default the classes of the training set are drawn
     in proportion. A failed solve raises `ode.SolverError`.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-      raise ValueError(f'`n` must be a positive integer; got {n!r}.')
+    n = _checks.positive_int('n', n)
     if self.model.num_classes and labels is None:
       labels = np.random.default_rng(seed).choice(self.data.train_labels, n)
     return self._sample(tf.constant(n), tf.constant([seed, 1]),

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_ffjord import _checks
 from tfp_ffjord import _lowering
 from tfp_ffjord.training import steps as steps_lib
 from tfp_ffjord.training.errors import TrainingError
@@ -34,8 +35,7 @@ def fit_adam(loss_fn: Callable[[], tf.Tensor], variables: Sequence[tf.Variable],
     TrainingError: if the loss becomes non-finite (the variables keep the
       values of the last good step).
   """
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-    raise ValueError(f'`steps` must be a positive integer; got {steps!r}.')
+  steps = _checks.positive_int('steps', steps)
   if not learning_rate > 0:
     raise ValueError(
         f'`learning_rate` must be positive; got {learning_rate!r}.')
@@ -74,10 +74,7 @@ def fit_lbfgs(loss_fn: Callable[[], tf.Tensor],
     TFP's `LBfgsOptimizerResults` (`converged`, `num_iterations`,
     `objective_value`, ...), as NumPy values.
   """
-  if (isinstance(max_iterations, bool) or not isinstance(max_iterations, int)
-      or max_iterations < 1):
-    raise ValueError('`max_iterations` must be a positive integer; got '
-                     f'{max_iterations!r}.')
+  max_iterations = _checks.positive_int('max_iterations', max_iterations)
   variables = list(variables)
   shapes = [v.shape for v in variables]
   sizes = [int(np.prod(s)) for s in shapes]
@@ -147,8 +144,7 @@ def time_train_step(distribution, variables: Sequence[tf.Variable], batch,
     step), 'step': median seconds of the next `steps` calls, 'loss': last
     loss}`.
   """
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-    raise ValueError(f'`steps` must be a positive integer; got {steps!r}.')
+  steps = _checks.positive_int('steps', steps)
   batch = tf.convert_to_tensor(batch)
   # Adam's slots exist before the first call, which then times one trace.
   step = tf.function(

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_ffjord import _checks
 from tfp_ffjord import bijector as bijector_lib
 from tfp_ffjord import dynamics as dynamics_lib
 from tfp_ffjord import ode
@@ -110,8 +111,7 @@ def _trainable_affine(dim, dtype, name):
 
 
 def _check_positive_int(label, value):
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f'`{label}` must be a positive int; got {value!r}.')
+  return _checks.positive_int(label, value)
 
 
 def build_ffjord_surrogate_posterior(

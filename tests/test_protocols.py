@@ -267,3 +267,49 @@ def test_the_ode_package_imports_nothing_above_it():
   above = sorted((f, n) for f, n in found
                  if not any(n == a or n.startswith(a + '.') for a in allowed))
   assert not above, above
+
+
+# The package's layers, bottom up (docs/architecture.md): a module imports
+# from its own layer or those below, never above.
+LAYERS = (
+    ('leaves', ('protocols', 'registry', '_lowering', '_checks', '_packing',
+                '_autograph')),
+    ('ode', ('ode',)),
+    ('dynamics and trace', ('trace', 'dynamics', 'block_stacking')),
+    ('bijectors', ('bijector', 'stacked', 'multiscale', 'segments', 'fusion',
+                   'flow_base', 'ffjord')),
+    ('training', ('training', 'vi', 'datasets', 'plotting', 'baselines')),
+    ('command line', ('cli', 'compilation_cache', '_stderr', '__main__')),
+)
+
+
+def test_every_module_imports_only_its_layer_and_those_below():
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  layer_of = {m: i for i, (_, members) in enumerate(LAYERS) for m in members}
+  root = pathlib.Path(ode.__file__).parent.parent
+  upward, unplaced, checked = [], set(), 0
+  for path in root.rglob('*.py'):
+    top = path.relative_to(root).parts[0].removesuffix('.py')
+    if top == '__init__':   # the package's lazy facade
+      continue
+    if top not in layer_of:
+      unplaced.add(top)
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = []
+      if isinstance(node, ast.ImportFrom) and node.module and (
+          node.module.startswith('tfp_ffjord')):
+        names = ([node.module] if node.module != 'tfp_ffjord' else
+                 [f'tfp_ffjord.{a.name}' for a in node.names])
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names if a.name.startswith('tfp_ffjord')]
+      for name in names:
+        checked += 1
+        parts = name.split('.')
+        theirs = layer_of.get(parts[1]) if len(parts) > 1 else None
+        if theirs is None or theirs > layer_of[top]:
+          upward.append((str(path.relative_to(root)), name))
+  assert checked > 100, checked   # the walk saw the package's imports
+  assert not unplaced, f'modules in no layer: {sorted(unplaced)}'
+  assert not upward, upward

@@ -141,7 +141,7 @@ def _trace_kwargs(flow, seed, segment_seeds):
   trace_fn = flow._trace_augmentation_fn  # pylint: disable=protected-access
   trace_kwargs = {}
   if seed is not None:
-    if not protocols.declares(trace_fn, protocols.SEED):
+    if not flow._trace_takes_seed:  # pylint: disable=protected-access
       raise ValueError(
           f'{flow.name}: a `seed` was given but `trace_augmentation_fn` '
           f'({trace_fn!r}) does not declare a `seed` argument (declare it '

@@ -56,7 +56,7 @@ class Decision(NamedTuple):
   non_finite: tf.Tensor
 
 
-def _positive_step(h, dtype):
+def positive_step(h, dtype):
   """`h`, or 1 where it is not positive (a zero-length span: any positive
   step ends it at once)."""
   return tf.where(h > 0, h, tf.ones([], dtype))
@@ -81,7 +81,7 @@ class ConstantStepSize:
       h = span / tf.cast(self.num_steps, dtype)
     else:
       h = tf.cast(self.step_size, dtype)
-    return _positive_step(h, dtype)
+    return positive_step(h, dtype)
 
   def decide(self, attempt: Attempt, e=None, prev_err=None,
              order=None) -> Decision:
@@ -186,7 +186,7 @@ class PIController:
   def first_step(self, span, dtype):
     """`first_step_size` (only when it is set; else the loop probes)."""
     del span
-    return _positive_step(tf.constant(self.first_step_size, dtype), dtype)
+    return positive_step(tf.constant(self.first_step_size, dtype), dtype)
 
   def error_squares(self, y, y_new, err, mask):
     """The squared scaled errors of the leaves selected by `mask`, and

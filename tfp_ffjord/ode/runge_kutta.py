@@ -251,7 +251,7 @@ class _Loop:
           call, t, y, k1, self.tableau.order, self.options.error_mask,
           tf.maximum(span, tf.constant(1e-12, self.dtype)), y_scale=y_scale)
       nfe += 1
-      return k1, tf.where(h > 0, h, tf.ones([], self.dtype)), nfe
+      return k1, controllers_lib.positive_step(h, self.dtype), nfe
     return k1, self.start_step(span, seg), nfe
 
   def start_step(self, span, seg=None):
@@ -261,7 +261,7 @@ class _Loop:
       h = tf.cast(first_step, self.dtype)
       if h.shape.rank == 1:   # one per segment
         h = tf.gather(h, seg)
-      return tf.where(h > 0, h, tf.ones([], self.dtype))
+      return controllers_lib.positive_step(h, self.dtype)
     return self.controller.first_step(span, self.dtype)
 
   def initial(self, y0) -> LoopState:

@@ -10,12 +10,12 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from tfp_ffjord import _checks
 from tfp_ffjord import _lowering
 from tfp_ffjord import ode
 from tfp_ffjord import registry
 from tfp_ffjord.training import steps as steps_lib
 from tfp_ffjord.training.errors import TrainingError
-from tfp_ffjord.vi.surrogates import _check_positive_int  # pylint: disable=protected-access
 from tfp_ffjord.vi.surrogates import _ffjord_kwargs  # pylint: disable=protected-access
 from tfp_ffjord.vi.surrogates import target_log_prob_fn
 
@@ -153,9 +153,9 @@ def fit(surrogate, target_log_prob_fn: Callable, num_steps: int = 1000, *,
 def _check_fit(num_steps, learning_rate, sample_size, estimator, max_seconds,
                steps_per_call):
   """`fit`'s argument checks."""
-  _check_positive_int('num_steps', num_steps)
-  _check_positive_int('sample_size', sample_size)
-  _check_positive_int('steps_per_call', steps_per_call)
+  _checks.positive_int('num_steps', num_steps)
+  _checks.positive_int('sample_size', sample_size)
+  _checks.positive_int('steps_per_call', steps_per_call)
   if not learning_rate > 0:
     raise ValueError(f'`learning_rate` must be positive; got '
                      f'{learning_rate!r}.')
@@ -243,7 +243,7 @@ def evaluate(surrogate, target, num_samples: int = 4096, seed: int = 1,
       its 'identity' sample transformation): `max |estimate - truth| /
       truth_std`; None where the target has no ground truth.
   """
-  _check_positive_int('num_samples', num_samples)
+  _checks.positive_int('num_samples', num_samples)
   transform = getattr(target, 'sample_transformations', {}).get('identity')
   target_log_prob = target_log_prob_fn(target)
 

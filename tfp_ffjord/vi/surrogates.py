@@ -110,10 +110,6 @@ def _trainable_affine(dim, dtype, name):
   return [tfb.Shift(loc), tfb.ScaleMatvecDiag(scale)]
 
 
-def _check_positive_int(label, value):
-  return _checks.positive_int(label, value)
-
-
 def build_ffjord_surrogate_posterior(
     event_shape, bijector=None, dtype=tf.float32, *, blocks: int = 2,
     hidden: Sequence[int] = (32, 32), activation: str = 'tanh',
@@ -152,7 +148,7 @@ def build_ffjord_surrogate_posterior(
     whose FFJORD part is named `'ffjord'` (pass a Hutchinson seed as
     `bijector_kwargs={'ffjord': {'seed': s}}`).
   """
-  _check_positive_int('blocks', blocks)
+  _checks.positive_int('blocks', blocks)
   if activation not in registry.ACTIVATIONS:
     raise ValueError(f'`activation` must be one of '
                      f'{", ".join(registry.ACTIVATIONS)}; got {activation!r}.')

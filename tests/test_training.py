@@ -59,11 +59,18 @@ def test_resume_restores_optimizer_state_and_matches_an_uninterrupted_run(
   first = training.Trainer(tiny_config(epochs=1), out_dir=str(tmp_path / 'a'))
   first.fit(progress=False)
   saved_weights, saved_opt = weights(first), optimizer_state(first)
+  # A process killed after the checkpoint but before `metrics.json`: the
+  # records saved with the checkpoint still hold epoch 1.
+  metrics_path = tmp_path / 'a' / 'metrics.json'
+  metrics = json.load(open(metrics_path))
+  metrics['epochs'] = []
+  json.dump(metrics, open(metrics_path, 'w'))
 
   resumed = training.Trainer(tiny_config(epochs=2),
                              out_dir=str(tmp_path / 'a'))
   assert resumed.restore()
   assert int(resumed.epoch) == 1
+  assert resumed.history == first.history
   for a, b in zip(weights(resumed), saved_weights):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(optimizer_state(resumed), saved_opt):

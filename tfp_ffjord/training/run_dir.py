@@ -253,15 +253,6 @@ class RunDir:
     _write_json(self.metrics_path, metrics)
     return self.metrics_path
 
-  def read_history(self, last_epoch: int) -> List[Dict]:
-    """The saved per-epoch records up to `last_epoch` (those a checkpoint
-    covers); `[]` without a metrics file."""
-    if not os.path.exists(self.metrics_path):
-      return []
-    with open(self.metrics_path) as f:
-      saved = json.load(f).get('epochs', [])
-    return [h for h in saved if h['epoch'] <= last_epoch]
-
 
 def restore_latest(checkpoint, manager) -> Optional[str]:
   """Restores `checkpoint` from the newest readable file of `manager`.

@@ -6,6 +6,7 @@ SIGINT (`interrupt`), figures and export live in their own modules.
 """
 
 import contextlib
+import json
 import math
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -93,9 +94,14 @@ class Trainer:
       self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64,
                                name='epoch')
       self.step = tf.Variable(0, trainable=False, dtype=tf.int64, name='step')
+    # The epoch records as JSON, saved with the weights: a process killed
+    # between a checkpoint and `metrics.json` loses no record.
+    self._records = tf.Variable('[]', trainable=False, dtype=tf.string,
+                                name='records')
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, epoch=self.epoch,
-        step=self.step, learning_rate=self.learning_rate)
+        step=self.step, learning_rate=self.learning_rate,
+        records=self._records)
     self.checkpoints = self.writer = None
     if out_dir is not None:
       self.checkpoints = Checkpoints(self.checkpoint,
@@ -185,7 +191,8 @@ class Trainer:
     if self.checkpoints is None or self.checkpoints.restore() is None:
       return False
     self._restored = True
-    self.history = self.run_dir.read_history(self.epochs_done)
+    saved = json.loads(self._records.numpy().decode('utf-8'))
+    self.history = [h for h in saved if h['epoch'] <= self.epochs_done]
     return True
 
   def save(self) -> Optional[str]:
@@ -284,6 +291,7 @@ class Trainer:
                     test_nll=f'{record["test_nll"]:.3f}',
                     nfe=f'{record["nfe_per_step"] or 0:.0f}')
     if self.run_dir is not None:
+      self._records.assign(json.dumps(self.history))
       self.save()   # every worker: saving may need collectives
       if self.is_chief:
         _log_scalars(self.writer, record)

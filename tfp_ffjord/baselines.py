@@ -38,14 +38,31 @@ class BaselineFlow(tf.Module):
 
   def __init__(self, bijector, kind: str, networks=(), name=None,
                static_batch: bool = False):
+    """Wraps a built bijector.
+
+    Args:
+      bijector: the `tfb.Bijector`, forward from the latent to the data.
+      kind: 'realnvp', 'maf' or 'glow'.
+      networks: the modules holding the bijector's variables.
+      name: the module's name. Default: `kind`.
+      static_batch: whether the bijector needs a batch of known size.
+    """
     super().__init__(name=name or kind)
     self.bijector, self.kind = bijector, kind
     self.networks = list(networks)
     self.static_batch = static_batch
 
   def initialize(self, x):
-    """Runs the inverse on a data batch `x` (`[N, D]`) once: builds the
-    networks' variables (and initialises Glow's ActNorm from `x`)."""
+    """Runs the inverse on a data batch once to build the variables.
+
+    Glow's ActNorm layers initialise themselves from that batch.
+
+    Args:
+      x: a `[N, D]` batch of data.
+
+    Returns:
+      The latent points of `x`.
+    """
     return self.bijector.inverse(tf.convert_to_tensor(x))
 
 
@@ -94,10 +111,25 @@ def _with_permutations(flows, dim, seed):
 def make_realnvp(dim: int, layers: int = 4, hidden: Sequence[int] = (64, 64),
                  activation: Callable = tf.nn.relu,
                  seed: int = 0) -> BaselineFlow:
-  """`layers` `tfb.RealNVP` affine couplings (half the dimensions masked,
-  MLP shift/log-scale networks with zero-initialised outputs, bounded
-  log-scales) with fixed random permutations between them (Dinh et al.,
-  2017)."""
+  """RealNVP (Dinh et al., 2017) from `tfb.RealNVP` couplings.
+
+  Each affine coupling masks half the dimensions; its shift/log-scale
+  network is an MLP with a zero-initialised output (the identity at the
+  start) and bounded log-scales. Fixed random permutations lie between them.
+
+  Args:
+    dim: the data dimension (>= 2).
+    layers: the number of couplings.
+    hidden: the MLPs' hidden sizes.
+    activation: the MLPs' activation.
+    seed: the permutations' seed.
+
+  Returns:
+    A `BaselineFlow` of kind 'realnvp'.
+
+  Raises:
+    ValueError: if `dim` < 2 or `layers` is not a positive int.
+  """
   _check(dim, layers)
   if dim < 2:
     raise ValueError(f'RealNVP needs `dim` >= 2; got {dim}.')
@@ -111,14 +143,28 @@ def make_realnvp(dim: int, layers: int = 4, hidden: Sequence[int] = (64, 64),
 def make_maf(dim: int, layers: int = 4, hidden: Sequence[int] = (64, 64),
              activation: Callable = tf.nn.relu,
              seed: int = 0) -> BaselineFlow:
-  """`layers` `tfb.MaskedAutoregressiveFlow`s (MADE networks,
-  `tfb.AutoregressiveNetwork`) with fixed random permutations between
-  them (Papamakarios et al., 2017). Density evaluation is one pass;
-  sampling is `dim` passes.
+  """A masked autoregressive flow (Papamakarios et al., 2017).
+
+  `layers` `tfb.MaskedAutoregressiveFlow`s (MADE networks,
+  `tfb.AutoregressiveNetwork`) with fixed random permutations between them.
+  Density evaluation is one pass; sampling is `dim` passes.
 
   MADE keeps its masks through Keras variable constraints: an optimizer
   that ignores constraints (Sonnet's) must re-apply them after each update,
   as `training.steps.apply_gradients` does.
+
+  Args:
+    dim: the data dimension.
+    layers: the number of autoregressive layers.
+    hidden: the MADE networks' hidden sizes.
+    activation: their activation.
+    seed: the permutations' seed.
+
+  Returns:
+    A `BaselineFlow` of kind 'maf'.
+
+  Raises:
+    ValueError: if `dim` or `layers` is not a positive int.
   """
   _check(dim, layers)
   nets = [tfb.AutoregressiveNetwork(
@@ -140,12 +186,25 @@ def make_maf(dim: int, layers: int = 4, hidden: Sequence[int] = (64, 64),
 def make_glow(image_shape: Sequence[int], levels: int = 2,
               steps_per_level: int = 4, hidden_channels: int = 64,
               seed: int = 0) -> BaselineFlow:
-  """`tfb.Glow` on `image_shape` (Kingma & Dhariwal, 2018): `levels`
-  squeeze levels of `steps_per_level` (ActNorm, invertible 1x1 convolution,
-  affine coupling) steps, with TFP's default coupling and exit networks of
-  `hidden_channels` channels, then flattened to `[H * W * C]`.
+  """Glow (Kingma & Dhariwal, 2018) from `tfb.Glow`, flattened.
 
-  Height and width must be divisible by `2 ** levels`.
+  `levels` squeeze levels of `steps_per_level` steps (ActNorm, invertible
+  1x1 convolution, affine coupling), with TFP's default coupling and exit
+  networks, then flattened to `[H * W * C]`.
+
+  Args:
+    image_shape: `(height, width, channels)`; height and width divisible
+      by `2 ** levels`.
+    levels: the number of squeeze levels.
+    steps_per_level: the flow steps per level.
+    hidden_channels: the coupling networks' channels.
+    seed: the seed of TFP's Glow initialisation.
+
+  Returns:
+    A `BaselineFlow` of kind 'glow' (`static_batch=True`).
+
+  Raises:
+    ValueError: if the height or width is not divisible by `2 ** levels`.
   """
   h, w, c = (int(s) for s in image_shape)
   if h % 2 ** levels or w % 2 ** levels:

@@ -148,6 +148,7 @@ class FFJORD(flow_base.FlowSettings, flow_base.CachedFlow):
 
   @property
   def state_time_derivative_fn(self):
+    """The dynamics `f(time, state, **kwargs)` (TFP's property)."""
     return self._state_time_derivative_fn
 
   @property

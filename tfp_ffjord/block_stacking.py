@@ -17,8 +17,16 @@ __all__ = ['StackedBlock', 'StackedBlocks', 'stacked_call', 'variable_paths']
 
 
 def variable_paths(module):
-  """`module`'s variables as `(path, variable)` pairs, in `_flatten` order
-  (`path` the attributes and indices that lead to it)."""
+  """A module's variables with the attribute paths that lead to them.
+
+  Args:
+    module: a `tf.Module`.
+
+  Returns:
+    `(path, variable)` pairs in `tf.Module._flatten` order; `path` is the
+    tuple of attributes and indices that leads to the variable, e.g.
+    `('_hidden', 0, 'w')`.
+  """
   return list(module._flatten(  # pylint: disable=protected-access
       predicate=lambda v: isinstance(v, tf.Variable), with_path=True))
 
@@ -125,6 +133,10 @@ class StackedBlocks(snt.Module):
   bijector = tfp_ffjord.StackedFFJORD(stacked.blocks)
   ```
 
+  Args:
+    modules: K built modules of one class (call each once first).
+    name: the module's name.
+
   Raises:
     ValueError: if `modules` is empty, not all of one class, or their
       variables differ in names, shapes or dtypes (or are not built yet).
@@ -164,6 +176,7 @@ class StackedBlocks(snt.Module):
 
   @property
   def num_blocks(self) -> int:
+    """K, the number of blocks."""
     return len(self._blocks.value)
 
   @property
@@ -219,9 +232,17 @@ class StackedBlocks(snt.Module):
 
 
 class StackedBlock(tf.Module):
-  """Block `index` of a `StackedBlocks`: `f(t, z, **kwargs)` with row
-  `index` of its stacked variables. Other attributes (e.g. `output_size`)
-  are those of the module that computes it."""
+  """Block `index` of a `StackedBlocks`, usable as FFJORD dynamics.
+
+  Calling it, `f(t, z, **kwargs)`, runs the stacked module on row `index`
+  of the packed variables. Other attributes (e.g. `output_size`) are those
+  of the module that computes it.
+
+  Args:
+    stacked: the `StackedBlocks` it reads.
+    index: the block's row.
+    name: the module's name.
+  """
 
   def __init__(self, stacked: StackedBlocks, index: int,
                name: Optional[str] = None):
@@ -248,8 +269,10 @@ class _NotTracked:
 
 
 def stacked_call(modules) -> Optional[Callable]:
-  """One call for K modules of the same architecture: `call(k, *args, **kw)`
-  equals `modules[k](*args, **kw)` for an int32 Tensor `k`.
+  """One call for K modules of the same architecture.
+
+  `call(k, *args, **kw)` equals `modules[k](*args, **kw)` for an int32
+  Tensor `k`.
 
   The first module's code runs once, with its variables read from row `k`
   of the K modules' variables packed into one `[K, P]` Tensor (each module's
@@ -266,10 +289,14 @@ def stacked_call(modules) -> Optional[Callable]:
   reach the solver's gradient as one Tensor rather than K times as many
   variables.
 
-  Returns `None` unless every module is a `tf.Module` of one class whose
-  variables (built: call each module once first) have the same names and
-  shapes, each held in an attribute, or every module is a `StackedBlock`
-  of one `StackedBlocks`.
+  Args:
+    modules: K modules (or `StackedBlock`s of one `StackedBlocks`).
+
+  Returns:
+    The call, or `None` unless every module is a `tf.Module` of one class
+    whose variables (built: call each module once first) have the same
+    names and shapes, each held in an attribute, or every module is a
+    `StackedBlock` of one `StackedBlocks`.
   """
   modules = list(modules)
   if modules and all(isinstance(m, StackedBlock) for m in modules) and len(

@@ -81,8 +81,9 @@ class Dataset:
       `None` when it is not known.
     bin_width: for dequantised discrete data, the width of one quantisation
       bin in the units of `train` (`None` for continuous data).
-    train_labels, test_labels: integer class labels where the generator has
+    train_labels: integer class labels of `train` where the generator has
       classes (`registry.LABELLED_DATASETS`), else `None`.
+    test_labels: the same for `test`.
     log_density: the data distribution's log-density (`[N, D]` NumPy points
       -> `[N]`) where it has a closed form (`gaussian1d`), else `None`.
     image_shape: `(height, width, channels)` of image data (`digits`,
@@ -100,6 +101,7 @@ class Dataset:
 
   @property
   def dim(self) -> int:
+    """D, the number of dimensions of a point."""
     return int(self.train.shape[1])
 
   @property
@@ -116,6 +118,18 @@ class Dataset:
     bound on the discrete one by subtracting `D * ln(bin_width)` (the
     density of a bin is its probability over its volume), as is usual for
     images.
+
+    Args:
+      nll_nats: a mean negative log-likelihood, nats per example.
+
+    Returns:
+      Bits per dimension.
+
+    Example:
+
+    >>> data = load('moons', num_train=64, num_test=64)
+    >>> round(data.bits_per_dim(2 * math.log(2.)), 6)   # 2-D: 1 bit each
+    1.0
     """
     nll = float(nll_nats)
     if self.bin_width is not None:
@@ -270,8 +284,24 @@ def _check_name(name):
 
 
 def sample(name: str, n: int, seed: int = 0) -> np.ndarray:
-  """`n` fresh float32 points of a generated dataset (not `digits` or
-  `mnist`)."""
+  """Fresh points of a generated dataset.
+
+  Args:
+    name: one of `NAMES` other than the image sets `digits` and `mnist`.
+    n: the number of points.
+    seed: the NumPy seed.
+
+  Returns:
+    `[n, D]` float32 points.
+
+  Raises:
+    ValueError: for an unknown name, an image set, or `n` < 1.
+
+  Example:
+
+  >>> sample('moons', 3, seed=0).shape
+  (3, 2)
+  """
   _check_name(name)
   if name in IMAGE_DATASETS:
     raise ValueError(f'`{name}` is a fixed set of images; use `load`.')
@@ -405,14 +435,38 @@ def _ring_mixture_log_density(x, curves, noise, num_nodes):
 
 
 def moons_log_density(x, num_nodes=2000):
-  """Exact log density of `make_moons(noise=0.06)` (midpoint quadrature)."""
+  """The exact log density of `make_moons(noise=0.06)`.
+
+  The moons are two half circles blurred by Gaussian noise; the density is
+  the noise kernel averaged along them (midpoint quadrature).
+
+  Args:
+    x: `[N, 2]` points.
+    num_nodes: quadrature nodes per half circle.
+
+  Returns:
+    `[N]` log densities (float64).
+
+  Example:
+
+  >>> moons_log_density(np.zeros((1, 2))).round(4)
+  array([-1.9338])
+  """
   outer = (lambda t: np.stack([np.cos(t), np.sin(t)], 1), np.pi)
   inner = (lambda t: np.stack([1. - np.cos(t), 0.5 - np.sin(t)], 1), np.pi)
   return _ring_mixture_log_density(x, [outer, inner], MOONS_NOISE, num_nodes)
 
 
 def circles_log_density(x, num_nodes=2000):
-  """Exact log density of the `circles` set (quadrature, as above)."""
+  """The exact log density of the `circles` set (quadrature, as above).
+
+  Args:
+    x: `[N, 2]` points.
+    num_nodes: quadrature nodes per circle.
+
+  Returns:
+    `[N]` log densities (float64).
+  """
   r_in = CIRCLES_FACTOR
   outer = (lambda t: np.stack([np.cos(t), np.sin(t)], 1), 2. * np.pi)
   inner = (lambda t: r_in * np.stack([np.cos(t), np.sin(t)], 1), 2. * np.pi)

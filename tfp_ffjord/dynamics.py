@@ -152,8 +152,13 @@ class ConcatSquashLinear(snt.Module):
   """FFJORD's time-conditioned layer (Grathwohl et al., 2019).
 
   `y = (W x + b) * sigmoid(a t + c) + d t`: the time gates and shifts the
-  output of a linear map. `zero_init=True` zeroes `W`, `b` and `d`, so the
-  layer outputs zeros until trained.
+  output of a linear map.
+
+  Args:
+    output_size: the output features.
+    zero_init: zero `W`, `b` and `d`, so the layer outputs zeros until
+      trained.
+    name: the module's name.
   """
 
   def __init__(self, output_size: int, zero_init: bool = False,
@@ -177,9 +182,14 @@ class ConcatSquashLinear(snt.Module):
 class ConcatSquashMLPODE(snt.Module):
   """Dynamics built from `ConcatSquashLinear` layers, as in the FFJORD paper.
 
-  Args are those of `MLPODE`: keyword arguments named in `context_keys` are
-  concatenated to the state at the input (conditional flows); others are
-  ignored.
+  Args:
+    hidden_sizes: the hidden layers' sizes.
+    output_size: the state's size.
+    activation: the nonlinearity between layers.
+    zero_init_output: zero the last layer (the flow starts as the identity).
+    context_keys: keyword arguments concatenated to the state at the input
+      (conditional flows); other keyword arguments are ignored.
+    name: the module's name.
   """
 
   def __init__(self, hidden_sizes: Sequence[int], output_size: int,
@@ -206,12 +216,18 @@ class ConcatSquashMLPODE(snt.Module):
 
 
 class ConcatSquashConv2D(snt.Module):
-  """FFJORD's time-conditioned convolution: `y = conv(x) * sigmoid(a t + c)
-  + d t`, the gate and shift per output channel.
+  """FFJORD's time-conditioned convolution.
 
-  `x` is `[N, H, W, C]`; `t` a scalar or `[N]`. 'SAME' padding and stride 1
-  keep the spatial shape. `zero_init=True` zeroes the convolution and the
-  shift, so the layer outputs zeros until trained.
+  `y = conv(x) * sigmoid(a t + c) + d t`, the gate and shift per output
+  channel. `x` is `[N, H, W, C]`; `t` a scalar or `[N]`. 'SAME' padding and
+  stride 1 keep the spatial shape.
+
+  Args:
+    output_channels: the output channels.
+    kernel_shape: the kernel's size.
+    zero_init: zero the convolution and the shift, so the layer outputs
+      zeros until trained.
+    name: the module's name.
   """
 
   def __init__(self, output_channels: int, kernel_shape: int = 3,
@@ -235,8 +251,9 @@ class ConcatSquashConv2D(snt.Module):
 
 
 class ConvODE(snt.Module):
-  """Convolutional dynamics for image states: `ConcatSquashConv2D` layers
-  that keep the image's height and width, as in the FFJORD paper.
+  """Convolutional dynamics for image states, as in the FFJORD paper.
+
+  `ConcatSquashConv2D` layers that keep the image's height and width.
 
   The state is an image of `image_shape = (H, W, C)`, given either as
   `[..., H, W, C]` or flattened (row-major) as `[..., H * W * C]`; the

@@ -38,10 +38,25 @@ __all__ = ['MultiscaleFFJORD', 'Level', 'plan_levels', 'squeeze_permutation',
 
 
 def squeeze_permutation(shape: Sequence[int]) -> Tuple[np.ndarray, Tuple]:
-  """Indices `p` with `squeezed_flat = image_flat[p]`, and the new shape.
+  """The squeeze `[h, w, c] -> [h/2, w/2, 4c]` as a permutation.
 
-  `[h, w, c] -> [h/2, w/2, 4c]`: channel `(2 dy + dx) c + k` of pixel
-  `(i, j)` is channel `k` of pixel `(2i + dy, 2j + dx)`.
+  Channel `(2 dy + dx) c + k` of pixel `(i, j)` is channel `k` of pixel
+  `(2i + dy, 2j + dx)`.
+
+  Args:
+    shape: `(h, w, c)` with `h` and `w` even.
+
+  Returns:
+    Indices `p` with `squeezed_flat = image_flat[p]`, and the new shape.
+
+  Raises:
+    ValueError: if the height or width is odd.
+
+  Example:
+
+  >>> p, shape = squeeze_permutation((2, 2, 1))
+  >>> p.tolist(), shape
+  ([0, 1, 2, 3], (1, 1, 4))
   """
   h, w, c = shape
   if h % 2 or w % 2:
@@ -53,8 +68,20 @@ def squeeze_permutation(shape: Sequence[int]) -> Tuple[np.ndarray, Tuple]:
 
 
 def factor_permutation(shape: Sequence[int]) -> Tuple[np.ndarray, Tuple]:
-  """Indices `p` with `image_flat[p] = [factored-out, kept]`, and the kept
-  shape: the last `c - c // 2` channels leave, the first `c // 2` stay."""
+  """Half the channels factored out, as a permutation.
+
+  The last `c - c // 2` channels leave, the first `c // 2` stay.
+
+  Args:
+    shape: `(h, w, c)` with `c` >= 2.
+
+  Returns:
+    Indices `p` with `image_flat[p] = [factored-out, kept]`, and the kept
+    shape.
+
+  Raises:
+    ValueError: if the image has one channel.
+  """
   h, w, c = shape
   if c < 2:
     raise ValueError(f'Cannot factor out half the channels of shape '
@@ -66,9 +93,14 @@ def factor_permutation(shape: Sequence[int]) -> Tuple[np.ndarray, Tuple]:
 
 
 class Level:
-  """One level's layout: `shape` the image it takes (data side), `squeeze`
-  whether it squeezes first, `flow_shape` the shape its blocks see, and
-  `kept_shape` the next level's input (`None` for the last level)."""
+  """One level's layout in a `MultiscaleFFJORD`.
+
+  Args:
+    shape: the image the level takes (data side).
+    squeeze: whether it squeezes first.
+    flow_shape: the shape its blocks see.
+    kept_shape: the next level's input (`None` for the last level).
+  """
 
   def __init__(self, shape, squeeze, flow_shape, kept_shape):
     self.shape, self.squeeze = tuple(shape), bool(squeeze)
@@ -77,6 +109,7 @@ class Level:
 
   @property
   def size(self) -> int:
+    """The number of values in `shape`."""
     return int(np.prod(self.shape))
 
   def __repr__(self):
@@ -90,6 +123,18 @@ def plan_levels(image_shape: Sequence[int], levels: int) -> List[Level]:
   Each level squeezes when its height and width are even; every level but
   the last factors out half its channels. `(28, 28, 1)` with 3 levels:
   `[14, 14, 4]`, then `[7, 7, 8]`, then `[7, 7, 4]` (7 is odd).
+
+  Args:
+    image_shape: `(height, width, channels)`.
+    levels: the number of levels.
+
+  Returns:
+    One `Level` per level, data side first.
+
+  Example:
+
+  >>> [level.flow_shape for level in plan_levels((28, 28, 1), 3)]
+  [(14, 14, 4), (7, 7, 8), (7, 7, 4)]
 
   Raises:
     ValueError: if `image_shape` is not 3 positive ints, `levels` not a
@@ -138,9 +183,13 @@ class MultiscaleFFJORD(flow_base.CachedFlow):
     image_shape: `(H, W, C)` of the data.
     level_dynamics: one list of dynamics per level (see `plan_levels` for
       the shapes they see; e.g. `tfp_ffjord.ConvODE(level.flow_shape)`).
-    ode_solve_fn, trace_augmentation_fn, initial_time, final_time,
-    validate_args, dtype: as for `FFJORD`, shared by every level.
-    name: Default: 'ffjord'.
+    ode_solve_fn: the solver, as for `FFJORD`, shared by every level.
+    trace_augmentation_fn: the trace estimator, as for `FFJORD`, shared by every level.
+    initial_time: the time of `x`, as for `FFJORD`, shared by every level.
+    final_time: the time of `y`, as for `FFJORD`, shared by every level.
+    validate_args: as for `FFJORD`, shared by every level.
+    dtype: the dtype of `x` and `y`, as for `FFJORD`, shared by every level.
+    name: the bijector's name. Default: 'ffjord'.
     seed_salt: as for `FFJORD`; level `i` uses `f'{seed_salt}.{i}'`.
   """
 
@@ -178,6 +227,7 @@ class MultiscaleFFJORD(flow_base.CachedFlow):
 
   @property
   def level_dynamics(self) -> List[List]:
+    """One list of dynamics per level, as given."""
     return [lv.state_time_derivative_fns for lv in self.levels]
 
   def _check(self, x, method):

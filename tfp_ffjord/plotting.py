@@ -34,6 +34,19 @@ def bounds(points: np.ndarray, margin: float = 0.1):
 
   An axis the points do not spread along (a single point, say) gets the
   other axis' width, or 2 if neither spreads.
+
+  Args:
+    points: `[N, 2]` points.
+    margin: the padding on each side, a fraction of the width.
+
+  Returns:
+    `[(xmin, xmax), (ymin, ymax)]` (from the 0.5th to the 99.5th
+    percentile, padded).
+
+  Example:
+
+  >>> bounds(np.array([[0., 0.], [1., 2.]]), margin=0.)
+  [(0.005, 0.995), (0.01, 1.99)]
   """
   lo, hi = np.percentile(points, 0.5, axis=0), np.percentile(points, 99.5,
                                                                axis=0)
@@ -51,6 +64,20 @@ def grid_lines(xlim=(-3., 3.), ylim=(-3., 3.), lines: int = 4,
   """Points along a few horizontal and vertical lines: `[N, 2]` float32.
 
   Mapped through a flow, they show how it bends space (the seed colab's grid).
+
+  Args:
+    xlim: the box's x range.
+    ylim: the box's y range.
+    lines: the number of lines in each direction.
+    points_per_line: the points along each line.
+
+  Returns:
+    `[2 * lines * points_per_line, 2]` float32 points.
+
+  Example:
+
+  >>> grid_lines(lines=2, points_per_line=3).shape
+  (12, 2)
   """
   xs, ys = np.linspace(*xlim, points_per_line), np.linspace(*ylim,
                                                             points_per_line)
@@ -67,6 +94,15 @@ def plot_panels(path: str, grid: np.ndarray, base_samples: np.ndarray,
 
   1. the grid and samples of the base distribution; 2. both mapped through
   the flow; 3. a 2-D histogram of model samples; 4. the same for the data.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    grid: `[N, 2]` grid points in the base space (`grid_lines`).
+    base_samples: `[M, 2]` samples of the base distribution.
+    mapped_grid: `grid` mapped through the flow.
+    samples: `base_samples` mapped through the flow.
+    data: `[K, 2]` data points.
+    title: the figure's title.
   """
   plt = _pyplot()
   fig, axes = plt.subplots(1, 4, figsize=(16, 4.3))
@@ -101,7 +137,12 @@ def plot_density(path: str, log_prob_fn: Callable[[np.ndarray], np.ndarray],
                  title: str = 'learned density (exact log_prob)') -> None:
   """Heat map of `exp(log_prob_fn(points))` over a 2-D box.
 
-  `log_prob_fn` maps `[N, 2]` float32 points to `[N]` log densities.
+  Args:
+    path: the PNG file to write (its directory is created).
+    log_prob_fn: maps `[N, 2]` float32 points to `[N]` log densities.
+    extent: `[(xmin, xmax), (ymin, ymax)]`, e.g. from `bounds`.
+    resolution: the grid's points per axis.
+    title: the figure's title.
   """
   plt = _pyplot()
   (x0, x1), (y0, y1) = extent
@@ -121,7 +162,13 @@ def plot_density(path: str, log_prob_fn: Callable[[np.ndarray], np.ndarray],
 
 def plot_curves(path: str, history: Sequence[Dict[str, float]],
                 entropy: Optional[float] = None) -> None:
-  """Training loss and held-out NLL per epoch (and NFE per step)."""
+  """Training loss and held-out NLL per epoch, and NFE per step.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    history: the per-epoch records of a run (`metrics.json`'s `epochs`).
+    entropy: the data's entropy in nats, drawn as a line if given.
+  """
   plt = _pyplot()
   epochs = [h['epoch'] for h in history]
   fig, (ax, ax_nfe) = plt.subplots(1, 2, figsize=(11, 4))
@@ -146,6 +193,12 @@ def plot_trajectories(path: str, paths: np.ndarray,
 
   Draws each point's path as a line, the start in blue and the end in red,
   over the data (grey) when given.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    paths: `[T, N, 2]` positions, time first (`FFJORD.trajectory`).
+    data: `[K, 2]` data points, or None.
+    max_lines: draw at most this many paths.
   """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 6))
@@ -165,7 +218,15 @@ def plot_trajectories(path: str, paths: np.ndarray,
 def plot_pdf_1d(path: str, xs: np.ndarray, learned: np.ndarray,
                 true: Optional[np.ndarray] = None,
                 data: Optional[np.ndarray] = None) -> None:
-  """A 1-D learned pdf over the true pdf (and a histogram of the data)."""
+  """A 1-D learned pdf over the true pdf, and a histogram of the data.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    xs: `[N]` points where the pdfs are evaluated.
+    learned: the learned pdf at `xs`.
+    true: the true pdf at `xs`.
+    data: the training data, drawn as a histogram if given.
+  """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   if data is not None:
@@ -182,10 +243,17 @@ def plot_pdf_1d(path: str, xs: np.ndarray, learned: np.ndarray,
 
 def plot_image_samples(path: str, images: np.ndarray, image_shape,
                        columns: int = 10, title: str = '') -> None:
-  """A grid of flattened images (`[N, H * W * C]`, e.g. samples of a digits
-  or MNIST flow). `image_shape` is `(H, W)` or `(H, W, C)` (an int is a
-  square side); single-channel images are drawn in grey, each on its own
-  colour scale."""
+  """A grid of flattened images, e.g. samples of a digits or MNIST flow.
+
+  Single-channel images are drawn in grey, each on its own colour scale.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    images: `[N, H * W * C]` images.
+    image_shape: `(H, W)` or `(H, W, C)`; an int is a square side.
+    columns: images per row.
+    title: the figure's title.
+  """
   plt = _pyplot()
   shape = ((image_shape, image_shape) if isinstance(image_shape, int)
            else tuple(image_shape))
@@ -208,8 +276,15 @@ def plot_image_samples(path: str, images: np.ndarray, image_shape,
 def plot_posterior_2d(path: str, samples: np.ndarray,
                       reference: Optional[np.ndarray] = None,
                       title: str = ''):
-  """Surrogate samples (and exact target samples, if given) of a 2-D
-  posterior, side by side on the same axes limits."""
+  """Samples of a 2-D posterior, with exact target samples beside them.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    samples: `[N, 2]` surrogate samples.
+    reference: `[M, 2]` exact target samples, drawn on the same axes
+      limits, or None.
+    title: the figure's title.
+  """
   plt = _pyplot()
   panels = [('surrogate', samples)] + (
       [('target (exact samples)', reference)] if reference is not None else [])
@@ -229,8 +304,16 @@ def plot_marginals(path: str, mean: np.ndarray, std: np.ndarray,
                    truth_mean: Optional[np.ndarray] = None,
                    truth_std: Optional[np.ndarray] = None,
                    title: str = ''):
-  """Per-coordinate posterior mean +- standard deviation of a surrogate,
-  against the ground truth where known."""
+  """A surrogate's per-coordinate mean +- standard deviation.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    mean: `[D]` surrogate means.
+    std: `[D]` surrogate standard deviations.
+    truth_mean: `[D]` ground-truth means, or None.
+    truth_std: `[D]` ground-truth standard deviations, or None.
+    title: the figure's title.
+  """
   plt = _pyplot()
   idx = np.arange(len(mean))
   fig, ax = plt.subplots(figsize=(min(14, 3 + 0.12 * len(mean)), 3.5))
@@ -247,8 +330,14 @@ def plot_marginals(path: str, mean: np.ndarray, std: np.ndarray,
 
 def plot_elbo(path: str, curves: Dict[str, np.ndarray], window: int = 50,
               title: str = ''):
-  """ELBO per optimizer step (a moving average over `window` steps) of one or
-  more surrogates, `curves` mapping a label to its per-step ELBO estimates."""
+  """ELBO per optimizer step of one or more surrogates.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    curves: a label per surrogate -> its per-step ELBO estimates.
+    window: the moving average's width in steps.
+    title: the figure's title.
+  """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, elbo in curves.items():

@@ -42,9 +42,16 @@ class StackedFFJORD(flow_base.FlowSettings, flow_base.CachedFlow):
     state_time_derivative_fns: a non-empty list of dynamics
       `f(time, state, **kwargs)`, in the order of the forward map (Sonnet
       modules: their variables are tracked).
-    ode_solve_fn, trace_augmentation_fn, initial_time, final_time,
-    validate_args, dtype, name, seed_salt: as for `FFJORD`, shared by every
+    ode_solve_fn: the solver, as for `FFJORD`, shared by every block.
+    trace_augmentation_fn: the trace estimator, as for `FFJORD`, shared by
+      every block.
+    initial_time: the time of `x`, as for `FFJORD`, shared by every block.
+    final_time: the time of `y`, as for `FFJORD`, shared by every block.
+    validate_args: as for `FFJORD`, shared by every block.
+    dtype: the dtype of `x` and `y`, as for `FFJORD`, shared by every
       block.
+    name: the bijector's name, as for `FFJORD`.
+    seed_salt: the salt of per-call seeds, as for `FFJORD`.
 
   Attributes:
     blocks: one `FFJORD` per dynamics (same solver, trace, times and seed
@@ -94,6 +101,7 @@ class StackedFFJORD(flow_base.FlowSettings, flow_base.CachedFlow):
 
   @property
   def state_time_derivative_fns(self):
+    """The K dynamics, in the order of the forward map."""
     return list(self._fns)
 
   @property

@@ -57,7 +57,19 @@ class Status:
 
 
 def status_message(status: int) -> str:
-  """Human-readable text of a `Status` code."""
+  """The text of a `Status` code.
+
+  Args:
+    status: a `Status` code (an int or a scalar Tensor read eagerly).
+
+  Returns:
+    The message, or 'unknown status N'.
+
+  Example:
+
+  >>> status_message(Status.SUCCEEDED)
+  'succeeded'
+  """
   status = int(status)
   if 0 <= status < len(Status.MESSAGES):
     return Status.MESSAGES[status]
@@ -75,9 +87,10 @@ def max_num_steps_hint(solver_class: str, max_num_steps, recorded: bool):
 
 
 class SolverError(tf.errors.InvalidArgumentError):
-  """A solve failed: which solver, why, where. Raised with
-  `raise_on_failure=True` in eager mode and by `checked_function` (also
-  under XLA); a subclass of the `tf.errors.InvalidArgumentError` that plain
+  """A solve failed: which solver, why, where.
+
+  Raised with `raise_on_failure=True` in eager mode and by
+  `checked_function` (also under XLA); a subclass of the `tf.errors.InvalidArgumentError` that plain
   `tf.function` and TF1 sessions raise for the same failure.
 
   Attributes:
@@ -104,6 +117,7 @@ class SolverError(tf.errors.InvalidArgumentError):
 
   @property
   def reason(self) -> str:
+    """Why the solve stopped, in words (`status_message(status)`)."""
     return status_message(self.status)
 
   @property

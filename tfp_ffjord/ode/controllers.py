@@ -64,10 +64,15 @@ def positive_step(h, dtype):
 
 @dataclasses.dataclass(frozen=True)
 class ConstantStepSize:
-  """Steps of one length: `step_size`, or the span cut into `num_steps`
-  (one of the two). A step that would cross a solution time is shortened
-  to end on it. `step_size` may be a scalar Tensor (the adjoint of a
-  `num_steps` grid keeps the forward's step)."""
+  """Steps of one length, for the fixed-step solvers.
+
+  A step that would cross a solution time is shortened to end on it.
+
+  Attributes:
+    step_size: the step's length. It may be a scalar Tensor (the adjoint of
+      a `num_steps` grid keeps the forward's step).
+    num_steps: or the span cut into this many steps (set one of the two).
+  """
   step_size: Union[None, float, tf.Tensor] = None
   num_steps: Optional[int] = None
 
@@ -160,6 +165,16 @@ class PIController:
   `[min_step_factor, max_step_factor]`. The first step is
   `first_step_size`, or estimated from the dynamics (Hairer, Norsett &
   Wanner, 1993, II.4; one more evaluation).
+
+  Attributes:
+    rtol: the relative tolerance.
+    atol: the absolute tolerance.
+    first_step_size: the first step, or None to estimate it.
+    safety_factor: the factor on the proposed next step.
+    min_step_factor: the smallest ratio of the next step to the current.
+    max_step_factor: the largest ratio of the next step to the current.
+    pi_alpha: the proportional exponent.
+    pi_beta: the integral exponent (0: an I controller).
   """
   rtol: float = 1e-3
   atol: float = 1e-6

@@ -76,8 +76,9 @@ class Backward(NamedTuple):
 
 
 class Backprop:
-  """The exact derivative of the discrete solution (discretise, then
-  optimise): the forward loop records the start state, time and size of
+  """The exact derivative of the discrete solution.
+
+  Discretise, then optimise: the forward loop records the start state, time and size of
   every accepted step (memory `max_num_steps` x state); the backward pass
   re-runs one step at a time and applies its vector-Jacobian product. Step
   sizes are treated as constants."""
@@ -88,10 +89,12 @@ class Backprop:
     return 'Backprop()'
 
   def backward_solver(self, solver):
+    """None: there is no backward solve."""
     del solver
     return None
 
   def wants_end_steps(self, controller, dense) -> bool:
+    """False: no step proposals are kept for a backward solve."""
     del controller, dense
     return False
 
@@ -101,15 +104,24 @@ class Backprop:
 
 
 class Adjoint:
-  """The continuous adjoint method (Chen et al., 2018): the backward pass
-  solves the adjoint ODE from the last solution time back to the initial
+  """The continuous adjoint method (Chen et al., 2018).
+
+  The backward pass solves the adjoint ODE from the last solution time back to the initial
   time, with the solver `make_solver_fn()` returns (default: the forward
   solver); memory does not grow with the number of steps. Each backward
   segment starts with the step the forward solve proposed on reaching its
   solution time (no probe), and every adjoint state, the parameters' and
   `constants`' included, is in the error norm. All segments run in one
   loop, whose state is one flat vector when the shapes are static;
-  `max_num_steps` bounds each segment."""
+  `max_num_steps` bounds each segment.
+
+  Args:
+    make_solver_fn: a callable returning the backward solve's solver, or
+      None for the forward solver.
+
+  Raises:
+    TypeError: if `make_solver_fn` is neither None nor callable.
+  """
   name = 'adjoint'
   records_steps = False
 

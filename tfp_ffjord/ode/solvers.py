@@ -63,6 +63,17 @@ class Solver:
 
   Subclasses set `tableau` and provide `controller`. Use `FixedStepSolver`
   or `AdaptiveSolver`.
+
+  Args:
+    gradient: 'adjoint', 'backprop', or an `Adjoint` / `Backprop` object.
+    max_num_steps: the bound on step attempts, or None.
+    error_components: how many leading state components the error norm
+      measures (None: all).
+    raise_on_failure: raise `SolverError` on a failed eager solve.
+    unroll_stages: unroll the stage loop in the graph.
+    make_adjoint_solver_fn: the adjoint's backward solver, as in TFP.
+    validate_args: check the arguments at run time.
+    name: the solver's name. Default: the class name.
   """
   tableau: tableaus.ButcherTableau = None
 
@@ -289,6 +300,7 @@ class FixedStepSolver(Solver):
 
   @property
   def controller(self) -> controllers.ConstantStepSize:
+    """The `ConstantStepSize` of these settings."""
     return controllers.ConstantStepSize(step_size=self.step_size,
                                         num_steps=self.num_steps)
 
@@ -394,14 +406,17 @@ class AdaptiveSolver(Solver):
   # TFP's attribute names, read by code written for tfp.math.ode.
   @property
   def min_step_size_factor(self):
+    """TFP's name of `min_step_factor`."""
     return self.min_step_factor
 
   @property
   def max_step_size_factor(self):
+    """TFP's name of `max_step_factor`."""
     return self.max_step_factor
 
   @property
   def controller(self) -> controllers.PIController:
+    """The `PIController` of these settings."""
     return controllers.PIController(
         rtol=self.rtol, atol=self.atol, first_step_size=self.first_step_size,
         safety_factor=self.safety_factor,

@@ -44,6 +44,17 @@ class ButcherTableau:
   Raises:
     ValueError: if a row of `a` does not sum to its node, if the weights do
       not sum to one, or if the shapes are inconsistent.
+
+  Example:
+
+  >>> heun = ButcherTableau(name='Heun', a=((1.,),), b=(.5, .5), c=(1.,),
+  ...                       order=2)
+  >>> heun.num_stages
+  2
+  >>> ButcherTableau(name='bad', a=((1.,),), b=(.5, .6), c=(1.,), order=2)
+  Traceback (most recent call last):
+  ...
+  ValueError: Tableau bad: ...
   """
   name: str
   a: Tuple[Tuple[float, ...], ...]
@@ -85,6 +96,13 @@ class ButcherTableau:
 
   @property
   def num_stages(self) -> int:
+    """The number of stages (evaluations per step, before FSAL).
+
+    Example:
+
+    >>> RK4.num_stages
+    4
+    """
     return len(self.a) + 1
 
   @property

@@ -87,7 +87,8 @@ class TrainConfig:
   `MultivariateNormalDiag(0, 0.8)`, exact trace) with our Tsit5 solver
   (backprop gradients, XLA) and a cosine learning-rate decay. Every field
   is also an option of `tfp-ffjord train` (`--batch-size` for
-  `batch_size`, and so on).
+  `batch_size`, and so on); each field's `metadata['help']` documents it,
+  and `tfp-ffjord train --help` prints them all.
   """
   dataset: str = _field('moons', 'choice', 'dataset to fit',
                         registry.DATASET_NAMES, fixed=True)

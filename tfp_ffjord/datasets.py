@@ -125,11 +125,10 @@ class Dataset:
     Returns:
       Bits per dimension.
 
-    Example:
-
-    >>> data = load('moons', num_train=64, num_test=64)
-    >>> round(data.bits_per_dim(2 * math.log(2.)), 6)   # 2-D: 1 bit each
-    1.0
+    Examples:
+      >>> data = load('moons', num_train=64, num_test=64)
+      >>> round(data.bits_per_dim(2 * math.log(2.)), 6)   # 2-D: 1 bit each
+      1.0
     """
     nll = float(nll_nats)
     if self.bin_width is not None:
@@ -297,10 +296,9 @@ def sample(name: str, n: int, seed: int = 0) -> np.ndarray:
   Raises:
     ValueError: for an unknown name, an image set, or `n` < 1.
 
-  Example:
-
-  >>> sample('moons', 3, seed=0).shape
-  (3, 2)
+  Examples:
+    >>> sample('moons', 3, seed=0).shape
+    (3, 2)
   """
   _check_name(name)
   if name in IMAGE_DATASETS:
@@ -447,10 +445,9 @@ def moons_log_density(x, num_nodes=2000):
   Returns:
     `[N]` log densities (float64).
 
-  Example:
-
-  >>> moons_log_density(np.zeros((1, 2))).round(4)
-  array([-1.9338])
+  Examples:
+    >>> moons_log_density(np.zeros((1, 2))).round(4)
+    array([-1.9338])
   """
   outer = (lambda t: np.stack([np.cos(t), np.sin(t)], 1), np.pi)
   inner = (lambda t: np.stack([1. - np.cos(t), 0.5 - np.sin(t)], 1), np.pi)

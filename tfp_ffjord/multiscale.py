@@ -52,11 +52,10 @@ def squeeze_permutation(shape: Sequence[int]) -> Tuple[np.ndarray, Tuple]:
   Raises:
     ValueError: if the height or width is odd.
 
-  Example:
-
-  >>> p, shape = squeeze_permutation((2, 2, 1))
-  >>> p.tolist(), shape
-  ([0, 1, 2, 3], (1, 1, 4))
+  Examples:
+    >>> p, shape = squeeze_permutation((2, 2, 1))
+    >>> p.tolist(), shape
+    ([0, 1, 2, 3], (1, 1, 4))
   """
   h, w, c = shape
   if h % 2 or w % 2:
@@ -131,10 +130,9 @@ def plan_levels(image_shape: Sequence[int], levels: int) -> List[Level]:
   Returns:
     One `Level` per level, data side first.
 
-  Example:
-
-  >>> [level.flow_shape for level in plan_levels((28, 28, 1), 3)]
-  [(14, 14, 4), (7, 7, 8), (7, 7, 4)]
+  Examples:
+    >>> [level.flow_shape for level in plan_levels((28, 28, 1), 3)]
+    [(14, 14, 4), (7, 7, 8), (7, 7, 4)]
 
   Raises:
     ValueError: if `image_shape` is not 3 positive ints, `levels` not a

@@ -43,10 +43,9 @@ def bounds(points: np.ndarray, margin: float = 0.1):
     `[(xmin, xmax), (ymin, ymax)]` (from the 0.5th to the 99.5th
     percentile, padded).
 
-  Example:
-
-  >>> bounds(np.array([[0., 0.], [1., 2.]]), margin=0.)
-  [(0.005, 0.995), (0.01, 1.99)]
+  Examples:
+    >>> bounds(np.array([[0., 0.], [1., 2.]]), margin=0.)
+    [(0.005, 0.995), (0.01, 1.99)]
   """
   lo, hi = np.percentile(points, 0.5, axis=0), np.percentile(points, 99.5,
                                                                axis=0)
@@ -74,10 +73,9 @@ def grid_lines(xlim=(-3., 3.), ylim=(-3., 3.), lines: int = 4,
   Returns:
     `[2 * lines * points_per_line, 2]` float32 points.
 
-  Example:
-
-  >>> grid_lines(lines=2, points_per_line=3).shape
-  (12, 2)
+  Examples:
+    >>> grid_lines(lines=2, points_per_line=3).shape
+    (12, 2)
   """
   xs, ys = np.linspace(*xlim, points_per_line), np.linspace(*ylim,
                                                             points_per_line)

@@ -70,12 +70,11 @@ def stateless_seed(seed, salt=None):
   Returns:
     A shape `[2]` int32 Tensor.
 
-  Example:
-
-  >>> bool(tf.reduce_all(stateless_seed(3) == stateless_seed(3)))
-  True
-  >>> bool(tf.reduce_all(stateless_seed(3) == stateless_seed(3, 'a')))
-  False
+  Examples:
+    >>> bool(tf.reduce_all(stateless_seed(3) == stateless_seed(3)))
+    True
+    >>> bool(tf.reduce_all(stateless_seed(3) == stateless_seed(3, 'a')))
+    False
   """
   if isinstance(seed, int) and not isinstance(seed, bool):
     seed = tf.constant([seed % 2**31, (seed // 2**31) % 2**31], tf.int32)
@@ -127,10 +126,9 @@ def rademacher_noise(shape, dtype, seed):
   Returns:
     A Tensor of `shape` holding -1 and +1.
 
-  Example:
-
-  >>> sorted(set(rademacher_noise([100], tf.float32, seed=0).numpy()))
-  [-1.0, 1.0]
+  Examples:
+    >>> sorted(set(rademacher_noise([100], tf.float32, seed=0).numpy().tolist()))
+    [-1.0, 1.0]
   """
   bits = tf.random.stateless_uniform(shape, seed=stateless_seed(seed),
                                      minval=0, maxval=2, dtype=tf.int32,

@@ -65,10 +65,9 @@ def status_message(status: int) -> str:
   Returns:
     The message, or 'unknown status N'.
 
-  Example:
-
-  >>> status_message(Status.SUCCEEDED)
-  'succeeded'
+  Examples:
+    >>> status_message(Status.SUCCEEDED)
+    'succeeded'
   """
   status = int(status)
   if 0 <= status < len(Status.MESSAGES):

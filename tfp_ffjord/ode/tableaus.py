@@ -45,16 +45,15 @@ class ButcherTableau:
     ValueError: if a row of `a` does not sum to its node, if the weights do
       not sum to one, or if the shapes are inconsistent.
 
-  Example:
-
-  >>> heun = ButcherTableau(name='Heun', a=((1.,),), b=(.5, .5), c=(1.,),
-  ...                       order=2)
-  >>> heun.num_stages
-  2
-  >>> ButcherTableau(name='bad', a=((1.,),), b=(.5, .6), c=(1.,), order=2)
-  Traceback (most recent call last):
-  ...
-  ValueError: Tableau bad: ...
+  Examples:
+    >>> heun = ButcherTableau(name='Heun', a=((1.,),), b=(.5, .5), c=(1.,),
+    ...                       order=2)
+    >>> heun.num_stages
+    2
+    >>> ButcherTableau(name='bad', a=((1.,),), b=(.5, .6), c=(1.,), order=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: Tableau bad: ...
   """
   name: str
   a: Tuple[Tuple[float, ...], ...]
@@ -98,10 +97,9 @@ class ButcherTableau:
   def num_stages(self) -> int:
     """The number of stages (evaluations per step, before FSAL).
 
-    Example:
-
-    >>> RK4.num_stages
-    4
+    Examples:
+      >>> RK4.num_stages
+      4
     """
     return len(self.a) + 1
 

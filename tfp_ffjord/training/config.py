@@ -219,6 +219,8 @@ class TrainConfig:
 
   @property
   def regularized(self) -> bool:
+    """Whether an RNODE weight is set (the training solves then integrate
+    the regularisers)."""
     return self.kinetic_weight > 0 or self.jacobian_weight > 0
 
   @property
@@ -239,12 +241,28 @@ class TrainConfig:
     return self.solver in registry.ADAPTIVE_SOLVERS
 
   def to_dict(self) -> Dict:
+    """The fields as a JSON-ready dict (what `config.json` holds)."""
     d = dataclasses.asdict(self)
     d['hidden'] = list(self.hidden)
     return d
 
   @classmethod
   def from_dict(cls, d: Dict) -> 'TrainConfig':
+    """The config of a dict (`config.json`).
+
+    Args:
+      d: field names to values.
+
+    Returns:
+      The `TrainConfig`.
+
+    Raises:
+      ValueError: for a key that is not a field.
+
+    Examples:
+      >>> TrainConfig.from_dict({'epochs': 3}).epochs
+      3
+    """
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:

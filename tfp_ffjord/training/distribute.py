@@ -19,6 +19,12 @@ def is_chief(resolver) -> bool:
   cluster has no `chief`); true without a resolver or task (one process).
   Used with a strategy's `cluster_resolver`, and by the CLI with
   `TFConfigClusterResolver` before any strategy exists.
+
+  Args:
+    resolver: a cluster resolver, or None.
+
+  Returns:
+    True for the chief, or for a single process.
   """
   if resolver is None or not getattr(resolver, 'task_type', None):
     return True
@@ -44,6 +50,12 @@ def make_strategy(name: str = 'default', cpu_devices: Optional[int] = None,
       without GPUs, the strategy then mirrors over them.
     timeout_seconds: 'multi-worker': a collective that waits longer than
       this (a dead worker) fails instead of hanging.
+
+  Returns:
+    The strategy, or None for 'default'.
+
+  Raises:
+    ValueError: for an unknown name or a bad `cpu_devices`.
   """
   if name not in registry.STRATEGIES:
     raise ValueError('`strategy` must be one of '

@@ -10,8 +10,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. the loss became non-finite).
 
-  `solver_error` is the `tfp_ffjord.ode.SolverError` behind it when a solve
-  failed (its fields say which solver, why, where), else None.
+  Args:
+    message: what happened and what was kept.
+    solver_error: the `tfp_ffjord.ode.SolverError` behind it when a solve
+      failed (its fields say which solver, why, where), else None.
   """
 
   def __init__(self, message, solver_error=None):

@@ -122,6 +122,12 @@ def export_saved_model(trainer, path: str) -> str:
   Args:
     trainer: a `Trainer` (its model, evaluation flow, dimension, config).
     path: a new or empty directory.
+
+  Returns:
+    `path`.
+
+  Raises:
+    FileExistsError: if `path` exists and is not an empty directory.
   """
   module = _ExportModule(trainer.model, trainer.eval_flow, trainer.data.dim,
                          trainer.config.to_dict())

@@ -71,7 +71,20 @@ def noise(seed: int, step, batch_size: int, dim: int, base_scale: float):
 
 
 def ot_pairing(base, data) -> np.ndarray:
-  """The permutation of `base` rows minimising `sum ||base - data||^2`."""
+  """The pairing of two batches that minimises the squared distances.
+
+  Args:
+    base: `[B, D]` base samples.
+    data: `[B, D]` data points.
+
+  Returns:
+    The permutation `p` of `base`'s rows minimising
+    `sum ||base[p] - data||^2` (an exact assignment).
+
+  Examples:
+    >>> ot_pairing(np.array([[0.], [1.]]), np.array([[1.], [0.]])).tolist()
+    [1, 0]
+  """
   import scipy.optimize  # pylint: disable=g-import-not-at-top
   cost = ((base[:, None, :] - data[None, :, :]) ** 2).sum(-1)
   rows, cols = scipy.optimize.linear_sum_assignment(cost)

@@ -33,8 +33,9 @@ LogProbTerms.__doc__ = """What `FlowModel.log_prob_terms` returns.
 
 Attributes:
   log_prob: `[N]` log-densities.
-  kinetic_energy, jacobian_frobenius: `[N]` RNODE integrals summed over the
+  kinetic_energy: `[N]` RNODE kinetic-energy integrals summed over the
     blocks (zeros unless `regularize=True`).
+  jacobian_frobenius: `[N]` RNODE Jacobian Frobenius integrals, likewise.
   nfe: int32, dynamics evaluations of the solves, summed over the blocks.
 """
 
@@ -50,7 +51,21 @@ def solver_named(name: str, rtol: float, atol: float, num_steps: int,
 
 
 def make_solver(config, for_eval: bool = False):
-  """The ODE solver of a `TrainConfig` (or the tight evaluation solver)."""
+  """The ODE solver of a `TrainConfig`.
+
+  Args:
+    config: a `TrainConfig`.
+    for_eval: the held-out evaluation's solver instead (Tsit5 at the
+      config's evaluation tolerances, adjoint gradient).
+
+  Returns:
+    A `tfp_ffjord.ode` solver.
+
+  Examples:
+    >>> from tfp_ffjord.training import TrainConfig
+    >>> make_solver(TrainConfig(solver='rk4', num_steps=4))
+    RK4(...)
+  """
   if for_eval:
     return ode.Tsit5(rtol=config.eval_rtol, atol=config.eval_atol,
                      gradient='adjoint')
@@ -59,7 +74,21 @@ def make_solver(config, for_eval: bool = False):
 
 
 def make_trace(name: str):
-  """The `trace_augmentation_fn` registered as `name`."""
+  """The `trace_augmentation_fn` registered as `name`.
+
+  Args:
+    name: a name of `registry.TRACES` ('exact' or 'hutchinson').
+
+  Returns:
+    The trace function.
+
+  Raises:
+    ValueError: for another name.
+
+  Examples:
+    >>> make_trace('exact').__name__
+    'trace_jacobian_exact'
+  """
   if name not in registry.TRACES:
     raise ValueError(f'`trace` must be one of {", ".join(registry.TRACES)}; '
                      f'got {name!r}.')
@@ -68,11 +97,21 @@ def make_trace(name: str):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """What `FlowModel` builds (see its doc): the architecture (a name of
-  `registry.MODELS`), its blocks, hidden sizes and activation (a name of
-  `registry.ACTIVATIONS`), the base distribution's scale, the image shape
-  and levels of image models, the logit transform's `alpha`, the
-  baselines' seed, and whether FFJORD blocks keep their variables packed."""
+  """What `FlowModel` builds (its docstring says how).
+
+  Attributes:
+    blocks: FFJORD blocks (multiscale: per level; realnvp/maf: layers;
+      glow: steps per level).
+    hidden: the dynamics' hidden sizes (conv models: channels).
+    activation: a name of `registry.ACTIVATIONS`.
+    base_scale: the Gaussian base distribution's scale.
+    architecture: a name of `registry.MODELS`.
+    image_shape: `(height, width, channels)` of image models.
+    levels: the levels of 'multiscale' and 'glow'.
+    logit_alpha: the logit transform's `alpha`, or None for none.
+    seed: the baselines' seed.
+    stack_blocks: whether FFJORD blocks keep their variables packed.
+  """
   blocks: int = 4
   hidden: Sequence[int] = (8, 8)
   activation: str = 'tanh'
@@ -112,8 +151,10 @@ def _check_spec(spec, dim, num_classes):
 
 
 class FlowModel(snt.Module):
-  """A flow's variables, and its flows with any solver: FFJORD blocks over a
-  Gaussian base (or one of TFP's discrete flows, as a baseline).
+  """A flow's variables, and its flows with any solver.
+
+  FFJORD blocks over a Gaussian base (or one of TFP's discrete flows, as a
+  baseline).
 
   The variables live here (Sonnet dynamics modules); `flow()` wraps them into
   a `tfd.TransformedDistribution` with any solver and trace estimator, so
@@ -147,6 +188,21 @@ class FlowModel(snt.Module):
   The settings are a `ModelSpec` (`spec`), or its fields as arguments
   (`FlowModel(2, 4, (8, 8))`, `FlowModel(2, blocks=2, activation='elu')`),
   which override those of `spec`.
+
+  Args:
+    dim: the data dimension.
+    blocks: `ModelSpec.blocks`, positionally.
+    hidden: `ModelSpec.hidden`, positionally.
+    spec: a `ModelSpec`.
+    num_classes: classes of a conditional model (0: unconditional).
+    dtype: the flow's dtype.
+    name: the module's name.
+    **settings: other `ModelSpec` fields.
+
+  Raises:
+    TypeError: for a setting that is not a `ModelSpec` field.
+    ValueError: for an unknown architecture or activation, or an image
+      model without a matching `image_shape`.
   """
 
   def __init__(self, dim: int, blocks: Optional[int] = None,
@@ -275,6 +331,7 @@ class FlowModel(snt.Module):
                                     self.num_classes, dtype=self.dtype)}
 
   def base_distribution(self) -> tfd.Distribution:
+    """The Gaussian base: `MultivariateNormalDiag(0, base_scale)`."""
     return tfd.MultivariateNormalDiag(
         loc=tf.zeros([self.dim], self.dtype),
         scale_diag=tf.fill([self.dim], tf.constant(self.base_scale,

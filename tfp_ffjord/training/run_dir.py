@@ -194,7 +194,11 @@ class RunLock:
 
 
 class RunDir:
-  """A training run's directory (it need not exist yet)."""
+  """A training run's directory (it need not exist yet).
+
+  Args:
+    path: the directory.
+  """
 
   def __init__(self, path: str):
     self.path = path
@@ -204,18 +208,22 @@ class RunDir:
 
   @property
   def config_path(self) -> str:
+    """`config.json`: the run's `TrainConfig`."""
     return os.path.join(self.path, CONFIG_FILE)
 
   @property
   def metrics_path(self) -> str:
+    """`metrics.json`: the per-epoch records and the summary."""
     return os.path.join(self.path, METRICS_FILE)
 
   @property
   def checkpoint_dir(self) -> str:
+    """The `checkpoints/` directory."""
     return os.path.join(self.path, CHECKPOINT_DIR)
 
   @property
   def log_dir(self) -> str:
+    """The TensorBoard `logs/` directory."""
     return os.path.join(self.path, LOG_DIR)
 
   def lock(self) -> RunLock:
@@ -244,11 +252,13 @@ class RunDir:
       return json.load(f)
 
   def write_config(self, config: Dict) -> str:
+    """Writes `config.json` atomically; returns its path."""
     os.makedirs(self.path, exist_ok=True)
     _write_json(self.config_path, config)
     return self.config_path
 
   def write_metrics(self, metrics: Dict) -> str:
+    """Writes `metrics.json` atomically; returns its path."""
     os.makedirs(self.path, exist_ok=True)
     _write_json(self.metrics_path, metrics)
     return self.metrics_path

@@ -26,8 +26,9 @@ Attributes:
   loss: scalar float32, the objective minimised (batch mean).
   nfe: int32, dynamics evaluations of the step's forward solves (0 for
     flow matching).
-  kinetic, frobenius: batch means of RNODE's kinetic energy and Jacobian
-    Frobenius norm (0 when the config does not weight them).
+  kinetic: the batch mean of RNODE's kinetic energy (0 when the config
+    does not weight it).
+  frobenius: the batch mean of RNODE's Jacobian Frobenius norm (likewise).
 """
 
 

@@ -166,6 +166,15 @@ class Trainer:
     return self.evaluator.log_prob(points, labels)
 
   def marginal_log_prob(self, points) -> np.ndarray:
+    """`log p(x)`; for conditional models the mixture over the classes.
+
+    Args:
+      points: `[N, D]` points.
+
+    Returns:
+      `[N]` log densities: `log sum_c p(c) p(x | c)` for a conditional
+      model, with `p(c)` the training frequencies.
+    """
     return self.evaluator.marginal_log_prob(points)
 
   def evaluate(self, points=None, labels=None) -> Dict[str, float]:
@@ -173,6 +182,7 @@ class Trainer:
     return self.evaluator.evaluate(points, labels)
 
   def forward(self, points, labels=None) -> np.ndarray:
+    """Data points mapped to the base space (see `Evaluator.forward`)."""
     return self.evaluator.forward(points, labels)
 
   def sample(self, n: int, seed: int = 0, labels=None) -> np.ndarray:
@@ -181,6 +191,7 @@ class Trainer:
 
   @property
   def epochs_done(self) -> int:
+    """The epochs trained so far (restored with a checkpoint)."""
     return int(self.epoch.numpy())
 
   # ------------------------------------------------------ checkpoints, fit
@@ -483,6 +494,12 @@ def _log_scalars(writer, record):
 
 def load_run(run_dir: str) -> Trainer:
   """A `Trainer` for a finished (or interrupted) run, weights restored.
+
+  Args:
+    run_dir: the run's directory.
+
+  Returns:
+    The `Trainer`, its history read from the checkpoint.
 
   Raises:
     FileNotFoundError: if `run_dir` has no `config.json` or no checkpoint.

@@ -23,24 +23,35 @@ FitResult = collections.namedtuple(
     'FitResult', ['losses', 'seconds', 'steps', 'first_step_seconds'])
 FitResult.__doc__ = """What `fit` did.
 
-losses: `[steps]` negative ELBO estimates, one per step (before its update).
-seconds: `[steps]` wall time since `fit` started, at the end of the call
-  that ran each step.
-steps: the number of optimizer steps taken.
-first_step_seconds: wall time of the first step (tracing and compiling).
+Attributes:
+  losses: `[steps]` negative ELBO estimates, one per step (before its
+    update).
+  seconds: `[steps]` wall time since `fit` started, at the end of the call
+    that ran each step.
+  steps: the number of optimizer steps taken.
+  first_step_seconds: wall time of the first step (tracing and compiling).
 """
 
 
 def elbo_loss(surrogate, target_log_prob_fn: Callable, sample_size: int,
               seed, stopped_surrogate=None):
-  """The negative ELBO, `mean(log q(x) - log p~(x))` over `sample_size`
-  reparameterised draws `x ~ q` from the stateless `seed` (shape `[2]`).
+  """The negative ELBO, `mean(log q(x) - log p~(x))` over draws `x ~ q`.
 
   Without `stopped_surrogate`: one `experimental_sample_and_log_prob` (one
   forward solve for an FFJORD surrogate). With it: sticking the landing,
   `log q` evaluated by `stopped_surrogate` (same family, variables equal to
   `surrogate`'s but not differentiated), so the gradient is only the path
   term, which vanishes when `q` equals the posterior.
+
+  Args:
+    surrogate: the surrogate posterior `q` (a TFP distribution).
+    target_log_prob_fn: the unnormalised target log density `log p~`.
+    sample_size: the number of reparameterised draws.
+    seed: a stateless seed (shape `[2]`).
+    stopped_surrogate: the sticking-the-landing copy, or None.
+
+  Returns:
+    The scalar loss.
   """
   seed = tf.convert_to_tensor(seed, tf.int32)
   if stopped_surrogate is None:
@@ -235,13 +246,21 @@ def evaluate(surrogate, target, num_samples: int = 4096, seed: int = 1,
              batch_size: int = 1024) -> dict:
   """The fitted surrogate against `target`'s ground truth.
 
-  Returns a dict of plain floats:
-    elbo, elbo_stderr: the ELBO (`E_q[log p~ - log q]`, p~ unnormalised)
-      and its Monte Carlo standard error over `num_samples` draws.
-    mean_error, std_error: the largest standardised error of the posterior
-      mean and standard deviation over the target's coordinates (those of
-      its 'identity' sample transformation): `max |estimate - truth| /
-      truth_std`; None where the target has no ground truth.
+  Args:
+    surrogate: the fitted surrogate posterior.
+    target: an inference_gym target.
+    num_samples: the draws of the estimates.
+    seed: their seed.
+    batch_size: draws per batch.
+
+  Returns:
+    A dict of plain floats: `elbo` and `elbo_stderr` (the ELBO,
+    `E_q[log p~ - log q]` with p~ unnormalised, and its Monte Carlo
+    standard error); `mean_error` and `std_error` (the largest standardised
+    error of the posterior mean and standard deviation over the target's
+    coordinates, those of its 'identity' sample transformation:
+    `max |estimate - truth| / truth_std`; None where the target has no
+    ground truth).
   """
   _checks.positive_int('num_samples', num_samples)
   transform = getattr(target, 'sample_transformations', {}).get('identity')

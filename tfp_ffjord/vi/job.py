@@ -18,12 +18,27 @@ from tfp_ffjord.vi.surrogates import target_log_prob_fn
 
 @dataclasses.dataclass
 class VIConfig:
-  """One `tfp-ffjord vi` job: the target and surrogate (names of
-  `registry.VI_TARGETS` and `registry.VI_SURROGATES`), `fit`'s settings,
-  the FFJORD surrogate's architecture and solver (a name of
-  `registry.SOLVERS`, its tolerances or fixed step count; backprop
-  gradients), the trace (None: exact up to `EXACT_TRACE_MAX_DIM`) and the
-  samples `evaluate` draws."""
+  """One `tfp-ffjord vi` job.
+
+  Attributes:
+    target: a name of `registry.VI_TARGETS`.
+    surrogate: a name of `registry.VI_SURROGATES`.
+    num_steps: `fit`'s optimizer steps.
+    max_seconds: also stop `fit` after this much wall time (None: no limit).
+    learning_rate: Adam's learning rate.
+    sample_size: draws per ELBO estimate.
+    seed: the job's seed.
+    blocks: the FFJORD surrogate's blocks.
+    hidden: their dynamics' hidden sizes.
+    solver: a name of `registry.SOLVERS` (backprop gradients).
+    rtol: an adaptive solver's relative tolerance.
+    atol: its absolute tolerance.
+    num_solver_steps: a fixed-step solver's steps.
+    trace: 'exact', 'hutchinson', or None (exact up to
+      `EXACT_TRACE_MAX_DIM` unconstrained dimensions).
+    estimator: 'reparameterization' or 'stl' (sticking the landing).
+    num_eval_samples: the draws of `evaluate`.
+  """
   target: str = 'banana'
   surrogate: str = 'ffjord'
   num_steps: int = 2000
@@ -50,9 +65,17 @@ def run(config: Optional[VIConfig] = None, out_dir: Optional[str] = None, *,
   `evaluate`; with `out_dir`, writes `metrics.json`, `elbo.png` and
   `posterior.png` (surrogate and exact samples for a 2-D target with a
   sampler; per-coordinate means and standard deviations against the ground
-  truth otherwise). `settings` override fields of `config` (default
-  `VIConfig()`), e.g. `run(target='funnel', num_steps=500)`. Returns the
-  metrics.
+  truth otherwise).
+
+  Args:
+    config: a `VIConfig` (default `VIConfig()`).
+    out_dir: the directory to write into, or None.
+    verbose: print progress.
+    **settings: fields overriding `config`'s, e.g.
+      `run(target='funnel', num_steps=500)`.
+
+  Returns:
+    The metrics (`evaluate`'s, the fit's steps and times, the settings).
   """
   c = dataclasses.replace(config or VIConfig(), **settings)
   tf.random.set_seed(c.seed)

@@ -29,9 +29,16 @@ EXACT_TRACE_MAX_DIM = 16
 FFJORD_NAME = 'ffjord'
 
 def load_target(name: str):
-  """The `inference_gym` target registered as `name` (`registry.VI_TARGETS`).
+  """The `inference_gym` target registered as `name`.
 
-  Raises `ValueError` naming the choices for an unknown name.
+  Args:
+    name: a name of `registry.VI_TARGETS`, e.g. 'banana'.
+
+  Returns:
+    The inference_gym model.
+
+  Raises:
+    ValueError: naming the choices, for an unknown name.
   """
   if name not in registry.VI_TARGETS:
     raise ValueError(f'Unknown target {name!r}; expected one of '
@@ -65,14 +72,39 @@ def _parts(event_shape, bijector, dtype):
 
 
 def unconstrained_size(event_shape, bijector=None, dtype=tf.float32) -> int:
-  """The number of real coordinates of an event after `bijector.inverse`."""
+  """The number of real coordinates of an event after `bijector.inverse`.
+
+  Args:
+    event_shape: a shape, or a structure of shapes.
+    bijector: the target's constraining bijector (a bijector, a structure
+      of them like `event_shape`, or None).
+    dtype: a dtype, or a structure of them.
+
+  Returns:
+    D, the unconstrained dimension.
+
+  Examples:
+    >>> shapes = {'a': tf.TensorShape([2]), 'b': tf.TensorShape([3, 2])}
+    >>> unconstrained_size(shapes, dtype={'a': tf.float32, 'b': tf.float32})
+    8
+  """
   shapes, _ = _parts(event_shape, _constraining(bijector), dtype)
   return sum(int(np.prod(s.as_list(), dtype=np.int64)) for s in shapes)
 
 
 def restructuring_bijector(event_shape, bijector=None, dtype=tf.float32):
-  """`R^D -> the target's unconstrained parts`, shaped and structured like
-  `dtype` (a flat vector for a single `[D]` event: the identity)."""
+  """The map from `R^D` to the target's unconstrained parts.
+
+  Args:
+    event_shape: a shape, or a structure of shapes.
+    bijector: the target's constraining bijector (a bijector, a structure
+      of them like `event_shape`, or None).
+    dtype: a dtype, or a structure of them.
+
+  Returns:
+    A bijector whose output is shaped and structured like `dtype` (for a
+    single `[D]` event, the identity).
+  """
   shapes, _ = _parts(event_shape, _constraining(bijector), dtype)
   sizes = [int(np.prod(s.as_list(), dtype=np.int64)) for s in shapes]
   if not tf.nest.is_nested(dtype):
@@ -117,13 +149,13 @@ def build_ffjord_surrogate_posterior(
     seed=None, name: str = 'ffjord_surrogate') -> tfd.TransformedDistribution:
   """An FFJORD surrogate posterior for events of `event_shape`.
 
-  Arguments follow `tfp.experimental.vi.build_affine_surrogate_posterior`:
-  `event_shape` (a shape or a structure of shapes), the target's
-  constraining `bijector` (a bijector, a structure of them like
-  `event_shape`, or None) and `dtype` (a dtype or a structure of them).
+  Arguments follow `tfp.experimental.vi.build_affine_surrogate_posterior`.
 
   Args:
-    event_shape, bijector, dtype: as above.
+    event_shape: a shape, or a structure of shapes.
+    bijector: the target's constraining bijector (a bijector, a structure
+      of them like `event_shape`, or None).
+    dtype: a dtype, or a structure of them.
     blocks: FFJORD blocks, each an MLP with a zero-initialised last layer,
       so the flow starts as the identity. Default: 2.
     hidden: hidden layer sizes of each block's MLP. Default: (32, 32).
@@ -231,10 +263,19 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
                     seed=0, **ffjord_kwargs) -> tfd.Distribution:
   """A surrogate of family `kind` (`registry.VI_SURROGATES`) for `target`.
 
-  `target` has `event_shape`, `dtype` and `default_event_space_bijector`
-  (an `inference_gym` model, or a `tfd.Distribution` whose
-  `experimental_default_event_space_bijector()` is used). `ffjord_kwargs`
-  go to `build_ffjord_surrogate_posterior`.
+  Args:
+    kind: 'ffjord', 'mean-field', 'full-covariance' or 'iaf'.
+    target: an `inference_gym` model, or a `tfd.Distribution` (whose
+      `experimental_default_event_space_bijector()` constrains).
+    hidden: the hidden sizes of the FFJORD or IAF networks.
+    seed: the initial weights' seed.
+    **ffjord_kwargs: more arguments of `build_ffjord_surrogate_posterior`.
+
+  Returns:
+    The surrogate posterior.
+
+  Raises:
+    ValueError: for an unknown kind, or FFJORD arguments given to another.
   """
   if kind not in registry.VI_SURROGATES:
     raise ValueError(f'Unknown surrogate {kind!r}; expected one of '
@@ -264,15 +305,28 @@ def _target_spec(target):
 
 
 def target_log_prob_fn(target) -> Callable:
-  """`target`'s (unnormalised) log density: an `inference_gym` model's
-  `unnormalized_log_prob`, a distribution's `log_prob`."""
+  """A target's (unnormalised) log density.
+
+  Args:
+    target: an `inference_gym` model or a TFP distribution.
+
+  Returns:
+    The model's `unnormalized_log_prob`, or the distribution's `log_prob`.
+  """
   fn = getattr(target, 'unnormalized_log_prob', None)
   return fn if fn is not None else target.log_prob
 
 
 def surrogate_for(target, **kwargs) -> tfd.TransformedDistribution:
-  """`build_ffjord_surrogate_posterior` for `target`'s event shape, dtype
-  and constraining bijector (see `build_surrogate`)."""
+  """An FFJORD surrogate for a target: `build_surrogate('ffjord', target)`.
+
+  Args:
+    target: as for `build_surrogate`.
+    **kwargs: more arguments of `build_surrogate`.
+
+  Returns:
+    The surrogate posterior.
+  """
   return build_surrogate('ffjord', target, **kwargs)
 
 

@@ -14,6 +14,8 @@ nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 
 COLAB = os.path.join(os.path.dirname(__file__), os.pardir, 'colab')
+TUTORIALS = os.path.join(os.path.dirname(__file__), os.pardir, 'docs',
+                         'tutorials')
 NOTEBOOK_TIMEOUT = 900  # seconds per cell
 # Nats the smoke-trained moons flow must beat the identity flow by.
 LEARNED_MARGIN = 0.2
@@ -50,8 +52,30 @@ def test_notebooks_have_no_outputs_and_a_colab_install_cell():
     assert all(not c.get('outputs') for c in nb.cells if c.cell_type == 'code')
     first_code = next(c for c in nb.cells if c.cell_type == 'code')
     assert "'google.colab' in sys.modules" in first_code.source, name
+    title = next(c for c in nb.cells if c.cell_type == 'markdown')
+    assert 'colab.research.google.com/github/' in title.source, name
+    assert f'/colab/{name})' in title.source, name
     assert any('References' in c.source for c in nb.cells
                if c.cell_type == 'markdown'), name
+
+
+def test_the_docs_render_executed_copies_of_the_notebooks():
+  """docs/tutorials/ holds each notebook with the outputs of a full run
+  (docs/execute_tutorials.py), its cells the same as colab/'s."""
+  names = sorted(n for n in os.listdir(COLAB) if n.endswith('.ipynb'))
+  assert names == sorted(n for n in os.listdir(TUTORIALS)
+                         if n.endswith('.ipynb'))
+  for name in names:
+    source = nbformat.read(os.path.join(COLAB, name), as_version=4)
+    executed = nbformat.read(os.path.join(TUTORIALS, name), as_version=4)
+    assert ([c.source for c in executed.cells]
+            == [c.source for c in source.cells]), (
+                f'docs/tutorials/{name} is out of date: run '
+                f'python docs/execute_tutorials.py {name}')
+    code = [c for c in executed.cells if c.cell_type == 'code']
+    assert any(c.outputs for c in code), name
+    assert not any(o.get('output_type') == 'error'
+                   for c in code for o in c.outputs), name
 
 
 @pytest.mark.slow

@@ -351,7 +351,7 @@ def _chief_of_cluster(args) -> bool:
   cluster = tf_config.get('cluster', {})
   if not task or not cluster:
     raise UsageError('--strategy multi-worker needs TF_CONFIG with '
-                     '"cluster" and "task" (see README, Scaling out)')
+                     '"cluster" and "task" (see the tf.distribute guide)')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfp_ffjord.training import distribute  # pylint: disable=g-import-not-at-top
   return distribute.is_chief(

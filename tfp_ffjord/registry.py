@@ -4,7 +4,7 @@ Each table maps a name (as typed on the command line or stored in a run's
 `config.json`) to what it selects. Nothing here imports TensorFlow, so the
 command line can check its arguments, and `TrainConfig` can validate
 itself, before TensorFlow loads. `TrainConfig`, the command line, the
-modules that build objects from names and README.md all read these tables;
+modules that build objects from names and the docs all read these tables;
 `tests/test_registry.py` checks that each table and its users agree.
 """
 

@@ -21,6 +21,17 @@ OUT = os.path.join(HERE, 'tutorials')
 CELL_TIMEOUT = 3600  # seconds
 
 
+def strip_stderr(nb):
+  """Drops what the kernel wrote to stderr (TensorFlow's start-up log lines,
+  progress bars): the docs show the notebook's results."""
+  for cell in nb.cells:
+    if cell.cell_type == 'code':
+      cell.outputs = [o for o in cell.outputs
+                      if not (o.get('output_type') == 'stream'
+                              and o.get('name') == 'stderr')]
+  return nb
+
+
 def execute(name):
   nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
   os.environ.pop('TFP_FFJORD_SMOKE', None)   # the full run
@@ -30,7 +41,7 @@ def execute(name):
     nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name='python3',
                             resources={'metadata': {'path': work}}).execute()
   os.makedirs(OUT, exist_ok=True)
-  nbformat.write(nb, os.path.join(OUT, name))
+  nbformat.write(strip_stderr(nb), os.path.join(OUT, name))
   return time.perf_counter() - start
 
 

@@ -1,8 +1,9 @@
 """Figures for trained flows (matplotlib only, written to files).
 
 Every function takes NumPy arrays (or a NumPy-returning callable) and a path,
-draws one figure with the non-interactive Agg backend and closes it, so it
-can run in a training loop, a test or a headless job.
+draws one figure on a bare matplotlib `Figure` (no pyplot, no backend chosen
+or changed) and writes it, so it can run in a training loop, a test, a
+headless job or a notebook whose own figures keep displaying.
 """
 
 import os
@@ -15,18 +16,28 @@ __all__ = ['grid_lines', 'plot_panels', 'plot_density', 'plot_curves',
            'plot_posterior_2d', 'plot_marginals', 'plot_elbo', 'bounds']
 
 
+class _Figures:
+  """`subplots` as pyplot's, on a bare `matplotlib.figure.Figure`.
+
+  The figures never pass through pyplot: no backend is chosen or changed
+  (a notebook's inline backend keeps showing its own figures) and nothing
+  is kept open.
+  """
+
+  @staticmethod
+  def subplots(*args, figsize=None, **kwargs):
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
 def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+  return _Figures
 
 
 def _save(fig, path):
-  plt = _pyplot()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=80)
-  plt.close(fig)
 
 
 def bounds(points: np.ndarray, margin: float = 0.1):

@@ -96,10 +96,9 @@ def restructuring_bijector(event_shape, bijector=None, dtype=tf.float32):
   """The map from `R^D` to the target's unconstrained parts.
 
   Args:
-    event_shape: a shape, or a structure of shapes.
-    bijector: the target's constraining bijector (a bijector, a structure
-      of them like `event_shape`, or None).
-    dtype: a dtype, or a structure of them.
+    event_shape: as for `unconstrained_size`.
+    bijector: as for `unconstrained_size`.
+    dtype: as for `unconstrained_size`.
 
   Returns:
     A bijector whose output is shaped and structured like `dtype` (for a

@@ -19,7 +19,7 @@ PUBLIC_MODULES = ('tfp_ffjord', 'tfp_ffjord.ode', 'tfp_ffjord.training',
                   'tfp_ffjord.vi', 'tfp_ffjord.datasets',
                   'tfp_ffjord.dynamics', 'tfp_ffjord.multiscale',
                   'tfp_ffjord.baselines', 'tfp_ffjord.plotting',
-                  'tfp_ffjord.trace')
+                  'tfp_ffjord.trace', 'tfp_ffjord.sample_quality')
 
 SECTION = re.compile(r'^(Args|Attributes|Returns|Yields|Raises|Example|'
                      r'Examples|Note|Notes|References|Warning):\s*$')

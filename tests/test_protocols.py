@@ -278,7 +278,8 @@ LAYERS = (
     ('dynamics and trace', ('trace', 'dynamics', 'block_stacking')),
     ('bijectors', ('bijector', 'stacked', 'multiscale', 'segments', 'fusion',
                    'flow_base', 'ffjord')),
-    ('training', ('training', 'vi', 'datasets', 'plotting', 'baselines')),
+    ('training', ('training', 'vi', 'datasets', 'plotting', 'baselines',
+                  'sample_quality')),
     ('command line', ('cli', 'compilation_cache', '_stderr', '__main__')),
 )
 

@@ -35,6 +35,7 @@ _EXPORTS = {
     'ode': ('tfp_ffjord.ode', None),
     'plotting': ('tfp_ffjord.plotting', None),
     'rademacher_noise': ('tfp_ffjord.trace', 'rademacher_noise'),
+    'sample_quality': ('tfp_ffjord.sample_quality', None),
     'trace_jacobian_exact': ('tfp_ffjord.trace', 'trace_jacobian_exact'),
     'trace_jacobian_hutchinson': ('tfp_ffjord.trace',
                                   'trace_jacobian_hutchinson'),

@@ -8,6 +8,12 @@ discrete images at the end and over time (a figure), steps taken, and for
 FFJORD models the NFE per step. FFJORD models are evaluated with
 Hutchinson's estimator above 64 dimensions (unbiased for log p).
 
+Sample quality: a classifier trained on the dataset's real training images
+(`tfp_ffjord.sample_quality`) scores 1,000 samples of each model, and the
+real held-out images: the mean top-class probability and the entropy of the
+histogram of predicted classes (`--samples-dir` also writes each model's
+sample grid).
+
     python benchmarks/bench_images.py --dataset digits --seconds 300 \
         --threads 1 --out benchmarks/RESULTS.md
 
@@ -80,7 +86,13 @@ def pin(threads, first_cpu=0):
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def run_model(name, dataset, seconds, seed):
+NUM_SCORED = 1000   # samples scored per model
+
+
+def run_model(name, dataset, seconds, seed, classifier=None,
+              samples_dir=None):
+  from tfp_ffjord import plotting  # pylint: disable=g-import-not-at-top
+  from tfp_ffjord import sample_quality  # pylint: disable=g-import-not-at-top
   from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
   kw = dict(COMMON[dataset])
   kw.update(MODELS[name])
@@ -93,7 +105,15 @@ def run_model(name, dataset, seconds, seed):
   total = time.perf_counter() - start
   params = sum(int(v.shape.num_elements()) for v in trainer.variables)
   last = history[-1]
-  return dict(
+  scores = None
+  if classifier is not None:
+    samples = trainer.sample(NUM_SCORED, seed=seed)
+    scores = sample_quality.score(classifier, samples)
+    if samples_dir:
+      plotting.plot_image_samples(
+          os.path.join(samples_dir, f'{dataset}_{name}.png'), samples[:100],
+          trainer.data.image_shape, title=name)
+  return dict(sample_scores=scores,
       name=name, config=config.to_dict(), params=params,
       untrained_bits_per_dim=untrained['bits_per_dim'],
       bits_per_dim=last['test_bits_per_dim'], steps=len(history) *
@@ -104,20 +124,35 @@ def run_model(name, dataset, seconds, seed):
       nfe_curve=[h['nfe_per_step'] for h in history])
 
 
-def table(results, dataset, seconds, command):
+def table(results, dataset, seconds, command, real_scores=None):
   rows = [f'## Image flows on `{dataset}` at equal training time', '',
           f'Each model: {seconds:.0f} s of training steps, one core. Command: '
           f'`{command}`', '',
           '| model | parameters | steps | held-out bits/dim at the end '
-          '(untrained) | best held-out bits/dim (at s) | NFE per step |',
-          '|---|---:|---:|---:|---:|---:|']
+          '(untrained) | best held-out bits/dim (at s) | NFE per step | '
+          'sample confidence | sample class entropy |',
+          '|---|---:|---:|---:|---:|---:|---:|---:|']
   for r in results:
     when, best = min(r['curve'], key=lambda c: c[1])
     nfe = '—' if not r['nfe_per_step'] else f'{r["nfe_per_step"]:.0f}'
     rows.append(f'| {r["name"]} | {r["params"]:,} | {r["steps"]:,} | '
                 f'{r["bits_per_dim"]:.4g} ({r["untrained_bits_per_dim"]:.3g})'
-                f' | {best:.3f} ({when:.0f}) | {nfe} |')
+                f' | {best:.3f} ({when:.0f}) | {nfe} | '
+                + _scores(r.get('sample_scores')) + ' |')
+  if real_scores is not None:
+    rows.append('| real held-out images | | | | | | '
+                + _scores(real_scores) + ' |')
   return '\n'.join(rows) + '\n'
+
+
+def _scores(scores):
+  if not scores:
+    return '— | —'
+  failed = scores.get('non_finite')
+  failed = f'; {failed} non-finite' if failed else ''
+  return (f'{scores["confidence"]:.3f}{failed} | '
+          f'{scores["class_entropy"]:.3f} '
+          f'(max {scores["max_class_entropy"]:.3f})')
 
 
 RNODE_PAIR = ('ffjord-multiscale-tsit5', 'ffjord-multiscale-tsit5-rnode')
@@ -175,7 +210,6 @@ def plot(results, path, dataset):
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv=None):
@@ -195,32 +229,53 @@ def main(argv=None):
                       help='only tabulate previous --json files (a later '
                       "file's model replaces an earlier one's)")
   parser.add_argument('--out', default=None, help='results file to update')
+  parser.add_argument('--samples-dir', default=None,
+                      help='write each model\'s sample grid here')
+  parser.add_argument('--no-scores', action='store_true',
+                      help='skip the classifier scores of the samples')
   args = parser.parse_args(argv)
   command = 'python benchmarks/bench_images.py ' + ' '.join(
       sys.argv[1:] if argv is None else argv)
+  real_scores = None
   if args.from_json:
     merged = {}
     for path in args.from_json:
       for r in json.load(open(path)):
-        merged[r['name']] = r
+        if r.get('name') == 'real':
+          real_scores = r['sample_scores']
+        else:
+          merged[r['name']] = r
     results = list(merged.values())
   else:
     pin(args.threads, args.first_cpu)
+    classifier = None
+    if not args.no_scores:
+      from tfp_ffjord import datasets  # pylint: disable=g-import-not-at-top
+      from tfp_ffjord import sample_quality  # pylint: disable=g-import-not-at-top
+      data = datasets.load(args.dataset, seed=args.seed)
+      trained = sample_quality.train_classifier(data, seed=args.seed)
+      classifier = trained.classifier
+      real_scores = sample_quality.score(classifier, data.test[:NUM_SCORED])
+      print(f'classifier: {trained.test_accuracy:.3f} held-out accuracy; '
+            f'real images {real_scores}', flush=True)
     results = []
     for name in args.models:
-      results.append(run_model(name, args.dataset, args.seconds, args.seed))
+      results.append(run_model(name, args.dataset, args.seconds, args.seed,
+                               classifier, args.samples_dir))
       r = results[-1]
       print(f'{name}: {r["bits_per_dim"]:.3f} bits/dim after {r["steps"]} '
             f'steps ({r["train_time"]:.0f} s training, {r["total_time"]:.0f} '
             's in all)', flush=True)
       if args.json:   # after each model: a long run keeps what it has
-        json.dump(results, open(args.json, 'w'), indent=1)
+        real = ([dict(name='real', sample_scores=real_scores)]
+                if real_scores else [])
+        json.dump(results + real, open(args.json, 'w'), indent=1)
   if args.figure:
     plot(results, args.figure, args.dataset)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from bench_training_step import publish  # pylint: disable=g-import-not-at-top
-  publish(args.out, table(results, args.dataset, args.seconds, command)
-          + rnode_table(results))
+  publish(args.out, table(results, args.dataset, args.seconds, command,
+                          real_scores) + rnode_table(results))
 
 
 if __name__ == '__main__':

@@ -50,10 +50,16 @@ def test_a_classifier_of_real_digits_scores_them_above_noise():
   rng = np.random.default_rng(0)
   noise = sample_quality.score(result.classifier, rng.uniform(
       *result.classifier.value_range, size=data.test.shape))
-  assert real['num_images'] == len(data.test)
+  assert real['num_images'] == len(data.test) and real['non_finite'] == 0
   assert real['confidence'] > noise['confidence'] + CONFIDENCE_MARGIN
   # Held-out digits cover every class about evenly.
   assert real['class_entropy'] > 0.95 * math.log(10)
+  # Failed (non-finite) samples are counted and still scored.
+  broken = data.test[:10].copy()
+  broken[:3, 5] = np.nan
+  broken[3, 0] = np.inf
+  scores = sample_quality.score(result.classifier, broken)
+  assert scores['non_finite'] == 4 and np.isfinite(scores['confidence'])
 
 
 def test_a_classifier_needs_labelled_images():

@@ -189,12 +189,20 @@ def score(classifier: DigitClassifier, images) -> Dict[str, float]:
   Args:
     classifier: a trained `DigitClassifier`.
     images: `[N, H * W * C]` images, clipped first to the classifier's
-      `value_range` (a flow's samples can stray outside the data's).
+      `value_range` (a flow's samples can stray outside the data's). A
+      non-finite value counts as the range's low end (NaN, -inf) or high
+      end (+inf), so a model's failed samples score as what they show.
 
   Returns:
-    The scores, and `'num_images'`.
+    The scores, `'num_images'`, and `'non_finite'`: the images with a
+    non-finite value.
   """
-  images = np.clip(np.asarray(images, np.float32), *classifier.value_range)
+  images = np.asarray(images, np.float32)
+  low, high = classifier.value_range
+  non_finite = int(np.sum(~np.all(np.isfinite(images), axis=-1)))
+  images = np.clip(np.nan_to_num(images, nan=low, posinf=high, neginf=low),
+                   low, high)
   scores = class_scores(classifier.probabilities(images))
   scores['num_images'] = len(images)
+  scores['non_finite'] = non_finite
   return scores

@@ -1,5 +1,6 @@
 """Sonnet modules for `state_time_derivative_fn`: `f(t, z) -> dz/dt`."""
 
+import math
 from typing import Callable, Optional, Sequence
 
 import sonnet as snt
@@ -14,8 +15,9 @@ from tfp_ffjord.block_stacking import StackedBlocks
 from tfp_ffjord.block_stacking import variable_paths
 
 __all__ = ['MLPODE', 'ConcatSquashLinear', 'ConcatSquashMLPODE',
-           'ConcatSquashConv2D', 'ConvODE', 'StackedBlocks', 'StackedBlock',
-           'stacked_call', 'variable_paths']
+           'ConcatSquashConv2D', 'ConvODE', 'UNetODE', 'StackedBlocks',
+           'StackedBlock', 'stacked_call', 'variable_paths',
+           'sinusoidal_embedding']
 
 _autograph.skip_package()
 
@@ -301,33 +303,202 @@ class ConvODE(snt.Module):
         name=f'layer_{len(sizes)}'))
 
   def __call__(self, t, z, **kwargs):
-    z = tf.convert_to_tensor(z)
-    image = (z.shape.rank is not None and z.shape.rank >= 3
-             and tuple(z.shape[-3:]) == self.image_shape)
-    if not image:
-      z = _check_state(self, z)
-    lead = tf.shape(z)[:-3] if image else tf.shape(z)[:-1]
-    x = tf.reshape(z, (-1,) + self.image_shape)
+    x, restore = _as_images(self, z)
     n = tf.shape(x)[:1]   # images in the batch
-    parts = [x]
-    for key in self._context_keys:   # constant channels
-      if key not in kwargs:
-        raise ValueError(f'{self.name}: missing context keyword `{key}`.')
-      c = tf.cast(kwargs[key], z.dtype)
-      c = tf.reshape(c, [-1, c.shape[-1]])
-      # One row per image, or rows repeated over extra leading state axes
-      # (e.g. the exact trace's copies of the batch).
-      c = tf.tile(c, [n[0] // tf.shape(c)[0], 1])
-      parts.append(tf.broadcast_to(
-          c[:, tf.newaxis, tf.newaxis, :],
-          tf.concat([tf.shape(x)[:3], tf.shape(c)[-1:]], 0)))
-    x = tf.concat(parts, -1) if len(parts) > 1 else x
-    t = tf.convert_to_tensor(t, z.dtype)
+    context = _context_rows(self, kwargs, n, x.dtype)
+    if context is not None:   # constant channels
+      x = tf.concat([x, tf.broadcast_to(
+          context[:, tf.newaxis, tf.newaxis, :],
+          tf.concat([tf.shape(x)[:3], tf.shape(context)[-1:]], 0))], -1)
+    t = tf.convert_to_tensor(t, x.dtype)
     if t.shape.rank:   # per-sample times (e.g. `[N, 1]`): one per image
       t = tf.broadcast_to(tf.reshape(t, [-1]), n)
     h = x
     for layer in self._layers[:-1]:
       h = self._activation(layer(t, h))
-    h = self._layers[-1](t, h)
-    return tf.reshape(h, tf.concat(
-        [lead, self.image_shape if image else [self.output_size]], 0))
+    return restore(self._layers[-1](t, h))
+
+
+def _as_images(module, z):
+  """`z` (`[..., H, W, C]` or flat `[..., H * W * C]`) as `[N, H, W, C]`
+  images, and the function that gives an output of that shape `z`'s
+  layout back."""
+  z = tf.convert_to_tensor(z)
+  image = (z.shape.rank is not None and z.shape.rank >= 3
+           and tuple(z.shape[-3:]) == module.image_shape)
+  if not image:
+    z = _check_state(module, z)
+  lead = tf.shape(z)[:-3] if image else tf.shape(z)[:-1]
+  out_shape = module.image_shape if image else [module.output_size]
+
+  def restore(h):
+    return tf.reshape(h, tf.concat([lead, out_shape], 0))
+  return tf.reshape(z, (-1,) + module.image_shape), restore
+
+
+def _context_rows(module, kwargs, n, dtype):
+  """The context keywords of `module` concatenated, one `[K]` row per image
+  of the `n` (`[1]` Tensor) in the batch, or None without context keys."""
+  rows = []
+  for key in module._context_keys:  # pylint: disable=protected-access
+    if key not in kwargs:
+      raise ValueError(f'{module.name}: missing context keyword `{key}`.')
+    c = tf.cast(kwargs[key], dtype)
+    c = tf.reshape(c, [-1, c.shape[-1]])
+    # One row per image, or rows repeated over extra leading state axes
+    # (e.g. the exact trace's copies of the batch).
+    rows.append(tf.tile(c, [n[0] // tf.shape(c)[0], 1]))
+  return tf.concat(rows, -1) if rows else None
+
+
+def sinusoidal_embedding(t, dim: int, max_frequency: float = 30.):
+  """Sinusoidal features of times, as in diffusion and flow-matching U-Nets.
+
+  Diffusion models use frequencies up to 1000 for times in [0, 1000]; a
+  flow's times span [0, 1], where frequencies that high would make the
+  dynamics oscillate faster than a solver's steps (an RK4 solve's error
+  then shrinks far slower than its order).
+
+  Args:
+    t: `[N]` times (in [0, 1] for a flow's span).
+    dim: the number of features (even).
+    max_frequency: the highest angular frequency (the lowest is 1).
+
+  Returns:
+    `[N, dim]`: `sin(t f_k)` then `cos(t f_k)` for `dim / 2` frequencies
+    `f_k` spaced geometrically from 1 to `max_frequency`.
+
+  Examples:
+    >>> sinusoidal_embedding(tf.constant([0.]), 4).numpy().tolist()
+    [[0.0, 0.0, 1.0, 1.0]]
+  """
+  half = dim // 2
+  freqs = tf.exp(tf.linspace(0., math.log(max_frequency), half))
+  args = tf.cast(tf.reshape(t, [-1, 1]), tf.float32) * freqs[tf.newaxis]
+  return tf.concat([tf.sin(args), tf.cos(args)], -1)
+
+
+class _ResBlock(snt.Module):
+  """GroupNorm, activation, 3x3 convolution twice, with the time embedding
+  added as a per-channel shift in between, and a skip connection."""
+
+  def __init__(self, channels, groups, activation, name=None):
+    super().__init__(name=name)
+    self._norm1 = snt.GroupNorm(groups, name='norm1')
+    self._conv1 = snt.Conv2D(channels, 3, name='conv1')
+    self._time = snt.Linear(channels, name='time')
+    self._norm2 = snt.GroupNorm(groups, name='norm2')
+    self._conv2 = snt.Conv2D(channels, 3, name='conv2')
+    self._skip = None
+    self._channels, self._activation = channels, activation
+
+  def __call__(self, x, emb):
+    if self._skip is None and x.shape[-1] != self._channels:
+      self._skip = snt.Conv2D(self._channels, 1, name='skip')
+    h = self._conv1(self._activation(self._norm1(x)))
+    h += self._time(emb)[:, tf.newaxis, tf.newaxis, :]
+    h = self._conv2(self._activation(self._norm2(h)))
+    return (x if self._skip is None else self._skip(x)) + h
+
+
+class UNetODE(snt.Module):
+  """U-Net dynamics for image states, for flow matching on images.
+
+  A convolution lifts the image to `channels[0]` channels; each resolution
+  has a residual block (GroupNorm, activation, 3x3 convolutions, the time
+  embedding added in between) and halves the height and width while they
+  are even (average pooling); a middle block; then the mirror path up
+  (nearest-neighbour upsampling, the skip of the same resolution
+  concatenated, a residual block); a zero-initialised convolution gives the
+  velocity (the flow starts as the identity). Time enters through
+  `sinusoidal_embedding` and a 2-layer MLP; context keywords (e.g. one-hot
+  labels) are appended to that embedding.
+
+  The state is an image of `image_shape`, given as `[..., H, W, C]` or
+  flattened as `[..., H * W * C]` (what `FFJORD` and the trace estimators
+  need); the output has the state's layout. GroupNorm normalises each image
+  on its own, so batch members stay independent (as trace estimators need).
+
+  Args:
+    image_shape: `(H, W, C)` of the state.
+    channels: channels per resolution, finest first.
+    activation: the nonlinearity. Default: `tf.nn.silu`.
+    groups: GroupNorm groups (each entry of `channels` divisible by it).
+    time_features: the sinusoidal embedding's size.
+    zero_init_output: zero the last convolution.
+    context_keys: keyword arguments appended to the time embedding.
+    name: the module's name.
+
+  Raises:
+    ValueError: for a bad `image_shape`, or `channels` not divisible by
+      `groups`.
+  """
+
+  def __init__(self, image_shape: Sequence[int],
+               channels: Sequence[int] = (32, 64),
+               activation: Callable = tf.nn.silu, groups: int = 8,
+               time_features: int = 32, zero_init_output: bool = True,
+               context_keys: Sequence[str] = (),
+               name: Optional[str] = 'unet_ode'):
+    super().__init__(name=name)
+    shape = tuple(image_shape)
+    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int)
+                              or s < 1 for s in shape):
+      raise ValueError('`image_shape` must be three positive ints (height, '
+                       f'width, channels); got {image_shape!r}.')
+    channels = _check_arguments(channels, shape[-1], activation)
+    groups = _checks.positive_int('groups', groups)
+    if not channels or any(c % groups for c in channels):
+      raise ValueError(f'`channels` ({channels}) must be non-empty and '
+                       f'divisible by `groups` ({groups}).')
+    self.image_shape = shape
+    self.output_size = shape[0] * shape[1] * shape[2]
+    self._activation = activation
+    self._context_keys = tuple(context_keys)
+    self._time_features = _checks.positive_int('time_features',
+                                               time_features)
+    width = 4 * channels[0]
+    self._time_mlp = [snt.Linear(width, name='time_in'),
+                      snt.Linear(width, name='time_out')]
+    self._lift = snt.Conv2D(channels[0], 3, name='lift')
+    self._down = [_ResBlock(c, groups, activation, name=f'down_{i}')
+                  for i, c in enumerate(channels)]
+    self._middle = _ResBlock(channels[-1], groups, activation, name='middle')
+    self._up = [_ResBlock(c, groups, activation, name=f'up_{i}')
+                for i, c in reversed(list(enumerate(channels)))]
+    zeros = snt.initializers.Zeros() if zero_init_output else None
+    self._norm = snt.GroupNorm(groups, name='norm_out')
+    self._out = snt.Conv2D(shape[-1], 3, w_init=zeros, b_init=zeros,
+                           name='out')
+    # Resolutions halve while even: which levels pool, from the shape.
+    pools, (h, w) = [], shape[:2]
+    for _ in channels[:-1]:
+      pools.append(h % 2 == 0 and w % 2 == 0)
+      if pools[-1]:
+        h, w = h // 2, w // 2
+    self._pools = tuple(pools) + (False,)
+
+  def __call__(self, t, z, **kwargs):
+    x, restore = _as_images(self, z)
+    n = tf.shape(x)[:1]
+    t = tf.broadcast_to(tf.reshape(tf.convert_to_tensor(t, x.dtype), [-1]),
+                        n)
+    emb = tf.cast(sinusoidal_embedding(t, self._time_features), x.dtype)
+    context = _context_rows(self, kwargs, n, x.dtype)
+    if context is not None:
+      emb = tf.concat([emb, context], -1)
+    emb = self._time_mlp[1](self._activation(self._time_mlp[0](emb)))
+    h = self._lift(x)
+    skips = []
+    for block, pool in zip(self._down, self._pools):
+      h = block(h, emb)
+      skips.append(h)
+      if pool:
+        h = tf.nn.avg_pool2d(h, 2, 2, 'VALID')
+    h = self._middle(h, emb)
+    for block, pool, skip in zip(self._up, reversed(self._pools),
+                                 reversed(skips)):
+      if pool:
+        h = tf.repeat(tf.repeat(h, 2, axis=1), 2, axis=2)
+      h = block(tf.concat([h, skip], -1), emb)
+    return restore(self._out(self._activation(self._norm(h))))

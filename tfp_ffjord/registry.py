@@ -87,6 +87,10 @@ MODELS = {
     'conv': ModelInfo('ffjord', True, '`blocks` FFJORD blocks with '
                       'convolutional (concat-squash) dynamics of `hidden` '
                       'channels on the image'),
+    'unet': ModelInfo('ffjord', True, '`blocks` FFJORD blocks with U-Net '
+                      'dynamics (`hidden`: channels per resolution; '
+                      'GroupNorm, sinusoidal time embedding, skips), for '
+                      'flow matching on images'),
     'multiscale': ModelInfo('ffjord', True, "FFJORD's multiscale model: "
                             '`levels` levels (squeeze, `blocks` conv FFJORD '
                             'blocks, factor out half the channels)'),
@@ -102,7 +106,7 @@ MODELS = {
 }
 FFJORD_MODELS = tuple(n for n in MODELS if MODELS[n].kind == 'ffjord')
 # The models flow matching trains: one time axis for all the dimensions.
-FLOW_MATCHING_MODELS = ('ffjord', 'conv')
+FLOW_MATCHING_MODELS = ('ffjord', 'conv', 'unet')
 
 OBJECTIVES = {
     'maximum-likelihood': 'minimise the negative log-likelihood (one solve '

@@ -150,6 +150,12 @@ def _check_spec(spec, dim, num_classes):
                      'conditional: `num_classes` must be 0.')
 
 
+def _groups(channels):
+  """GroupNorm groups for U-Net channels: the largest of 8, 4, 2, 1 that
+  divides every entry."""
+  return next(g for g in (8, 4, 2, 1) if all(c % g == 0 for c in channels))
+
+
 class FlowModel(snt.Module):
   """A flow's variables, and its flows with any solver.
 
@@ -167,6 +173,8 @@ class FlowModel(snt.Module):
     dynamics on the flat `[dim]` points (the seed colab's model).
   * 'conv': `blocks` FFJORD blocks with `ConvODE(image_shape, hidden)`
     dynamics (the points are flattened images).
+  * 'unet': `blocks` FFJORD blocks with `UNetODE(image_shape, hidden)`
+    dynamics (channels per resolution), for flow matching on images.
   * 'multiscale': `MultiscaleFFJORD` of `levels` levels of `blocks` conv
     blocks each.
   * 'realnvp', 'maf', 'glow': TFP's `tfb.RealNVP`, `tfb.MaskedAutoregressive
@@ -250,6 +258,12 @@ class FlowModel(snt.Module):
           dynamics.ConvODE(self.image_shape, list(hidden), act,
                            context_keys=context_keys, name=f'dynamics_{i}')
           for i in range(blocks)]
+    elif architecture == 'unet':
+      self.dynamics = [
+          dynamics.UNetODE(self.image_shape, list(hidden), act,
+                           groups=_groups(hidden), context_keys=context_keys,
+                           name=f'dynamics_{i}')
+          for i in range(blocks)]
     elif architecture == 'multiscale':
       self.level_dynamics = multiscale.conv_level_dynamics(
           self.image_shape, spec.levels, blocks, list(hidden), act,
@@ -268,7 +282,7 @@ class FlowModel(snt.Module):
     for d in self.dynamics:  # Sonnet creates variables on the first call.
       d(tf.zeros([], self.dtype), tf.zeros([1, d.output_size], self.dtype),
         **self.context_kwargs(tf.zeros([1], tf.int32)))
-    if spec.stack_blocks and architecture in ('ffjord', 'conv'):
+    if spec.stack_blocks and architecture in ('ffjord', 'conv', 'unet'):
       # The blocks' variables packed into one [blocks, P] variable
       # (initialised with the blocks' values): one parameter tensor for
       # the optimizer and the compiled step (see `dynamics.StackedBlocks`).

@@ -54,6 +54,10 @@ MODELS = {
     'ffjord-conv-fm': dict(model='conv', blocks=1, hidden=(64, 64, 64),
                            objective='flow-matching', jit_compile=False,
                            steps_per_epoch=500),
+    # A U-Net velocity field (GroupNorm, skips, sinusoidal time embedding).
+    'ffjord-unet-fm': dict(model='unet', blocks=1, hidden=(32, 64),
+                           activation='swish', objective='flow-matching',
+                           jit_compile=False, steps_per_epoch=500),
     # The discrete flows overfit digits' 1,497 images within ~1,000 steps:
     # evaluated every 100 steps, so their best held-out point is seen.
     'realnvp': dict(model='realnvp', blocks=8, hidden=(256, 256),

@@ -35,6 +35,16 @@ def _check_arguments(hidden_sizes, output_size, activation):
   return sizes
 
 
+def _image_shape(image_shape):
+  """`image_shape` as a tuple of three positive ints, or a ValueError."""
+  shape = tuple(image_shape)
+  if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int)
+                            or s < 1 for s in shape):
+    raise ValueError('`image_shape` must be three positive ints (height, '
+                     f'width, channels); got {image_shape!r}.')
+  return shape
+
+
 def _check_state(module, z):
   """`z` as a floating Tensor whose last axis is the module's state size.
 
@@ -285,11 +295,7 @@ class ConvODE(snt.Module):
                context_keys: Sequence[str] = (),
                name: Optional[str] = 'conv_ode'):
     super().__init__(name=name)
-    shape = tuple(image_shape)
-    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int)
-                              or s < 1 for s in shape):
-      raise ValueError('`image_shape` must be three positive ints (height, '
-                       f'width, channels); got {image_shape!r}.')
+    shape = _image_shape(image_shape)
     sizes = _check_arguments(hidden_channels, shape[-1], activation)
     kernel_shape = _checks.positive_int('kernel_shape', kernel_shape)
     self.image_shape = shape
@@ -441,11 +447,7 @@ class UNetODE(snt.Module):
                context_keys: Sequence[str] = (),
                name: Optional[str] = 'unet_ode'):
     super().__init__(name=name)
-    shape = tuple(image_shape)
-    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int)
-                              or s < 1 for s in shape):
-      raise ValueError('`image_shape` must be three positive ints (height, '
-                       f'width, channels); got {image_shape!r}.')
+    shape = _image_shape(image_shape)
     channels = _check_arguments(channels, shape[-1], activation)
     groups = _checks.positive_int('groups', groups)
     if not channels or any(c % groups for c in channels):

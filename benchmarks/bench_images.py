@@ -200,8 +200,7 @@ def rnode_table(results):
 
 def plot(results, path, dataset):
   from tfp_ffjord import plotting  # pylint: disable=g-import-not-at-top
-  plt = plotting._pyplot()  # pylint: disable=protected-access
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plotting._subplots(figsize=(6, 4))  # pylint: disable=protected-access
   for r in results:
     t, b = zip(*r['curve'])
     ax.plot(t, b, marker='.', label=r['name'])

@@ -16,23 +16,13 @@ __all__ = ['grid_lines', 'plot_panels', 'plot_density', 'plot_curves',
            'plot_posterior_2d', 'plot_marginals', 'plot_elbo', 'bounds']
 
 
-class _Figures:
-  """`subplots` as pyplot's, on a bare `matplotlib.figure.Figure`.
-
-  The figures never pass through pyplot: no backend is chosen or changed
-  (a notebook's inline backend keeps showing its own figures) and nothing
-  is kept open.
-  """
-
-  @staticmethod
-  def subplots(*args, figsize=None, **kwargs):
-    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots(*args, **kwargs)
-
-
-def _pyplot():
-  return _Figures
+def _subplots(*args, figsize=None, **kwargs):
+  """`(figure, axes)` as `pyplot.subplots` gives, on a bare
+  `matplotlib.figure.Figure`: no backend is chosen or changed (a notebook's
+  inline backend keeps showing its own figures) and nothing is kept open."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path):
@@ -113,8 +103,7 @@ def plot_panels(path: str, grid: np.ndarray, base_samples: np.ndarray,
     data: `[K, 2]` data points.
     title: the figure's title.
   """
-  plt = _pyplot()
-  fig, axes = plt.subplots(1, 4, figsize=(16, 4.3))
+  fig, axes = _subplots(1, 4, figsize=(16, 4.3))
   axes[0].scatter(*grid.T, s=1, c='k', label='grid')
   axes[0].scatter(*base_samples.T, s=1, c='tab:blue', alpha=.3,
                   label='samples')
@@ -153,14 +142,13 @@ def plot_density(path: str, log_prob_fn: Callable[[np.ndarray], np.ndarray],
     resolution: the grid's points per axis.
     title: the figure's title.
   """
-  plt = _pyplot()
   (x0, x1), (y0, y1) = extent
   xs = np.linspace(x0, x1, resolution)
   ys = np.linspace(y0, y1, max(int(resolution * (y1 - y0) / (x1 - x0)), 10))
   xx, yy = np.meshgrid(xs, ys)
   pts = np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32)
   dens = np.exp(np.asarray(log_prob_fn(pts))).reshape(xx.shape)
-  fig, ax = plt.subplots(figsize=(7, 7 * (y1 - y0) / (x1 - x0) + 0.8))
+  fig, ax = _subplots(figsize=(7, 7 * (y1 - y0) / (x1 - x0) + 0.8))
   mesh = ax.pcolormesh(xx, yy, dens, shading='auto')
   fig.colorbar(mesh, ax=ax, label='density')
   ax.set_title(title)
@@ -178,9 +166,8 @@ def plot_curves(path: str, history: Sequence[Dict[str, float]],
     history: the per-epoch records of a run (`metrics.json`'s `epochs`).
     entropy: the data's entropy in nats, drawn as a line if given.
   """
-  plt = _pyplot()
   epochs = [h['epoch'] for h in history]
-  fig, (ax, ax_nfe) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax, ax_nfe) = _subplots(1, 2, figsize=(11, 4))
   ax.plot(epochs, [h['train_loss'] for h in history], label='train loss')
   ax.plot(epochs, [h['test_nll'] for h in history], label='test NLL')
   if entropy is not None:
@@ -209,8 +196,7 @@ def plot_trajectories(path: str, paths: np.ndarray,
     data: `[K, 2]` data points, or None.
     max_lines: draw at most this many paths.
   """
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 6))
+  fig, ax = _subplots(figsize=(7, 6))
   if data is not None:
     ax.scatter(*data.T, s=1, c='0.8')
   n = min(paths.shape[1], max_lines)
@@ -236,8 +222,7 @@ def plot_pdf_1d(path: str, xs: np.ndarray, learned: np.ndarray,
     true: the true pdf at `xs`.
     data: the training data, drawn as a histogram if given.
   """
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = _subplots(figsize=(7, 4))
   if data is not None:
     ax.hist(np.ravel(data), bins=30, density=True, color='0.85',
             label='data')
@@ -263,14 +248,13 @@ def plot_image_samples(path: str, images: np.ndarray, image_shape,
     columns: images per row.
     title: the figure's title.
   """
-  plt = _pyplot()
   shape = ((image_shape, image_shape) if isinstance(image_shape, int)
            else tuple(image_shape))
   if len(shape) == 3 and shape[-1] == 1:
     shape = shape[:2]
   n = len(images)
   rows = int(np.ceil(n / columns))
-  fig, axes = plt.subplots(rows, columns, figsize=(columns, rows + .4),
+  fig, axes = _subplots(rows, columns, figsize=(columns, rows + .4),
                            squeeze=False)
   for i, ax in enumerate(axes.ravel()):
     ax.axis('off')
@@ -294,11 +278,10 @@ def plot_posterior_2d(path: str, samples: np.ndarray,
       limits, or None.
     title: the figure's title.
   """
-  plt = _pyplot()
   panels = [('surrogate', samples)] + (
       [('target (exact samples)', reference)] if reference is not None else [])
   lim = bounds(np.concatenate([p for _, p in panels]))
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4),
+  fig, axes = _subplots(1, len(panels), figsize=(4.5 * len(panels), 4),
                            squeeze=False)
   for ax, (label, points) in zip(axes[0], panels):
     ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.3)
@@ -323,9 +306,8 @@ def plot_marginals(path: str, mean: np.ndarray, std: np.ndarray,
     truth_std: `[D]` ground-truth standard deviations, or None.
     title: the figure's title.
   """
-  plt = _pyplot()
   idx = np.arange(len(mean))
-  fig, ax = plt.subplots(figsize=(min(14, 3 + 0.12 * len(mean)), 3.5))
+  fig, ax = _subplots(figsize=(min(14, 3 + 0.12 * len(mean)), 3.5))
   if truth_mean is not None and truth_std is not None:
     ax.errorbar(idx, truth_mean, yerr=truth_std, fmt='o', ms=3, color='k',
                 label='ground truth', alpha=0.6)
@@ -347,8 +329,7 @@ def plot_elbo(path: str, curves: Dict[str, np.ndarray], window: int = 50,
     window: the moving average's width in steps.
     title: the figure's title.
   """
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _subplots(figsize=(6, 4))
   for label, elbo in curves.items():
     elbo = np.asarray(elbo, np.float64)
     w = max(1, min(window, len(elbo) // 5 or 1))

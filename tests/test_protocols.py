@@ -2,6 +2,7 @@
 
 import functools
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -314,3 +315,64 @@ def test_every_module_imports_only_its_layer_and_those_below():
   assert checked > 100, checked   # the walk saw the package's imports
   assert not unplaced, f'modules in no layer: {sorted(unplaced)}'
   assert not upward, upward
+
+
+# Size limits (docs/contributing.md): a module over 600 lines, a class over
+# 300 or a function over 120 is split; a function takes at most 8
+# parameters, except the facades whose signatures mirror TFP's (their
+# leading parameters are TFP's, in TFP's order; our extras follow).
+MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 600, 300, 120
+MAX_PARAMETERS = 8
+TFP_FACADES = {
+    'bijector.py': {'FFJORD.__init__'},   # tfb.FFJORD
+    'multiscale.py': {'MultiscaleFFJORD.__init__'},   # tfb.FFJORD's
+    'stacked.py': {'StackedFFJORD.__init__'},   # tfb.FFJORD's
+    'ode/solvers.py': {'Solver.solve',   # tfp.math.ode.Solver.solve
+                       'FixedStepSolver.__init__',   # and the step size
+                       'AdaptiveSolver.__init__'},   # DormandPrince's
+    'trace.py': {'trace_jacobian_hutchinson'},
+    'vi/fitting.py': {'fit'},   # tfp.vi.fit_surrogate_posterior
+    'vi/surrogates.py': {'build_ffjord_surrogate_posterior'},  # the builders'
+}
+
+
+def _sizes_over_the_limits(root):
+  import ast  # pylint: disable=g-import-not-at-top
+  over, seen = [], 0
+  for path in sorted(root.rglob('*.py')):
+    rel = str(path.relative_to(root))
+    text = path.read_text()
+    seen += 1
+    if text.count('\n') > MAX_MODULE_LINES:
+      over.append((rel, 'module', text.count('\n')))
+
+    def visit(node, prefix):
+      for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.ClassDef, ast.FunctionDef,
+                              ast.AsyncFunctionDef)):
+          name = prefix + child.name
+          lines = child.end_lineno - child.lineno + 1
+          if isinstance(child, ast.ClassDef):
+            if lines > MAX_CLASS_LINES:
+              over.append((rel, name, lines))
+          else:
+            args = child.args
+            count = (len(args.posonlyargs) + len(args.args)
+                     + len(args.kwonlyargs))
+            if args.args and args.args[0].arg in ('self', 'cls'):
+              count -= 1
+            if lines > MAX_FUNCTION_LINES:
+              over.append((rel, name, lines))
+            if (count > MAX_PARAMETERS
+                and name not in TFP_FACADES.get(rel, ())):
+              over.append((rel, name, f'{count} parameters'))
+          visit(child, name + '.')
+    visit(ast.parse(text), '')
+  return over, seen
+
+
+def test_modules_classes_and_functions_stay_within_the_size_limits():
+  root = pathlib.Path(ode.__file__).parent.parent
+  over, seen = _sizes_over_the_limits(root)
+  assert seen > 50, seen
+  assert not over, over

@@ -156,6 +156,30 @@ def _groups(channels):
   return next(g for g in (8, 4, 2, 1) if all(c % g == 0 for c in channels))
 
 
+# Architectures of identical FFJORD blocks: name -> `make(spec, dim,
+# activation, context_keys, name)`, one block's dynamics module.
+_BLOCK_DYNAMICS = {
+    'ffjord': lambda spec, dim, act, keys, name: dynamics.MLPODE(
+        list(spec.hidden), dim, act, context_keys=keys, name=name),
+    'conv': lambda spec, dim, act, keys, name: dynamics.ConvODE(
+        spec.image_shape, list(spec.hidden), act, context_keys=keys,
+        name=name),
+    'unet': lambda spec, dim, act, keys, name: dynamics.UNetODE(
+        spec.image_shape, list(spec.hidden), act,
+        groups=_groups(spec.hidden), context_keys=keys, name=name),
+}
+# TFP's discrete flows: name -> `make(spec, dim, activation)`, the bijector.
+_BASELINES = {
+    'glow': lambda spec, dim, act: baselines.make_glow(
+        spec.image_shape, spec.levels, spec.blocks, spec.hidden[0],
+        seed=spec.seed),
+    'realnvp': lambda spec, dim, act: baselines.make_realnvp(
+        dim, spec.blocks, tuple(spec.hidden), act, seed=spec.seed),
+    'maf': lambda spec, dim, act: baselines.make_maf(
+        dim, spec.blocks, tuple(spec.hidden), act, seed=spec.seed),
+}
+
+
 class FlowModel(snt.Module):
   """A flow's variables, and its flows with any solver.
 
@@ -247,42 +271,23 @@ class FlowModel(snt.Module):
     """The dynamics modules (built) or the baseline flow of `spec`."""
     context_keys = (CONTEXT_KEY,) if self.num_classes else ()
     act = registry.resolve(registry.ACTIVATIONS, spec.activation, tf)
-    architecture, hidden, blocks = spec.architecture, spec.hidden, spec.blocks
-    if architecture == 'ffjord':
-      self.dynamics = [
-          dynamics.MLPODE(list(hidden), self.dim, act,
-                          context_keys=context_keys, name=f'dynamics_{i}')
-          for i in range(blocks)]
-    elif architecture == 'conv':
-      self.dynamics = [
-          dynamics.ConvODE(self.image_shape, list(hidden), act,
-                           context_keys=context_keys, name=f'dynamics_{i}')
-          for i in range(blocks)]
-    elif architecture == 'unet':
-      self.dynamics = [
-          dynamics.UNetODE(self.image_shape, list(hidden), act,
-                           groups=_groups(hidden), context_keys=context_keys,
-                           name=f'dynamics_{i}')
-          for i in range(blocks)]
-    elif architecture == 'multiscale':
+    if spec.architecture in _BASELINES:
+      self.dynamics = []
+      self.baseline = _BASELINES[spec.architecture](spec, self.dim, act)
+      return
+    if spec.architecture == 'multiscale':
       self.level_dynamics = multiscale.conv_level_dynamics(
-          self.image_shape, spec.levels, blocks, list(hidden), act,
+          self.image_shape, spec.levels, spec.blocks, list(spec.hidden), act,
           context_keys)
       self.dynamics = [d for level in self.level_dynamics for d in level]
     else:
-      self.dynamics = []
-      if architecture == 'glow':
-        self.baseline = baselines.make_glow(
-            self.image_shape, spec.levels, blocks, hidden[0], seed=spec.seed)
-      else:
-        make = (baselines.make_realnvp if architecture == 'realnvp'
-                else baselines.make_maf)
-        self.baseline = make(self.dim, blocks, tuple(hidden), act,
-                             seed=spec.seed)
+      make = _BLOCK_DYNAMICS[spec.architecture]
+      self.dynamics = [make(spec, self.dim, act, context_keys,
+                            f'dynamics_{i}') for i in range(spec.blocks)]
     for d in self.dynamics:  # Sonnet creates variables on the first call.
       d(tf.zeros([], self.dtype), tf.zeros([1, d.output_size], self.dtype),
         **self.context_kwargs(tf.zeros([1], tf.int32)))
-    if spec.stack_blocks and architecture in ('ffjord', 'conv', 'unet'):
+    if spec.stack_blocks and spec.architecture in _BLOCK_DYNAMICS:
       # The blocks' variables packed into one [blocks, P] variable
       # (initialised with the blocks' values): one parameter tensor for
       # the optimizer and the compiled step (see `dynamics.StackedBlocks`).

@@ -277,7 +277,8 @@ class Trainer:
         nfes.append(nfe)
         regs.append(reg)
       if chunk and not math.isfinite(losses[-1]):
-        raise self._non_finite(losses[-1], epoch)
+        raise _non_finite(losses[-1], epoch, int(self.step.numpy()),
+                          self.checkpoints)
       if interrupted[0]:
         self._stop_interrupted(epoch)
     return losses, nfes, regs
@@ -290,7 +291,7 @@ class Trainer:
     except ode.SolverError as e:
       raise solver_failure(
           e, f'in the held-out evaluation after epoch {epoch + 1}',
-          f'{self._kept()} Evaluate with a looser tolerance or more '
+          f'{_kept(self.checkpoints)} Evaluate with a looser tolerance or more '
           '`max_num_steps`.') from None
     record = _epoch_record(epoch, float(self.learning_rate.numpy()),
                            (losses, nfes, regs), evaluation,
@@ -309,20 +310,6 @@ class Trainer:
         self.write_metrics()
     if callback is not None:
       callback(record)
-
-  def _non_finite(self, loss, epoch) -> TrainingError:
-    return TrainingError(
-        f'The training loss became {loss} at epoch {epoch + 1}, step '
-        f'{int(self.step.numpy()) + 1}; the weights of the last good step '
-        f'are kept{self._kept()} Try a lower learning rate, --clip-norm or '
-        'a tighter tolerance.')
-
-  def _kept(self) -> str:
-    """How the last checkpoint stands, for error messages."""
-    if self.checkpoints is None or self.checkpoints.latest is None:
-      return '.'
-    return (f'; the last checkpoint ({self.checkpoints.latest}) is '
-            'the last good state.')
 
   def _stop_interrupted(self, epoch):
     """Saves a mid-epoch checkpoint and raises `TrainingInterrupted`."""
@@ -352,6 +339,21 @@ class Trainer:
     """Writes the figures that apply to the data (see `figures`)."""
     from tfp_ffjord.training import figures  # pylint: disable=g-import-not-at-top
     return figures.write_figures(self, out_dir, tag, seed=self.config.seed)
+
+
+def _kept(checkpoints) -> str:
+  """How the last checkpoint stands, for error messages."""
+  if checkpoints is None or checkpoints.latest is None:
+    return '.'
+  return f'; the last checkpoint ({checkpoints.latest}) is the last good state.'
+
+
+def _non_finite(loss, epoch, step, checkpoints) -> TrainingError:
+  return TrainingError(
+      f'The training loss became {loss} at epoch {epoch + 1}, step '
+      f'{step + 1}; the weights of the last good step are kept'
+      f'{_kept(checkpoints)} Try a lower learning rate, --clip-norm or a '
+      'tighter tolerance.')
 
 
 def _compiled_steps(trainer):
@@ -461,7 +463,7 @@ def _likelihood_epoch(trainer, epoch, skip, conditional):
       loss, nfe = step(batch, labels)
     except TrainingError as e:
       raise TrainingError(f'Epoch {epoch + 1}: {str(e).rstrip(".")}'
-                          f'{trainer._kept()}', e.solver_error) from None
+                          f'{_kept(trainer.checkpoints)}', e.solver_error) from None
     yield [(loss, nfe, trainer.last_regularizers)]
 
 

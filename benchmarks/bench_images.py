@@ -94,7 +94,7 @@ NUM_SCORED = 1000   # samples scored per model
 
 
 def run_model(name, dataset, seconds, seed, classifier=None,
-              samples_dir=None):
+              samples_dir=None, runs_dir=None):
   from tfp_ffjord import plotting  # pylint: disable=g-import-not-at-top
   from tfp_ffjord import sample_quality  # pylint: disable=g-import-not-at-top
   from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
@@ -103,7 +103,12 @@ def run_model(name, dataset, seconds, seed, classifier=None,
   kw.update(max_train_seconds=seconds, seed=seed)
   config = training.TrainConfig(**kw)
   start = time.perf_counter()
-  trainer = training.Trainer(config)
+  # With `runs_dir`, each epoch is checkpointed into a run directory with its
+  # metrics.json: a run stopped early continues where it was (its
+  # `max_train_seconds` counts the training time of both processes).
+  out_dir = None if runs_dir is None else os.path.join(runs_dir,
+                                                       f'{dataset}_{name}')
+  trainer = training.Trainer(config, out_dir)
   untrained = trainer.evaluate()
   history = trainer.fit(progress=False)
   total = time.perf_counter() - start
@@ -234,6 +239,9 @@ def main(argv=None):
   parser.add_argument('--out', default=None, help='results file to update')
   parser.add_argument('--samples-dir', default=None,
                       help='write each model\'s sample grid here')
+  parser.add_argument('--runs-dir', default=None,
+                      help='checkpoint each model into a run directory here '
+                      '(metrics.json per epoch; a rerun continues it)')
   parser.add_argument('--no-scores', action='store_true',
                       help='skip the classifier scores of the samples')
   args = parser.parse_args(argv)
@@ -264,7 +272,7 @@ def main(argv=None):
     results = []
     for name in args.models:
       results.append(run_model(name, args.dataset, args.seconds, args.seed,
-                               classifier, args.samples_dir))
+                               classifier, args.samples_dir, args.runs_dir))
       r = results[-1]
       print(f'{name}: {r["bits_per_dim"]:.3f} bits/dim after {r["steps"]} '
             f'steps ({r["train_time"]:.0f} s training, {r["total_time"]:.0f} '

@@ -13,6 +13,7 @@ import tensorflow_probability as tfp
 from tfp_ffjord import datasets
 from tfp_ffjord import training
 from tfp_ffjord.training import figures
+from tfp_ffjord.training import trainer as trainer_lib
 from tests.helpers import tiny_config, weights
 
 # A resumed run replays the same batches and the same arithmetic as an
@@ -320,3 +321,31 @@ def test_flow_model_settings_as_a_spec_or_as_arguments():
       np.testing.assert_array_equal(a, b)
   with pytest.raises(TypeError, match="unknown setting 'bogus'.*blocks"):
     training.FlowModel(2, bogus=1)
+
+
+class _Clock:
+  """A `time` stand-in whose `perf_counter` advances 1 s per reading."""
+
+  def __init__(self):
+    self.now = 0.
+
+  def perf_counter(self):
+    self.now += 1.
+    return self.now
+
+
+def test_cosine_schedule_decays_over_the_time_budget_when_it_ends_first(
+    monkeypatch):
+  # Each epoch's training steps take 1 s on this clock: the 4 s budget ends
+  # after 4 of the 1,000 epochs, so the decay must follow the training time
+  # (progress 0, 1/4, 2/4, 3/4); over the epochs it would stay at ~1e-2.
+  monkeypatch.setattr(trainer_lib, 'time', _Clock())
+  config = tiny_config(epochs=1000, max_train_seconds=4., steps_per_epoch=2,
+                       lr_schedule='cosine', learning_rate=1e-2)
+  history = training.Trainer(config).fit(progress=False)
+  assert [h['train_time'] for h in history] == [1., 2., 3., 4.]
+  floor = trainer_lib.COSINE_FLOOR
+  expected = [1e-2 * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * k / 4)))
+              for k in range(4)]
+  np.testing.assert_allclose([h['learning_rate'] for h in history],
+                             expected, rtol=1e-6)

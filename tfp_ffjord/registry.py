@@ -125,7 +125,8 @@ OT_SOLVERS = {
 }
 
 LR_SCHEDULES = {
-    'cosine': 'decay to 1% of the learning rate over the epochs',
+    'cosine': ('decay to 1% of the learning rate over the epochs, or over '
+               'max_train_seconds of training steps if that ends first'),
     'constant': 'keep the learning rate',
 }
 

@@ -245,7 +245,7 @@ class Trainer:
       with sigint_flag() as interrupted, contextlib.closing(bar):
         for epoch in bar:
           if config.lr_schedule == 'cosine':
-            self.learning_rate.assign(_cosine_rate(config, epoch))
+            self.learning_rate.assign(_cosine_rate(config, epoch, train_time))
           began = time.perf_counter()
           losses, nfes, regs = self._train_epoch(epoch, skip, interrupted)
           train_time += time.perf_counter() - began
@@ -423,9 +423,13 @@ def _resume_point(history, first, step, steps_per_epoch):
   return skip, start, train_time
 
 
-def _cosine_rate(config, epoch):
-  """The cosine schedule's learning rate for `epoch`."""
+def _cosine_rate(config, epoch, train_time=0.):
+  """The cosine schedule's learning rate for `epoch`, after `train_time`
+  seconds of training steps: its progress is through the epochs, or through
+  `max_train_seconds` if that budget is the nearer to its end."""
   progress = epoch / max(config.epochs - 1, 1)
+  if config.max_train_seconds is not None:
+    progress = max(progress, train_time / config.max_train_seconds)
   return config.learning_rate * (COSINE_FLOOR + (1. - COSINE_FLOOR) * 0.5 * (
       1. + math.cos(math.pi * min(progress, 1.))))
 

@@ -9,7 +9,7 @@ Modules: `config` (TrainConfig; no TensorFlow), `model` (FlowModel and the
 solver/trace of a config), `likelihood` and `flow_matching` (the
 objectives), `steps` and `distribute` (compiled steps), `run_dir` (the run
 directory's files), `interrupt` (SIGINT), `figures`, `export`
-(SavedModel), `fitting` (fit_adam, fit_lbfgs, total_variation,
+(SavedModel), `averaging` (the weights' moving average), `fitting` (fit_adam, fit_lbfgs, total_variation,
 time_train_step) and `trainer` (the loop). Names are loaded on first use,
 so `tfp_ffjord.training.config` imports without TensorFlow.
 """
@@ -26,6 +26,7 @@ _EXPORTS = {
     'make_trace': 'model',
     'CONTEXT_KEY': 'model',
     'Trainer': 'trainer',
+    'WeightAverage': 'averaging',
     'load_run': 'trainer',
     'TrainingError': 'errors',
     'TrainingInterrupted': 'errors',

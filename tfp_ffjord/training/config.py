@@ -140,6 +140,10 @@ class TrainConfig:
                             registry.LR_SCHEDULES)
   clip_norm: Optional[float] = _field(
       None, 'positive', 'clip gradients to this global norm; default: none')
+  ema_decay: float = _field(
+      0.0, 'non-negative', 'evaluate, sample and export with an exponential '
+      'moving average of the weights of this decay (e.g. 0.999); 0: the '
+      'weights themselves', fixed=True)
   objective: str = _field('maximum-likelihood', 'choice', 'training '
                           'objective', registry.OBJECTIVES)
   ot_pairing: bool = _field(False, 'flag', 'flow matching: pair base and '
@@ -183,6 +187,8 @@ class TrainConfig:
       optional = f.default is None
       check_value(f.name, getattr(self, f.name), f.metadata['kind'],
                   f.metadata.get('choices'), optional)
+    if not self.ema_decay < 1:
+      raise ValueError(f'`ema_decay` must be in [0, 1); got {self.ema_decay!r}.')
     if self.objective == 'flow-matching' and self.regularized:
       raise ValueError('`kinetic_weight` and `jacobian_weight` apply to '
                        "maximum likelihood, not to objective='flow-matching'.")

@@ -117,7 +117,8 @@ def export_saved_model(trainer, path: str) -> str:
   Both are also `signatures` (for TF Serving and `saved_model_cli`), and
   the module has `dim`, `num_classes` and `config_json` constants. The
   directory is written under a temporary name and renamed, so a crash
-  never leaves a half-written SavedModel at `path`.
+  never leaves a half-written SavedModel at `path`. A trainer with a
+  moving average of its weights (`ema_decay`) saves the averaged weights.
 
   Args:
     trainer: a `Trainer` (its model, evaluation flow, dimension, config).
@@ -135,9 +136,10 @@ def export_saved_model(trainer, path: str) -> str:
   if os.path.exists(path) and os.listdir(path):
     raise FileExistsError(f'{path} already exists and is not empty.')
   tmp = f'{path}.tmp-{os.getpid()}'
-  tf.saved_model.save(module, tmp, signatures={
-      'log_prob': module.log_prob, 'sample': module.sample,
-      'serving_default': module.log_prob})
+  with trainer.averaged_weights():
+    tf.saved_model.save(module, tmp, signatures={
+        'log_prob': module.log_prob, 'sample': module.sample,
+        'serving_default': module.log_prob})
   if os.path.exists(path):
     os.rmdir(path)
   os.replace(tmp, path)

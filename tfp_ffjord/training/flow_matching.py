@@ -23,7 +23,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_ffjord import _lowering
-from tfp_ffjord.training.steps import apply_gradients
 
 __all__ = ['flow_matching_loss', 'noise', 'ot_pairing', 'paired_noise',
            'sinkhorn_log_plan', 'sinkhorn_pairing', 'epoch_order',
@@ -169,17 +168,18 @@ def epoch_order(num_points: int, batch_size: int, steps: int, seed: int,
   return order[:steps * batch_size].reshape(steps, batch_size)
 
 
-def make_steps(model, optimizer, variables, step, config, chunk: int,
-               dim: int, on_trace=None):
+def make_steps(model, update, config, chunk: int, dim: int, on_trace=None):
   """`steps(data, labels, count[, base, tau]) -> (losses [chunk], run)`.
 
   Runs the first `count` steps of a chunk (`[chunk, B, ...]` inputs) in one
   compiled loop and stops after the first non-finite loss (whose update is
   not applied). Without `base`/`tau` (no OT pairing) they are drawn in the
   loop by `noise(config.seed, step)` (and, with `ot_solver='sinkhorn'`,
-  paired there by `sinkhorn_pairing`).
+  paired there by `sinkhorn_pairing`). Each step applies `update` (a
+  `steps.Update`: optimizer, variables, step counter, clipping, weight
+  average).
   """
-  variables = list(variables)
+  variables, step = list(update.variables), update.step
   shape = [chunk, config.batch_size]
   signature = [tf.TensorSpec(shape + [dim], tf.float32),
                tf.TensorSpec(shape, tf.int32), tf.TensorSpec([], tf.int32)]
@@ -206,8 +206,7 @@ def make_steps(model, optimizer, variables, step, config, chunk: int,
       with tf.GradientTape() as tape:
         loss = flow_matching_loss(model.dynamics, data_i, base_i, tau_i,
                                   model.context_kwargs(labels[i]))
-      apply_gradients(optimizer, loss, tape.gradient(loss, variables),
-                      variables, step, config.clip_norm)
+      update.apply(loss, tape.gradient(loss, variables))
       losses = tf.tensor_scatter_nd_update(losses, [[i]], [loss])
       return i + 1, losses, _lowering.is_finite(loss)
 

@@ -70,17 +70,22 @@ def apply_gradients(optimizer, loss, grads, variables, step=None,
 
 class Update(NamedTuple):
   """An optimizer step's parts: the optimizer, the variables it updates,
-  the step counter of applied updates (optional) and the gradients' global
-  norm clip (optional)."""
+  the step counter of applied updates (optional), the gradients' global
+  norm clip (optional) and a `WeightAverage` of the variables that each
+  applied update moves (optional)."""
   optimizer: Any
   variables: List[tf.Variable]
   step: Optional[tf.Variable] = None
   clip_norm: Optional[float] = None
+  average: Optional[Any] = None
 
   def apply(self, loss, grads):
-    """`apply_gradients` with these parts."""
-    return apply_gradients(self.optimizer, loss, grads, list(self.variables),
-                           self.step, self.clip_norm)
+    """`apply_gradients` with these parts; then the average's update."""
+    applied = apply_gradients(self.optimizer, loss, grads,
+                              list(self.variables), self.step, self.clip_norm)
+    if self.average is not None:
+      self.average.update(applied)
+    return applied
 
 
 def adam_update(variables, learning_rate, step=None,

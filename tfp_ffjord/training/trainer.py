@@ -6,7 +6,7 @@ SIGINT (`interrupt`), figures and export live in their own modules.
 """
 
 import contextlib
-import json
+import functools
 import math
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -17,6 +17,7 @@ import tensorflow as tf
 from tfp_ffjord import datasets
 from tfp_ffjord import ode
 from tfp_ffjord.training import adam as adam_lib
+from tfp_ffjord.training import averaging
 from tfp_ffjord.training import distribute
 from tfp_ffjord.training import flow_matching
 from tfp_ffjord.training import likelihood
@@ -38,6 +39,15 @@ __all__ = ['Trainer', 'load_run', 'FLOW_MATCHING_CHUNK', 'COSINE_FLOOR']
 FLOW_MATCHING_CHUNK = 250
 # The cosine schedule decays the learning rate to this fraction of its start.
 COSINE_FLOOR = 0.01
+
+
+def _averaged(method):
+  """`method` run within `self.averaged_weights()`."""
+  @functools.wraps(method)
+  def with_averaged_weights(self, *args, **kwargs):
+    with self.averaged_weights():
+      return method(self, *args, **kwargs)
+  return with_averaged_weights
 
 
 class Trainer:
@@ -94,24 +104,22 @@ class Trainer:
       self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64,
                                name='epoch')
       self.step = tf.Variable(0, trainable=False, dtype=tf.int64, name='step')
-    # The epoch records as JSON, saved with the weights: a process killed
-    # between a checkpoint and `metrics.json` loses no record.
-    self._records = tf.Variable('[]', trainable=False, dtype=tf.string,
-                                name='records')
-    self.checkpoint = tf.train.Checkpoint(
-        model=self.model, optimizer=self.optimizer, epoch=self.epoch,
-        step=self.step, learning_rate=self.learning_rate,
-        records=self._records)
+      self.average = (averaging.WeightAverage(self.variables,
+                                              config.ema_decay)
+                      if config.ema_decay else None)
     self.checkpoints = self.writer = None
     if out_dir is not None:
-      self.checkpoints = Checkpoints(self.checkpoint,
-                                     self.run_dir.checkpoint_dir,
-                                     self.is_chief, config.max_to_keep)
+      self.checkpoints = Checkpoints(
+          dict(model=self.model, optimizer=self.optimizer, epoch=self.epoch,
+               step=self.step, learning_rate=self.learning_rate,
+               **({} if self.average is None else {'average': self.average})),
+          self.run_dir.checkpoint_dir, self.is_chief, config.max_to_keep)
     self.history: List[Dict] = []
     self.last_regularizers = (0., 0.)
     self._restored = False
     self.num_traces = 0
-    self._compile()
+    (self._train_step, self._fm_chunk, self._fm_steps,
+     self.evaluator) = _compiled_steps(self)
 
   @property
   def manager(self) -> Optional[tf.train.CheckpointManager]:
@@ -120,10 +128,6 @@ class Trainer:
 
   def _count_trace(self):
     self.num_traces += 1
-
-  def _compile(self):
-    (self._train_step, self._fm_chunk, self._fm_steps,
-     self.evaluator) = _compiled_steps(self)
 
   # ---------------------------------------------------------------- steps
 
@@ -160,11 +164,20 @@ class Trainer:
     return float(terms.loss), int(terms.nfe)
 
   # ----------------------------------------------------------- evaluation
+  # With `config.ema_decay`, these use the averaged weights.
 
+  def averaged_weights(self):
+    """A context in which the model holds the weights' moving average
+    (`config.ema_decay`; without one, the weights themselves)."""
+    return (contextlib.nullcontext() if self.average is None
+            else self.average.swapped())
+
+  @_averaged
   def log_prob(self, points, labels=None) -> np.ndarray:
     """Log-density (nats) of `[N, D]` points (see `Evaluator`)."""
     return self.evaluator.log_prob(points, labels)
 
+  @_averaged
   def marginal_log_prob(self, points) -> np.ndarray:
     """`log p(x)`; for conditional models the mixture over the classes.
 
@@ -177,14 +190,17 @@ class Trainer:
     """
     return self.evaluator.marginal_log_prob(points)
 
+  @_averaged
   def evaluate(self, points=None, labels=None) -> Dict[str, float]:
     """Mean NLL of `points` (default: the test set; see `Evaluator`)."""
     return self.evaluator.evaluate(points, labels)
 
+  @_averaged
   def forward(self, points, labels=None) -> np.ndarray:
     """Data points mapped to the base space (see `Evaluator.forward`)."""
     return self.evaluator.forward(points, labels)
 
+  @_averaged
   def sample(self, n: int, seed: int = 0, labels=None) -> np.ndarray:
     """`n` samples of the model, `[n, D]` (see `Evaluator.sample`)."""
     return self.evaluator.sample(n, seed, labels)
@@ -199,10 +215,10 @@ class Trainer:
   def restore(self) -> bool:
     """Restores the latest readable checkpoint of `out_dir`; False if there
     is none (a truncated one is skipped, with a warning, for the previous)."""
-    if self.checkpoints is None or self.checkpoints.restore() is None:
+    saved = None if self.checkpoints is None else self.checkpoints.restore()
+    if saved is None:
       return False
     self._restored = True
-    saved = json.loads(self._records.numpy().decode('utf-8'))
     self.history = [h for h in saved if h['epoch'] <= self.epochs_done]
     return True
 
@@ -210,7 +226,7 @@ class Trainer:
     """Writes a checkpoint numbered by the global step (if not written yet)."""
     if self.checkpoints is None:
       return None
-    return self.checkpoints.save(int(self.step.numpy()))
+    return self.checkpoints.save(int(self.step.numpy()), self.history)
 
   def fit(self, progress: bool = True,
           callback: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
@@ -266,7 +282,7 @@ class Trainer:
     resumed run sees those an uninterrupted one would."""
     config, conditional = self.config, bool(self.model.num_classes)
     if interrupted[0]:
-      self._stop_interrupted(epoch)
+      raise _interrupted(self, epoch)
     epoch_fn = (_flow_matching_epoch if config.objective == 'flow-matching'
                 else _likelihood_epoch)
     results = epoch_fn(self, epoch, skip, conditional)
@@ -280,7 +296,7 @@ class Trainer:
         raise _non_finite(losses[-1], epoch, int(self.step.numpy()),
                           self.checkpoints)
       if interrupted[0]:
-        self._stop_interrupted(epoch)
+        raise _interrupted(self, epoch)
     return losses, nfes, regs
 
   def _end_epoch(self, epoch, losses, nfes, regs, start, bar, callback,
@@ -303,23 +319,12 @@ class Trainer:
                     test_nll=f'{record["test_nll"]:.3f}',
                     nfe=f'{record["nfe_per_step"] or 0:.0f}')
     if self.run_dir is not None:
-      self._records.assign(json.dumps(self.history))
       self.save()   # every worker: saving may need collectives
       if self.is_chief:
         _log_scalars(self.writer, record)
         self.write_metrics()
     if callback is not None:
       callback(record)
-
-  def _stop_interrupted(self, epoch):
-    """Saves a mid-epoch checkpoint and raises `TrainingInterrupted`."""
-    where = f'epoch {epoch + 1}, step {int(self.step.numpy())}'
-    if self.checkpoints is None:
-      raise TrainingInterrupted(f'Interrupted at {where} (no out_dir: '
-                                'nothing saved).')
-    raise TrainingInterrupted(
-        f'Interrupted at {where}; saved {self.save()}. Continue with --resume '
-        '(`Trainer.fit()` on the same out_dir).')
 
   # -------------------------------------------------------------- outputs
 
@@ -334,11 +339,23 @@ class Trainer:
       return None
     return self.run_dir.write_metrics(self.metrics())
 
+  @_averaged
   def plot(self, out_dir: Optional[str] = None, tag: str = 'last'
            ) -> List[str]:
     """Writes the figures that apply to the data (see `figures`)."""
     from tfp_ffjord.training import figures  # pylint: disable=g-import-not-at-top
     return figures.write_figures(self, out_dir, tag, seed=self.config.seed)
+
+
+def _interrupted(trainer, epoch) -> TrainingInterrupted:
+  """Saves a mid-epoch checkpoint; the `TrainingInterrupted` to raise."""
+  where = f'epoch {epoch + 1}, step {int(trainer.step.numpy())}'
+  if trainer.checkpoints is None:
+    return TrainingInterrupted(f'Interrupted at {where} (no out_dir: '
+                               'nothing saved).')
+  return TrainingInterrupted(
+      f'Interrupted at {where}; saved {trainer.save()}. Continue with '
+      '--resume (`Trainer.fit()` on the same out_dir).')
 
 
 def _kept(checkpoints) -> str:
@@ -370,7 +387,7 @@ def _compiled_steps(trainer):
   common = dict(jit_compile=config.jit_compile,
                 on_trace=trainer._count_trace)  # pylint: disable=protected-access
   update = steps_lib.Update(trainer.optimizer, trainer.variables,
-                            trainer.step, config.clip_norm)
+                            trainer.step, config.clip_norm, trainer.average)
   if trainer.distributed:
     train_step = distribute.make_distributed_step(
         trainer.strategy, loss, update, config.batch_size, **common)
@@ -380,8 +397,8 @@ def _compiled_steps(trainer):
         **common)
   fm_chunk = min(FLOW_MATCHING_CHUNK, trainer.steps_per_epoch)
   fm_steps = flow_matching.make_steps(
-      trainer.model, trainer.optimizer, trainer.variables, trainer.step,
-      config, fm_chunk, dim, on_trace=trainer._count_trace)  # pylint: disable=protected-access
+      trainer.model, update, config, fm_chunk, dim,
+      on_trace=trainer._count_trace)  # pylint: disable=protected-access
   evaluator = Evaluator(trainer.model, trainer.eval_flow, trainer.eval_chain,
                         trainer.data, config.eval_batch_size,
                         config.jit_compile)

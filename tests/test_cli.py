@@ -185,3 +185,53 @@ def test_evaluate_rejects_malformed_and_wrong_dimension_files(tmp_path,
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f'tfp-ffjord: error: {three}: points have dimension 3, the '
                  f'model in {run} has 2']
+
+
+def test_presets_set_their_fields_and_given_options_override_them(
+    tmp_path, monkeypatch):
+  from tfp_ffjord import registry  # pylint: disable=g-import-not-at-top
+  from tfp_ffjord.training import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  def config(argv):
+    args = cli.build_parser().parse_args(['train'] + argv)
+    args.out = str(tmp_path / 'run')
+    return cli._train_config(args)  # pylint: disable=protected-access
+
+  assert config(['--preset', 'moons']) == config_lib.TrainConfig()
+  mnist = registry.PRESETS['mnist'].settings
+  got = config(['--preset', 'mnist'])
+  for key, value in mnist.items():
+    assert getattr(got, key) == value, key
+  assert got != config_lib.TrainConfig(dataset='mnist', model='unet',
+                                       objective='flow-matching')
+  got = config(['--preset', 'mnist', '--epochs', '1', '--hidden', '8,16'])
+  assert (got.epochs, got.hidden, got.model) == (1, (8, 16), 'unet')
+  # The default --out is named by the preset's dataset.
+  args = cli.build_parser().parse_args(['train', '--preset', 'mnist'])
+  monkeypatch.setattr(cli, '_locked', lambda out, command, args: out)
+  assert cli.cmd_train(args) == os.path.join('runs', 'mnist')
+
+
+@pytest.mark.slow
+def test_mnist_preset_trains_and_writes_metrics_curves_and_both_grids(
+    tmp_path):
+  # The preset's recipe at a tiny size (the options given override it).
+  out = str(tmp_path / 'run')
+  res = run_cli('train', '--preset', 'mnist', '--num-train', '64',
+                '--num-test', '32', '--batch-size', '16', '--hidden', '8,16',
+                '--epochs', '2', '--steps-per-epoch', '3',
+                '--eval-batch-size', '32', '--no-progress', '--out', out)
+  assert res.returncode == 0, res.stderr
+  assert 'bits/dim' in res.stdout
+  metrics = json.load(open(os.path.join(out, 'metrics.json')))
+  saved = json.load(open(os.path.join(out, 'config.json')))
+  assert (saved['model'], saved['objective'], saved['ema_decay']) == (
+      'unet', 'flow-matching', 0.999)
+  assert [e['epoch'] for e in metrics['epochs']] == [1, 2]
+  assert all(np.isfinite(e['test_bits_per_dim']) for e in metrics['epochs'])
+  for png in ('samples.png', 'data.png', 'curves.png'):
+    assert os.path.getsize(os.path.join(out, png)) > 5000, png
+  # Another preset's model on --resume is refused by the option it changes.
+  res = run_cli('train', '--preset', 'moons', '--resume', '--out', out)
+  assert res.returncode == 2
+  assert '--resume: --dataset' in res.stderr

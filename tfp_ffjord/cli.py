@@ -158,6 +158,10 @@ def build_parser():
       'with --resume, the value saved in OUT).')
   _add_config_options(train)
   a = train.add_argument
+  a('--preset', choices=tuple(registry.PRESETS), default=None,
+    help='start from a recipe: ' + '; '.join(
+        f'{name}: {p.description}' for name, p in registry.PRESETS.items())
+    + '. Options given besides it override its values')
   a('--out', default=None, help='output directory; default: runs/DATASET')
   a('--resume', action='store_true',
     help='continue the run in OUT from its last checkpoint')
@@ -305,6 +309,8 @@ def _train_config(args):
   """The run's config: defaults, or OUT's saved config when resuming."""
   given = {f.name: getattr(args, f.name) for f, _, _ in config_options()
            if getattr(args, f.name) is not None}
+  if args.preset:
+    given = {**registry.PRESETS[args.preset].settings, **given}
   chief = _chief_of_cluster(args)   # also checks TF_CONFIG
   run = run_dir_lib.RunDir(args.out)
   if args.resume and args.overwrite:
@@ -382,7 +388,9 @@ def _locked(out, command, args):
 
 
 def cmd_train(args):
-  args.out = args.out or os.path.join('runs', args.dataset or 'moons')
+  preset = registry.PRESETS[args.preset].settings if args.preset else {}
+  args.out = args.out or os.path.join(
+      'runs', args.dataset or preset.get('dataset', 'moons'))
   if not _chief_of_cluster(args):   # workers do not write the directory
     return _train(args)
   return _locked(args.out, _train, args)

@@ -94,14 +94,18 @@ NUM_SCORED = 1000   # samples scored per model
 
 
 def run_model(name, dataset, seconds, seed, classifier=None,
-              samples_dir=None, runs_dir=None):
+              samples_dir=None, runs_dir=None, overrides=None):
   from tfp_ffjord import plotting  # pylint: disable=g-import-not-at-top
   from tfp_ffjord import sample_quality  # pylint: disable=g-import-not-at-top
   from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
   kw = dict(COMMON[dataset])
   kw.update(MODELS[name])
+  kw.update(overrides or {})
   kw.update(max_train_seconds=seconds, seed=seed)
   config = training.TrainConfig(**kw)
+  if overrides:   # a tuning run is named by what it changed
+    name += '[' + ','.join(f'{k}={v}' for k, v in overrides.items()) + ']'
+
   start = time.perf_counter()
   # With `runs_dir`, each epoch is checkpointed into a run directory with its
   # metrics.json: a run stopped early continues where it was (its
@@ -131,6 +135,24 @@ def run_model(name, dataset, seconds, seed, classifier=None,
       eval_nfe=last['eval_nfe'],
       curve=[(h['train_time'], h['test_bits_per_dim']) for h in history],
       nfe_curve=[h['nfe_per_step'] for h in history])
+
+
+def _overrides(pairs):
+  """`KEY=VALUE` strings as TrainConfig fields: numbers, comma-separated
+  sizes (`hidden=32,64`), booleans, else strings."""
+  out = {}
+  for pair in pairs:
+    key, _, text = pair.partition('=')
+    if key == 'hidden':
+      out[key] = tuple(int(x) for x in text.split(','))
+    elif text in ('true', 'false'):
+      out[key] = text == 'true'
+    else:
+      try:
+        out[key] = int(text) if text.lstrip('-').isdigit() else float(text)
+      except ValueError:
+        out[key] = text
+  return out
 
 
 def table(results, dataset, seconds, command, real_scores=None):
@@ -239,6 +261,9 @@ def main(argv=None):
   parser.add_argument('--out', default=None, help='results file to update')
   parser.add_argument('--samples-dir', default=None,
                       help='write each model\'s sample grid here')
+  parser.add_argument('--set', nargs='+', default=(), metavar='KEY=VALUE',
+                      help='TrainConfig fields to override for every model '
+                      '(tuning runs; e.g. learning_rate=3e-3 hidden=128)')
   parser.add_argument('--runs-dir', default=None,
                       help='checkpoint each model into a run directory here '
                       '(metrics.json per epoch; a rerun continues it)')
@@ -272,7 +297,8 @@ def main(argv=None):
     results = []
     for name in args.models:
       results.append(run_model(name, args.dataset, args.seconds, args.seed,
-                               classifier, args.samples_dir, args.runs_dir))
+                               classifier, args.samples_dir, args.runs_dir,
+                               _overrides(args.set)))
       r = results[-1]
       print(f'{name}: {r["bits_per_dim"]:.3f} bits/dim after {r["steps"]} '
             f'steps ({r["train_time"]:.0f} s training, {r["total_time"]:.0f} '

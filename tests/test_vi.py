@@ -175,6 +175,29 @@ def test_evaluate_measures_known_moment_errors():
   assert measured['std_error'] == pytest.approx(0.25, abs=MOMENT_ERROR_ATOL)
 
 
+def test_importance_sampling_gives_log_z_and_the_closed_form_ess():
+  """Target N(0, I_3), surrogate N(0, 1.25^2 I_3): log Z = 0, and
+  E_q[w^2] = (s / sqrt(2 - 1/s^2))^3, so ESS / N -> 1 / E_q[w^2]."""
+  s, d = 1.25, 3
+  target = tfp.distributions.MultivariateNormalDiag(loc=tf.zeros([d]))
+  q = tfp.distributions.MultivariateNormalDiag(
+      loc=tf.zeros([d]), scale_diag=tf.fill([d], s))
+  measured = vi.evaluate(q, target, num_samples=16384)
+  expected_ess = (s / np.sqrt(2. - 1. / s ** 2)) ** -d
+  assert measured['ess'] / 16384 == pytest.approx(expected_ess, abs=0.03)
+  assert abs(measured['log_z']) < 4 * measured['log_z_stderr']
+  assert measured['log_z_stderr'] == pytest.approx(
+      np.sqrt((1. / expected_ess - 1.) / 16384), rel=0.2)
+  # A surrogate equal to the target: every weight 1.
+  exact = vi.evaluate(target, target, num_samples=1024)
+  assert exact['ess'] == pytest.approx(1024.)
+  assert exact['log_z'] == pytest.approx(0., abs=1e-6)
+  # Degenerate weights: NaN and -inf count as zero.
+  summary = vi.importance_weights_summary([np.nan, -np.inf, 0., 0.])
+  assert (summary['log_z'], summary['ess']) == (pytest.approx(np.log(0.5)),
+                                                2.)
+
+
 def test_iaf_baseline_stays_autoregressive_under_sonnet_updates():
   # tfb.AutoregressiveNetwork keeps its masks through Keras variable
   # constraints; an optimizer that ignores them makes the "IAF" a dense map

@@ -31,6 +31,7 @@ from tfp_ffjord.vi.fitting import elbo_loss
 from tfp_ffjord.vi.fitting import evaluate
 from tfp_ffjord.vi.fitting import fit
 from tfp_ffjord.vi.fitting import FitResult
+from tfp_ffjord.vi.fitting import importance_weights_summary
 from tfp_ffjord.vi.job import run
 from tfp_ffjord.vi.job import VIConfig
 from tfp_ffjord.vi.surrogates import build_ffjord_surrogate_posterior
@@ -44,6 +45,7 @@ from tfp_ffjord.vi.surrogates import target_log_prob_fn
 from tfp_ffjord.vi.surrogates import unconstrained_size
 
 __all__ = ['EXACT_TRACE_MAX_DIM', 'FFJORD_NAME', 'FitResult', 'build_ffjord_surrogate_posterior',
-           'build_surrogate', 'elbo_loss', 'evaluate', 'fit', 'load_target',
+           'build_surrogate', 'elbo_loss', 'evaluate', 'fit',
+           'importance_weights_summary', 'load_target',
            'restructuring_bijector', 'run', 'surrogate_for', 'target_log_prob_fn',
            'unconstrained_size', 'VIConfig']

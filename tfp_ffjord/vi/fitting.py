@@ -242,6 +242,40 @@ def _flat_truth(values):
                          for v in tf.nest.flatten(values)])
 
 
+def importance_weights_summary(log_w) -> dict:
+  """`log_z`, `log_z_stderr` and `ess` of log importance weights `log_w`.
+
+  With `w = p~(x) / q(x)` for draws `x ~ q`, `mean(w)` estimates the
+  normaliser `Z` of `p~`; its log, `log_z`, has the delta-method standard
+  error `sqrt((N / ess - 1) / N)`, where `ess = (sum w)^2 / sum w^2` is the
+  effective sample size of the `N` weights (`N` when `q` is the normalised
+  target). Non-finite weights count as zero weights (`-inf`).
+
+  Args:
+    log_w: `[N]` log weights.
+
+  Returns:
+    A dict of floats: `log_z`, `log_z_stderr`, `ess`.
+
+  Examples:
+    >>> summary = importance_weights_summary(np.zeros(8))
+    >>> summary['log_z'], summary['ess']
+    (0.0, 8.0)
+  """
+  log_w = np.asarray(log_w, np.float64)
+  log_w = np.where(np.isnan(log_w), -np.inf, log_w)
+  n = len(log_w)
+  top = np.max(log_w)
+  if not np.isfinite(top):
+    return {'log_z': float('-inf') if top == -np.inf else float('inf'),
+            'log_z_stderr': float('inf'), 'ess': 0.}
+  w = np.exp(log_w - top)
+  ess = float(w.sum() ** 2 / np.sum(w ** 2))
+  return {'log_z': float(top + np.log(w.mean())),
+          'log_z_stderr': float(np.sqrt(max(n / ess - 1., 0.) / n)),
+          'ess': ess}
+
+
 def evaluate(surrogate, target, num_samples: int = 4096, seed: int = 1,
              batch_size: int = 1024) -> dict:
   """The fitted surrogate against `target`'s ground truth.
@@ -260,7 +294,11 @@ def evaluate(surrogate, target, num_samples: int = 4096, seed: int = 1,
     error of the posterior mean and standard deviation over the target's
     coordinates, those of its 'identity' sample transformation:
     `max |estimate - truth| / truth_std`; None where the target has no
-    ground truth).
+    ground truth); `log_z` and `log_z_stderr` (the importance-sampling
+    estimate `log mean(w)` of the target's log normaliser, weights `w = p~ /
+    q`, and its delta-method standard error; 0 is the truth for a
+    normalised target); `ess` (the weights' effective sample size
+    `(sum w)^2 / sum w^2`, out of `num_samples`).
   """
   _checks.positive_int('num_samples', num_samples)
   transform = getattr(target, 'sample_transformations', {}).get('identity')
@@ -285,6 +323,7 @@ def evaluate(surrogate, target, num_samples: int = 4096, seed: int = 1,
             'elbo_stderr': float(np.std(log_w) / np.sqrt(len(log_w))),
             'mean_error': None, 'std_error': None,
             'num_samples': int(num_samples)}
+  result.update(importance_weights_summary(log_w))
   if transform is not None and transform.ground_truth_mean is not None and (
       transform.ground_truth_standard_deviation is not None):
     truth_mean = _flat_truth(transform.ground_truth_mean)

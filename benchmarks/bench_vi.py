@@ -38,7 +38,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_training_step import publish  # noqa: E402
 
-SURROGATES = ('ffjord', 'mean-field', 'full-covariance', 'iaf')
+SURROGATES = tuple(registry.VI_SURROGATES)
+
+
+def applies(surrogate, target):
+  """Whether `surrogate` can be built for `target` (ASVI needs a prior)."""
+  return surrogate != 'asvi' or registry.VI_TARGETS[target].prior
 
 
 def _timed_fit(loop, steps):
@@ -122,17 +127,24 @@ def main(argv=None):
       with open(path) as f:
         rows += json.load(f)
     args.targets = []
+  elif args.json and os.path.exists(args.json):
+    with open(args.json) as f:   # a rerun continues where this one stopped
+      rows = json.load(f)
+  done = {(m['target'], m['surrogate'], m['config']['seed']) for m in rows}
   for target in args.targets:
     for surrogate in args.surrogates:
       for seed in args.seeds:
+        if (target, surrogate, seed) in done or not applies(surrogate,
+                                                            target):
+          continue
         m = vi.run(target=target, surrogate=surrogate, num_steps=10**7,
                    seed=seed, max_seconds=args.seconds, verbose=True)
         print(json.dumps({k: v for k, v in m.items() if k != 'config'}),
               flush=True)
         rows.append(m)
-  if args.json and not args.from_json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+        if args.json:   # after each run: a long benchmark keeps its results
+          with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
 
   seconds = rows[0]['config']['max_seconds'] if rows else args.seconds
   targets = list(dict.fromkeys(m['target'] for m in rows))
@@ -159,15 +171,15 @@ def main(argv=None):
       '1e-6, backprop), exact trace up to 16 dimensions, Hutchinson above.',
       '',
       '| target | surrogate | seeds | steps (mean) | first step (s) | ELBO '
-      '| mean error | std error |',
-      '|---|---|---:|---:|---:|---:|---:|---:|',
+      '| mean error | std error | log Z (IS) | ESS / N |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   groups = {}
   for m in rows:
     groups.setdefault((m['target'], m['surrogate']), []).append(m)
 
   def spread(ms, key):
-    values = [m[key] for m in ms if m[key] is not None]
+    values = [m.get(key) for m in ms if m.get(key) is not None]
     if not values:
       return '–'
     if len(values) == 1:
@@ -181,7 +193,10 @@ def main(argv=None):
         f'{statistics.mean(m["steps"] for m in ms):.0f} | '
         f'{statistics.mean(m["first_step_seconds"] for m in ms):.1f} | '
         f'{statistics.mean(m["elbo"] for m in ms):.3f} | '
-        f'{spread(ms, "mean_error")} | {spread(ms, "std_error")} |')
+        f'{spread(ms, "mean_error")} | {spread(ms, "std_error")} | '
+        f'{spread(ms, "log_z")} | '
+        f'{spread([dict(r=m.get("ess", 0) / m["num_samples"]) for m in ms], "r")}'
+        ' |')
   publish(args.out, '\n'.join(lines) + '\n')
 
 

@@ -333,6 +333,7 @@ TFP_FACADES = {
     'trace.py': {'trace_jacobian_hutchinson'},
     'vi/fitting.py': {'fit'},   # tfp.vi.fit_surrogate_posterior
     'vi/surrogates.py': {'build_ffjord_surrogate_posterior'},  # the builders'
+    'vi/staged.py': {'build_staged_ffjord_surrogate_posterior'},  # likewise
 }
 
 

@@ -158,21 +158,37 @@ STRATEGIES = {
 # Variational inference (`tfp_ffjord.vi`, `tfp-ffjord vi`): name -> the
 # `inference_gym.targets` class and what it is. Each has a ground-truth mean
 # and standard deviation, and none needs a download.
-VITarget = collections.namedtuple('VITarget', ['cls', 'description'])
+# `normalized`: the target's density integrates to 1 (its log Z is 0);
+# `prior`: it is a Bayesian model with a prior to build ASVI from.
+VITarget = collections.namedtuple('VITarget', ['cls', 'description',
+                                               'normalized', 'prior'])
 VI_TARGETS = {
     'banana': VITarget('Banana', '2-D banana (curvature 0.03): a Gaussian '
-                       'bent along a parabola'),
+                       'bent along a parabola', True, False),
     'funnel': VITarget('NealsFunnel', "Neal's funnel in 10-D: the scale of "
-                       '9 coordinates is exp(first / 2)'),
+                       '9 coordinates is exp(first / 2)', True, False),
     'eight-schools': VITarget('EightSchools', 'Eight Schools, centred '
                               'parameterisation (10-D, a dict of three '
-                              'parts)'),
+                              'parts)', False, True),
     'ill-conditioned-gaussian': VITarget(
         'IllConditionedGaussian', '100-D Gaussian with a random rotation and '
-        'eigenvalues spanning orders of magnitude'),
+        'eigenvalues spanning orders of magnitude', True, False),
+    'brownian-motion': VITarget(
+        'BrownianMotionMissingMiddleObservations', 'a 30-step Brownian '
+        'motion observed with noise except in the middle 10 steps (30-D)',
+        False, True),
+    'lorenz-bridge': VITarget(
+        'ConvectionLorenzBridge', 'the Lorenz system integrated over 30 '
+        'steps, its first coordinate observed with noise except in the '
+        'middle (90-D)', False, True),
+    'item-response': VITarget(
+        'SyntheticItemResponseTheory', 'item response theory on synthetic '
+        'answers: 100 question difficulties, 400 student abilities and '
+        'their mean (501-D)', False, True),
     'stochastic-volatility': VITarget(
         'StochasticVolatilitySP500Small', 'stochastic volatility of the last '
-        '100 days of S&P 500 returns (103-D, constrained parameters)'),
+        '100 days of S&P 500 returns (103-D, constrained parameters)', False,
+        True),
 }
 
 VI_SURROGATES = {
@@ -185,6 +201,13 @@ VI_SURROGATES = {
                        'build_affine_surrogate_posterior, operators="tril")',
     'iaf': 'inverse autoregressive flow: two tfb.MaskedAutoregressiveFlow '
            'blocks, inverted, then a diagonal affine map',
+    'staged-ffjord': 'a full-covariance Gaussian fitted first (a quarter '
+                     'of the budget), then FFJORD blocks on its noise '
+                     '(tfp_ffjord.vi.build_staged_ffjord_surrogate_posterior)',
+    'staged-ffjord-iaf': 'the same on an IAF base',
+    'asvi': "automatic structured VI from the target's prior (tfp."
+            'experimental.vi.build_asvi_surrogate_posterior; Bayesian '
+            'models only)',
 }
 
 VI_ESTIMATORS = {

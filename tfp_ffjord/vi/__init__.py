@@ -33,6 +33,10 @@ from tfp_ffjord.vi.fitting import fit
 from tfp_ffjord.vi.fitting import FitResult
 from tfp_ffjord.vi.fitting import importance_weights_summary
 from tfp_ffjord.vi.job import run
+from tfp_ffjord.vi.staged import build_staged_ffjord_surrogate_posterior
+from tfp_ffjord.vi.staged import fit_staged
+from tfp_ffjord.vi.staged import STAGED_BASES
+from tfp_ffjord.vi.staged import StagedSurrogate
 from tfp_ffjord.vi.job import VIConfig
 from tfp_ffjord.vi.surrogates import build_ffjord_surrogate_posterior
 from tfp_ffjord.vi.surrogates import build_surrogate
@@ -44,7 +48,9 @@ from tfp_ffjord.vi.surrogates import surrogate_for
 from tfp_ffjord.vi.surrogates import target_log_prob_fn
 from tfp_ffjord.vi.surrogates import unconstrained_size
 
-__all__ = ['EXACT_TRACE_MAX_DIM', 'FFJORD_NAME', 'FitResult', 'build_ffjord_surrogate_posterior',
+__all__ = ['EXACT_TRACE_MAX_DIM', 'FFJORD_NAME', 'FitResult', 'STAGED_BASES',
+           'StagedSurrogate', 'build_ffjord_surrogate_posterior',
+           'build_staged_ffjord_surrogate_posterior', 'fit_staged',
            'build_surrogate', 'elbo_loss', 'evaluate', 'fit',
            'importance_weights_summary', 'load_target',
            'restructuring_bijector', 'run', 'surrogate_for', 'target_log_prob_fn',

@@ -12,6 +12,7 @@ from tfp_ffjord.vi.fitting import _flat_draws  # pylint: disable=protected-acces
 from tfp_ffjord.vi.fitting import _flat_truth  # pylint: disable=protected-access
 from tfp_ffjord.vi.fitting import evaluate
 from tfp_ffjord.vi.fitting import fit
+from tfp_ffjord.vi import staged as staged_lib
 from tfp_ffjord.vi.surrogates import build_surrogate
 from tfp_ffjord.vi.surrogates import load_target
 from tfp_ffjord.vi.surrogates import target_log_prob_fn
@@ -81,7 +82,7 @@ def run(config: Optional[VIConfig] = None, out_dir: Optional[str] = None, *,
   tf.random.set_seed(c.seed)
   model = load_target(c.target)
   ffjord_kwargs = {}
-  if c.surrogate == 'ffjord':
+  if c.surrogate == 'ffjord' or c.surrogate.startswith('staged-ffjord'):
     ffjord_kwargs = dict(blocks=c.blocks, trace=c.trace,
                          ode_solve_fn=solver_named(
                              c.solver, rtol=c.rtol, atol=c.atol,
@@ -93,10 +94,15 @@ def run(config: Optional[VIConfig] = None, out_dir: Optional[str] = None, *,
                            **ffjord_kwargs)
   q = build()
   stopped = build() if c.estimator == 'stl' else None
-  result = fit(q, target_log_prob_fn(model), c.num_steps,
-               learning_rate=c.learning_rate, sample_size=c.sample_size,
-               seed=c.seed, estimator=c.estimator, stopped_surrogate=stopped,
-               max_seconds=c.max_seconds)
+  fit_fn = fit
+  if isinstance(q, staged_lib.StagedSurrogate):   # base first, then FFJORD
+    fit_fn = staged_lib.fit_staged
+  result = fit_fn(q, target_log_prob_fn(model), c.num_steps,
+                  learning_rate=c.learning_rate, sample_size=c.sample_size,
+                  seed=c.seed, estimator=c.estimator,
+                  stopped_surrogate=stopped, max_seconds=c.max_seconds)
+  if isinstance(q, staged_lib.StagedSurrogate):
+    q = q.full
   if verbose:
     print(f'{c.target} / {c.surrogate}: {result.steps} steps in '
           f'{result.seconds[-1]:.1f} s (first {result.first_step_seconds:.1f}'

@@ -179,7 +179,31 @@ def build_ffjord_surrogate_posterior(
     whose FFJORD part is named `'ffjord'` (pass a Hutchinson seed as
     `bijector_kwargs={'ffjord': {'seed': s}}`).
   """
-  _checks.positive_int('blocks', blocks)
+  constrain = _constraining(bijector)
+  flat_dtype = _flat_dtype(dtype)
+  dim = unconstrained_size(event_shape, constrain, dtype)
+  ffjord = _ffjord_flow(dim, flat_dtype, name, dict(
+      blocks=blocks, hidden=hidden, activation=activation,
+      ode_solve_fn=ode_solve_fn, trace=trace, seed=seed))
+  return _over_standard_normal(event_shape, constrain, dtype, dim,
+                               flat_dtype, [ffjord], affine, name)
+
+
+def _flat_dtype(dtype):
+  """The one dtype of every part of `dtype`."""
+  flat_dtypes = tf.nest.flatten(dtype)
+  if len(set(flat_dtypes)) != 1:
+    raise ValueError(f'All parts of `dtype` must be one dtype; got {dtype!r}.')
+  return tf.as_dtype(flat_dtypes[0])
+
+
+def _ffjord_flow(dim, flat_dtype, name, settings):
+  """The surrogate's `StackedFFJORD` on `R^dim`, named `FFJORD_NAME`, from
+  `settings` (`blocks`, `hidden`, `activation`, `ode_solve_fn`, `trace`,
+  `seed`: `build_ffjord_surrogate_posterior`'s arguments), checked."""
+  _checks.positive_int('blocks', settings['blocks'])
+  activation, trace = settings['activation'], settings['trace']
+  ode_solve_fn = settings['ode_solve_fn']
   if activation not in registry.ACTIVATIONS:
     raise ValueError(f'`activation` must be one of '
                      f'{", ".join(registry.ACTIVATIONS)}; got {activation!r}.')
@@ -192,13 +216,7 @@ def build_ffjord_surrogate_posterior(
         'the surrogate is then not exactly normalised, and maximising the '
         'ELBO can exploit the discretisation error (an ELBO above log Z). '
         'Prefer an adaptive solver (DormandPrince, Tsit5) for variational '
-        'inference.', stacklevel=2)
-  constrain = _constraining(bijector)
-  flat_dtypes = tf.nest.flatten(dtype)
-  if len(set(flat_dtypes)) != 1:
-    raise ValueError(f'All parts of `dtype` must be one dtype; got {dtype!r}.')
-  flat_dtype = tf.as_dtype(flat_dtypes[0])
-  dim = unconstrained_size(event_shape, constrain, dtype)
+        'inference.', stacklevel=3)
   if trace is None:
     trace = 'exact' if dim <= EXACT_TRACE_MAX_DIM else 'hutchinson'
   if trace not in registry.TRACES:
@@ -206,20 +224,19 @@ def build_ffjord_surrogate_posterior(
                      f'or None; got {trace!r}.')
   act = registry.resolve(registry.ACTIVATIONS, activation, tf)
   with tf.name_scope(name):
-    fns = [dynamics_lib.MLPODE(list(hidden), dim, act, zero_init_output=True,
+    fns = [dynamics_lib.MLPODE(list(settings['hidden']), dim, act,
+                               zero_init_output=True,
                                name=f'{name}_dynamics_{i}')
-           for i in range(blocks)]
+           for i in range(settings['blocks'])]
     for f in fns:  # Sonnet creates variables on the first call.
       f(tf.zeros([], flat_dtype), tf.zeros([1, dim], flat_dtype))
-    if seed is not None:
-      _seeded_weights(fns, seed)
-    ffjord = stacked_lib.StackedFFJORD(
+    if settings['seed'] is not None:
+      _seeded_weights(fns, settings['seed'])
+    return stacked_lib.StackedFFJORD(
         fns, ode_solve_fn=ode_solve_fn,
         trace_augmentation_fn=registry.resolve(registry.TRACES, trace,
                                                trace_lib),
         dtype=flat_dtype, name=FFJORD_NAME, seed_salt=f'tfp_ffjord.vi.{name}')
-    return _over_standard_normal(event_shape, constrain, dtype, dim,
-                                 flat_dtype, [ffjord], affine, name)
 
 
 def _over_standard_normal(event_shape, constrain, dtype, dim, flat_dtype,
@@ -238,10 +255,10 @@ def _over_standard_normal(event_shape, constrain, dtype, dim, flat_dtype,
                                      name=name)
 
 
-def _build_iaf(event_shape, bijector, dtype, hidden, name):
-  constrain = _constraining(bijector)
-  flat_dtype = tf.as_dtype(tf.nest.flatten(dtype)[0])
-  dim = unconstrained_size(event_shape, constrain, dtype)
+def _iaf_flow(dim, flat_dtype, hidden, name):
+  """Two inverted `tfb.MaskedAutoregressiveFlow` blocks on `R^dim` (the
+  second's network zero-initialised, a reversal between them), in
+  `tfb.Chain` order."""
   flow = []
   for i in range(2):
     made = tfb.AutoregressiveNetwork(params=2, hidden_units=list(hidden),
@@ -252,8 +269,16 @@ def _build_iaf(event_shape, bijector, dtype, hidden, name):
     if i:
       flow.append(tfb.Permute(list(range(dim))[::-1]))
     flow.append(tfb.Invert(tfb.MaskedAutoregressiveFlow(made)))
+  return flow
+
+
+def _build_iaf(event_shape, bijector, dtype, hidden, name):
+  constrain = _constraining(bijector)
+  flat_dtype = tf.as_dtype(tf.nest.flatten(dtype)[0])
+  dim = unconstrained_size(event_shape, constrain, dtype)
   q = _over_standard_normal(event_shape, constrain, dtype, dim, flat_dtype,
-                            flow, True, name)
+                            _iaf_flow(dim, flat_dtype, hidden, name), True,
+                            name)
   q.sample(1, seed=(0, 0))   # builds the Keras layers' variables
   return q
 
@@ -263,18 +288,24 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
   """A surrogate of family `kind` (`registry.VI_SURROGATES`) for `target`.
 
   Args:
-    kind: 'ffjord', 'mean-field', 'full-covariance' or 'iaf'.
+    kind: 'ffjord', 'staged-ffjord', 'staged-ffjord-iaf', 'mean-field',
+      'full-covariance', 'iaf' or 'asvi'.
     target: an `inference_gym` model, or a `tfd.Distribution` (whose
-      `experimental_default_event_space_bijector()` constrains).
+      `experimental_default_event_space_bijector()` constrains); 'asvi'
+      needs a Bayesian model (its `prior_distribution()`).
     hidden: the hidden sizes of the FFJORD or IAF networks.
     seed: the initial weights' seed.
-    **ffjord_kwargs: more arguments of `build_ffjord_surrogate_posterior`.
+    **ffjord_kwargs: more arguments of `build_ffjord_surrogate_posterior`
+      (or of `build_staged_ffjord_surrogate_posterior`).
 
   Returns:
-    The surrogate posterior.
+    The surrogate posterior; for the staged kinds a
+    `staged.StagedSurrogate` (fit it with `staged.fit_staged`, use its
+    `full`).
 
   Raises:
-    ValueError: for an unknown kind, or FFJORD arguments given to another.
+    ValueError: for an unknown kind, FFJORD arguments given to another, or
+      'asvi' for a target without a prior.
   """
   if kind not in registry.VI_SURROGATES:
     raise ValueError(f'Unknown surrogate {kind!r}; expected one of '
@@ -285,11 +316,25 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
     return build_ffjord_surrogate_posterior(
         event_shape, constrain, dtype, hidden=hidden, seed=seed,
         **ffjord_kwargs)
+  if kind.startswith('staged-ffjord'):
+    from tfp_ffjord.vi import staged  # pylint: disable=g-import-not-at-top
+    return staged.build_staged_ffjord_surrogate_posterior(
+        event_shape, constrain, dtype, hidden=hidden, seed=seed, name=name,
+        base='iaf' if kind.endswith('-iaf') else 'full-covariance',
+        **ffjord_kwargs)
   if ffjord_kwargs:
     raise ValueError(f'{sorted(ffjord_kwargs)} apply only to the ffjord '
                      'surrogate.')
   if kind == 'iaf':
     return _build_iaf(event_shape, constrain, dtype, hidden, name)
+  if kind == 'asvi':
+    prior = getattr(target, 'prior_distribution', None)
+    if prior is None:
+      raise ValueError(
+          "surrogate 'asvi' is built from a Bayesian model's prior; "
+          f'{type(target).__name__} has no `prior_distribution`.')
+    return tfp.experimental.vi.build_asvi_surrogate_posterior(
+        prior(), seed=seed, name=name)
   return tfp.experimental.vi.build_affine_surrogate_posterior(
       event_shape, operators='diag' if kind == 'mean-field' else 'tril',
       bijector=constrain, dtype=tf.nest.flatten(dtype)[0], seed=seed,

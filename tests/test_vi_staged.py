@@ -1,0 +1,159 @@
+"""Staged surrogates (`vi.staged`), ASVI, and the new targets.
+
+The staged surrogate's density is checked as a change of variables against
+a brute-force Jacobian, its ELBO against the closed-form KL of a Gaussian
+pair, its cost by counting solves, and its fitting by the budget split.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_ffjord import registry
+from tfp_ffjord import vi
+from tests.test_vi import _counting_solver
+from tests.test_vi import correlated_gaussian
+from tests.test_vi import ELBO_STDERRS
+from tests.test_vi import tight_solver
+
+tfd = tfp.distributions
+
+# log q two ways (the surrogate's, and log N(z) - log|det dx/dz| of the
+# autodiff Jacobian of the same map) in float64 with a tight solver.
+CHANGE_OF_VARIABLES_ATOL = 1e-6
+
+
+def _perturbed(q, seed=5, scale=0.3):
+  """Every trainable variable of `q` moved off its start (a flow that is
+  not the identity, an affine map that is not), then its Keras constraint
+  re-applied (the IAF's masks keep it autoregressive)."""
+  for i, v in enumerate(q.trainable_variables):
+    noise = tf.random.stateless_normal(v.shape, (seed, i), dtype=v.dtype)
+    v.assign_add(scale * noise)
+    if getattr(v, 'constraint', None) is not None:
+      v.assign(v.constraint(v))
+
+
+@pytest.mark.parametrize('base', vi.STAGED_BASES)
+def test_staged_log_q_is_the_change_of_variables_of_its_map(base):
+  staged = vi.build_staged_ffjord_surrogate_posterior(
+      [3], dtype=tf.float64, base=base, blocks=2, hidden=(8,),
+      ode_solve_fn=tight_solver(tf.float64), seed=3)
+  _perturbed(staged.full)
+  z = tf.random.stateless_normal([5, 3], (7, 8), dtype=tf.float64)
+  with tf.GradientTape() as tape:
+    tape.watch(z)
+    x = staged.full.bijector.forward(z)
+  jacobian = tape.batch_jacobian(x, z)
+  _, log_det = np.linalg.slogdet(jacobian.numpy())
+  expected = tfd.MultivariateNormalDiag(
+      tf.zeros([3], tf.float64)).log_prob(z).numpy() - log_det
+  np.testing.assert_allclose(staged.full.log_prob(x).numpy(), expected,
+                             atol=CHANGE_OF_VARIABLES_ATOL)
+  # The FFJORD blocks moved: the full surrogate is not the base.
+  assert not np.allclose(staged.base.log_prob(x).numpy(), expected,
+                         atol=1e-3)
+
+
+def test_staged_surrogate_starts_as_its_base_and_its_elbo_is_minus_kl():
+  """Untrained, FFJORD is the identity: `full` is the base's Gaussian
+  N(loc, L L^T) exactly, and against a Gaussian target the ELBO is -KL in
+  closed form (written out here, not TFP's)."""
+  target = correlated_gaussian()
+  staged = vi.build_staged_ffjord_surrogate_posterior(
+      [2], blocks=1, hidden=(8,), ode_solve_fn=tight_solver())
+  loc, scale_tril = staged.base.trainable_variables   # L's free entries
+  loc.assign([0.5, -1.])
+  scale_tril.assign(tfp.bijectors.FillScaleTriL(diag_shift=1e-5).inverse(
+      tf.constant([[0.8, 0.], [0.3, 1.2]])))
+  x = staged.base.sample(64, seed=(1, 2))
+  np.testing.assert_allclose(staged.full.log_prob(x).numpy(),
+                             staged.base.log_prob(x).numpy(), atol=1e-5)
+  m_q, l_q = np.array([0.5, -1.]), np.array([[0.8, 0.], [0.3, 1.2]])
+  m_p, l_p = np.array([1., -2.]), np.array([[1.5, 0.], [1.2, 0.5]])
+  s_q, s_p_inv = l_q @ l_q.T, np.linalg.inv(l_p @ l_p.T)
+  d = m_p - m_q
+  kl = 0.5 * (np.trace(s_p_inv @ s_q) + d @ s_p_inv @ d - 2
+              + np.log(np.linalg.det(l_p @ l_p.T) / np.linalg.det(s_q)))
+  measured = vi.evaluate(staged.full, target, num_samples=4096)
+  assert abs(-measured['elbo'] - kl) < ELBO_STDERRS * measured['elbo_stderr']
+  assert kl > 1.   # a wrong KL would stand out
+
+
+@pytest.mark.parametrize('mode', ['eager', 'function'])
+def test_staged_sample_and_log_prob_costs_one_solve(mode):
+  calls = []
+  target = correlated_gaussian()
+  staged = vi.build_staged_ffjord_surrogate_posterior(
+      [2], ode_solve_fn=_counting_solver(calls), blocks=2, hidden=(8,))
+  _perturbed(staged.full)
+
+  def elbo_loss():
+    return vi.elbo_loss(staged.full, target.log_prob, 16, (3, 4))
+
+  if mode == 'function':
+    elbo_loss = tf.function(elbo_loss)
+  assert np.isfinite(elbo_loss().numpy())
+  assert len(calls) == 1
+  del calls[:]
+  assert np.isfinite(vi.elbo_loss(staged.base, target.log_prob, 16,
+                                  (3, 4)).numpy())
+  assert not calls   # the base alone solves nothing
+
+
+def test_fit_staged_splits_the_budget_and_fits_the_base_first():
+  target = correlated_gaussian()
+  staged = vi.build_staged_ffjord_surrogate_posterior(
+      [2], blocks=1, hidden=(8,))
+  result = vi.fit_staged(staged, target.log_prob, num_steps=60,
+                         base_fraction=0.5, learning_rate=5e-2,
+                         sample_size=32)
+  assert result.steps == 60 and len(result.losses) == 60
+  assert np.all(np.diff(result.seconds) >= 0)
+  # Stage 1 alone already moved the Gaussian towards the target: its loss
+  # fell from the untrained N(0, I)'s KL (5.5 nats).
+  assert np.mean(result.losses[25:30]) < np.mean(result.losses[:5]) - 1.
+  with pytest.raises(ValueError, match='base_fraction'):
+    vi.fit_staged(staged, target.log_prob, num_steps=10, base_fraction=1.)
+  with pytest.raises(ValueError, match='base'):
+    vi.build_staged_ffjord_surrogate_posterior([2], base='flow')
+
+
+@pytest.mark.parametrize('name', ['brownian-motion', 'lorenz-bridge',
+                                  'item-response'])
+def test_new_targets_load_with_ground_truth_and_a_prior(name):
+  target = vi.load_target(name)
+  truth = target.sample_transformations['identity']
+  assert truth.ground_truth_mean is not None
+  assert registry.VI_TARGETS[name].prior
+  prior = target.prior_distribution()
+  x = prior.sample(seed=(1, 2))
+  assert np.isfinite(target.unnormalized_log_prob(x).numpy())
+
+
+def test_asvi_is_built_from_the_prior_and_shaped_like_the_target():
+  target = vi.load_target('eight-schools')
+  asvi = vi.build_surrogate('asvi', target, seed=1)
+  assert asvi.trainable_variables
+  x = asvi.sample(4, seed=(1, 2))
+  assert {k: v.shape.as_list() for k, v in x.items()} == {
+      'avg_effect': [4], 'log_stddev': [4], 'school_effects': [4, 8]}
+  assert np.all(np.isfinite(asvi.log_prob(x).numpy()))
+  with pytest.raises(ValueError, match='prior'):
+    vi.build_surrogate('asvi', vi.load_target('banana'))
+
+
+@pytest.mark.slow
+def test_staged_surrogate_fits_a_structured_target():
+  target = vi.load_target('eight-schools')
+  log_prob = vi.target_log_prob_fn(target)
+  staged = vi.build_surrogate('staged-ffjord', target, hidden=(8,),
+                              blocks=1, seed=1)
+  untrained = vi.evaluate(staged.full, target, num_samples=512)
+  result = vi.fit_staged(staged, log_prob, num_steps=60, base_fraction=0.5,
+                         learning_rate=5e-2, sample_size=16)
+  assert result.steps == 60
+  measured = vi.evaluate(staged.full, target, num_samples=512)
+  assert measured['elbo'] > untrained['elbo'] + 10.
+  assert np.isfinite(measured['log_z']) and measured['ess'] > 1.

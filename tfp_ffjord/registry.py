@@ -139,12 +139,12 @@ PRESETS = {
                     dict(dataset='moons')),
     'mnist': Preset(
         'MNIST-5k: a U-Net velocity field trained by flow matching, with a '
-        'moving average of its weights (about 45 minutes on 2 CPU cores)',
-        dict(dataset='mnist', model='unet', blocks=1, hidden=(32, 64),
+        'moving average of its weights (3,000 steps, 2 held-out evaluations)',
+        dict(dataset='mnist', model='unet', blocks=1, hidden=(16, 32),
              activation='swish', objective='flow-matching', batch_size=64,
-             learning_rate=1e-3, lr_schedule='cosine', clip_norm=10.,
+             learning_rate=2e-3, lr_schedule='cosine', clip_norm=10.,
              ema_decay=0.999, logit_alpha=1e-3, base_scale=1.,
-             epochs=4, steps_per_epoch=500, jit_compile=False,
+             epochs=2, steps_per_epoch=1500, jit_compile=False,
              eval_rtol=1e-3, eval_atol=1e-3, eval_batch_size=500)),
 }
 

@@ -38,7 +38,7 @@ def _perturbed(q, seed=5, scale=0.3):
 @pytest.mark.parametrize('base', vi.STAGED_BASES)
 def test_staged_log_q_is_the_change_of_variables_of_its_map(base):
   staged = vi.build_staged_ffjord_surrogate_posterior(
-      [3], dtype=tf.float64, base=base, blocks=2, hidden=(8,),
+      [3], dtype=tf.float64, base=base, blocks=1, hidden=(4,),
       ode_solve_fn=tight_solver(tf.float64), seed=3)
   _perturbed(staged.full)
   z = tf.random.stateless_normal([5, 3], (7, 8), dtype=tf.float64)
@@ -136,6 +136,7 @@ def test_asvi_is_built_from_the_prior_and_shaped_like_the_target():
   target = vi.load_target('eight-schools')
   asvi = vi.build_surrogate('asvi', target, seed=1)
   assert asvi.trainable_variables
+  assert not asvi.distribution._use_vectorized_map  # pylint: disable=protected-access
   x = asvi.sample(4, seed=(1, 2))
   assert {k: v.shape.as_list() for k, v in x.items()} == {
       'avg_effect': [4], 'log_stddev': [4], 'school_effects': [4, 8]}

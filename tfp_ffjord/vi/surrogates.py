@@ -333,12 +333,39 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
       raise ValueError(
           "surrogate 'asvi' is built from a Bayesian model's prior; "
           f'{type(target).__name__} has no `prior_distribution`.')
-    return tfp.experimental.vi.build_asvi_surrogate_posterior(
-        prior(), seed=seed, name=name)
+    return _asvi(prior(), seed, name)
   return tfp.experimental.vi.build_affine_surrogate_posterior(
       event_shape, operators='diag' if kind == 'mean-field' else 'tril',
       bijector=constrain, dtype=tf.nest.flatten(dtype)[0], seed=seed,
       name=name)
+
+
+def _asvi(prior, seed, name):
+  """TFP's ASVI surrogate of `prior`, drawing batches without
+  `vectorized_map`.
+
+  TFP builds an auto-batched joint distribution, which draws a batch
+  through `vectorized_map`; with stateless seeds (every step of `fit`) that
+  falls back to a Python loop over the draws (a first step of minutes on a
+  30-part model). The surrogate's parts broadcast over a sample shape, so
+  it is rebuilt, at each use as TFP's stateful builder does, with
+  vectorization off.
+  """
+  init_fn, apply_fn = (
+      tfp.experimental.vi.build_asvi_surrogate_posterior_stateless(
+          prior, name=name))
+  params = init_fn(seed=seed)
+  variables = [tf.nest.map_structure(
+      lambda t, n=n: t if t is None else tf.Variable(t, name=n), value,
+      expand_composites=True) for n, value in params._asdict().items()]
+
+  def build(*values):
+    q = apply_fn(*values)
+    joint = getattr(q, 'distribution', q)   # inside a Restructure, or not
+    if getattr(joint, '_use_vectorized_map', False):
+      joint._use_vectorized_map = False  # pylint: disable=protected-access
+    return q
+  return tfp.experimental.util.DeferredModule(build, *variables)
 
 
 def _target_spec(target):

@@ -197,7 +197,8 @@ def rnode_table(results):
   best bits/dim; for each run, the first evaluation at or below the level
   plus `EQUAL_BITS`, its training time, the NFE per step of the epoch that
   reached it and the mean NFE per step of the whole run up to it."""
-  found = {r['name']: r for r in results}
+  # A tuning run's name carries its overrides ('name[rtol=1e-05,...]').
+  found = {r['name'].split('[')[0]: r for r in results}
   if not all(n in found for n in RNODE_PAIR):
     return ''
   level = max(min(b for _, b in found[n]['curve']) for n in RNODE_PAIR)

@@ -158,3 +158,24 @@ def test_staged_surrogate_fits_a_structured_target():
   measured = vi.evaluate(staged.full, target, num_samples=512)
   assert measured['elbo'] > untrained['elbo'] + 10.
   assert np.isfinite(measured['log_z']) and measured['ess'] > 1.
+
+
+def test_pairs_figure_finds_a_funnel_neck_and_writes_both_kinds(tmp_path):
+  from tfp_ffjord import plotting  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  funnel = rng.normal(size=(4000, 5))
+  funnel[:, 1:] *= np.exp(funnel[:, :1] / 2)   # scales follow coordinate 0
+  correlated = rng.normal(size=(4000, 5))
+  correlated[:, 4] = correlated[:, 2] + 0.1 * rng.normal(size=4000)
+  # Correlation alone does not see the neck (|corr| < 0.05 for every pair).
+  assert np.max(np.abs(np.corrcoef(funnel.T) - np.eye(5))) < 0.05
+  assert all(0 in pair for pair in plotting.dependent_pairs(funnel, 4))
+  assert plotting.dependent_pairs(correlated, 1) == [(2, 4)]
+  run = vi.run(target='funnel', surrogate='mean-field', num_steps=5,
+               num_eval_samples=256, out_dir=str(tmp_path / 'funnel'))
+  assert np.isfinite(run['elbo'])
+  assert (tmp_path / 'funnel' / 'pairs.png').stat().st_size > 5000
+  path = tmp_path / 'moments.png'
+  plotting.plot_pairs(str(path), correlated, truth_mean=np.zeros(5),
+                      truth_std=np.ones(5))
+  assert path.stat().st_size > 5000

@@ -13,7 +13,8 @@ import numpy as np
 
 __all__ = ['grid_lines', 'plot_panels', 'plot_density', 'plot_curves',
            'plot_trajectories', 'plot_pdf_1d', 'plot_image_samples',
-           'plot_posterior_2d', 'plot_marginals', 'plot_elbo', 'bounds']
+           'plot_posterior_2d', 'plot_marginals', 'plot_elbo', 'bounds',
+           'dependent_pairs', 'plot_pairs']
 
 
 def _subplots(*args, figsize=None, **kwargs):
@@ -290,6 +291,95 @@ def plot_posterior_2d(path: str, samples: np.ndarray,
     ax.set_title(label)
   fig.suptitle(title)
   _save(fig, path)
+
+
+def dependent_pairs(points: np.ndarray, count: int = 3):
+  """The `count` coordinate pairs of `points` that depend most on each other.
+
+  Dependence is the largest absolute correlation between one coordinate
+  and the other or its spread about its median: `|corr(x_i, x_j)|`,
+  `|corr(x_i, |x_j - med_j|)|` or `|corr(|x_i - med_i|, x_j)|`. The
+  spread terms catch a scale that depends on another coordinate (a
+  funnel's neck), which correlation alone misses.
+
+  Args:
+    points: `[N, D]` samples, `D >= 2`.
+    count: pairs to return.
+
+  Returns:
+    `[(i, j), ...]` with `i < j`, most dependent first.
+
+  Examples:
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(2000, 4))
+    >>> x[:, 3] *= np.exp(x[:, 1])        # coordinate 3's scale follows 1
+    >>> dependent_pairs(x, count=1)
+    [(1, 3)]
+  """
+  points = np.asarray(points, np.float64)
+  spread = np.abs(points - np.median(points, axis=0))
+
+  def corr(a, b):
+    a, b = a - a.mean(0), b - b.mean(0)
+    norms = np.sqrt((a ** 2).sum(0))[:, None] * np.sqrt((b ** 2).sum(0))
+    return np.abs(a.T @ b) / np.maximum(norms, 1e-300)
+  score = np.maximum(corr(points, points),
+                     np.maximum(corr(points, spread), corr(spread, points)))
+  dim = points.shape[1]
+  pairs = [(i, j) for i in range(dim) for j in range(i + 1, dim)]
+  pairs.sort(key=lambda ij: -max(score[ij], score[ij[::-1]]))
+  return pairs[:count]
+
+
+def plot_pairs(path: str, samples: np.ndarray,
+               reference: Optional[np.ndarray] = None,
+               truth_mean: Optional[np.ndarray] = None,
+               truth_std: Optional[np.ndarray] = None, count: int = 3,
+               title: str = ''):
+  """The most dependent coordinate pairs: surrogate samples over the
+  target's.
+
+  Each panel is one pair of `dependent_pairs(reference if given, else
+  samples)`: the surrogate's samples over exact target samples where the
+  target can sample (`reference`), or over the ground truth's mean ± 1 and
+  2 standard deviations (a cross and boxes) where it cannot.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    samples: `[N, D]` surrogate samples.
+    reference: `[M, D]` exact target samples, or None.
+    truth_mean: `[D]` ground-truth means, or None.
+    truth_std: `[D]` ground-truth standard deviations, or None.
+    count: panels (pairs).
+    title: the figure's title.
+  """
+  samples = np.asarray(samples)
+  pairs = dependent_pairs(samples if reference is None else reference, count)
+  fig, axes = _subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4),
+                        squeeze=False)
+  for ax, (i, j) in zip(axes[0], pairs):
+    if reference is not None:
+      ax.scatter(reference[:, i], reference[:, j], s=2, alpha=0.25,
+                 color='0.5', label='target (exact samples)')
+    ax.scatter(samples[:, i], samples[:, j], s=2, alpha=0.3, color='C0',
+               label='surrogate')
+    if reference is None and truth_mean is not None and truth_std is not None:
+      for k, style in ((1, '-'), (2, ':')):
+        ax.add_patch(_box(truth_mean[[i, j]], k * truth_std[[i, j]], style))
+      ax.plot(truth_mean[i], truth_mean[j], 'k+', markersize=12,
+              label='ground truth: mean, ±1 and ±2 std')
+    ax.set_xlabel(f'coordinate {i}')
+    ax.set_ylabel(f'coordinate {j}')
+  axes[0][0].legend(fontsize=7, markerscale=4, loc='best')
+  fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _box(center, half_width, style):
+  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+  return Rectangle(center - half_width, *(2 * half_width), fill=False,
+                   linestyle=style, edgecolor='k', linewidth=1)
 
 
 def plot_marginals(path: str, mean: np.ndarray, std: np.ndarray,

@@ -66,7 +66,8 @@ def run(config: Optional[VIConfig] = None, out_dir: Optional[str] = None, *,
   `evaluate`; with `out_dir`, writes `metrics.json`, `elbo.png` and
   `posterior.png` (surrogate and exact samples for a 2-D target with a
   sampler; per-coordinate means and standard deviations against the ground
-  truth otherwise).
+  truth otherwise, and `pairs.png`: the most dependent coordinate pairs
+  over exact samples or the ground truth's moments).
 
   Args:
     config: a `VIConfig` (default `VIConfig()`).
@@ -148,10 +149,16 @@ def _write_outputs(out_dir, metrics, result, q, model):
   else:
     truth_mean = transform.ground_truth_mean
     truth_std = transform.ground_truth_standard_deviation
-    plotting.plot_marginals(
-        path, flat.mean(0), flat.std(0),
-        None if truth_mean is None else _flat_truth(truth_mean),
-        None if truth_std is None else _flat_truth(truth_std), title=title)
+    truth_mean = None if truth_mean is None else _flat_truth(truth_mean)
+    truth_std = None if truth_std is None else _flat_truth(truth_std)
+    plotting.plot_marginals(path, flat.mean(0), flat.std(0), truth_mean,
+                            truth_std, title=title)
+    # The most dependent pairs, over exact samples where the target draws
+    # them (the funnel's neck), else over the ground truth's moments.
+    reference = (_flat_draws(transform(model.sample(2000, seed=(0, 1))))
+                 if hasattr(model, 'sample') else None)
+    plotting.plot_pairs(os.path.join(out_dir, 'pairs.png'), flat, reference,
+                        truth_mean, truth_std, title=title)
   tmp = os.path.join(out_dir, 'metrics.json.tmp')
   with open(tmp, 'w') as f:
     json.dump(dict(metrics, neg_elbo_per_step=[float(v) for v in

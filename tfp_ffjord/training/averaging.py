@@ -65,20 +65,15 @@ class WeightAverage(tf.Module):
   def swapped(self):
     """Within the block the variables hold the averages; on leaving it,
     their own values again. Re-entrant: a nested block changes nothing."""
-    if self._swapped:
-      self._swapped += 1
-      try:
-        yield
-      finally:
-        self._swapped -= 1
-      return
-    own = [v.read_value() for v in self._variables]
-    for v, average in zip(self._variables, self.averages):
-      v.assign(average)
-    self._swapped = 1
+    if not self._swapped:
+      own = [v.read_value() for v in self._variables]
+      for v, average in zip(self._variables, self.averages):
+        v.assign(average)
+    self._swapped += 1
     try:
       yield
     finally:
-      self._swapped = 0
-      for v, value in zip(self._variables, own):
-        v.assign(value)
+      self._swapped -= 1
+      if not self._swapped:
+        for v, value in zip(self._variables, own):
+          v.assign(value)

@@ -95,9 +95,8 @@ def run(config: Optional[VIConfig] = None, out_dir: Optional[str] = None, *,
                            **ffjord_kwargs)
   q = build()
   stopped = build() if c.estimator == 'stl' else None
-  fit_fn = fit
-  if isinstance(q, staged_lib.StagedSurrogate):   # base first, then FFJORD
-    fit_fn = staged_lib.fit_staged
+  staged = isinstance(q, staged_lib.StagedSurrogate)   # base, then FFJORD
+  fit_fn = staged_lib.fit_staged if staged else fit
   # ASVI's graph (a distribution per part of the model) compiles for
   # minutes under XLA: 121 s against 19.5 s for the first step on
   # brownian-motion. It runs without XLA.
@@ -106,7 +105,7 @@ def run(config: Optional[VIConfig] = None, out_dir: Optional[str] = None, *,
                   seed=c.seed, estimator=c.estimator,
                   stopped_surrogate=stopped, max_seconds=c.max_seconds,
                   jit_compile=c.surrogate != 'asvi')
-  if isinstance(q, staged_lib.StagedSurrogate):
+  if staged:
     q = q.full
   if verbose:
     print(f'{c.target} / {c.surrogate}: {result.steps} steps in '

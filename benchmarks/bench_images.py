@@ -110,8 +110,9 @@ def run_model(name, dataset, seconds, seed, classifier=None,
   # With `runs_dir`, each epoch is checkpointed into a run directory with its
   # metrics.json: a run stopped early continues where it was (its
   # `max_train_seconds` counts the training time of both processes).
-  out_dir = None if runs_dir is None else os.path.join(runs_dir,
-                                                       f'{dataset}_{name}')
+  # (No brackets in the directory: checkpoints are found by glob pattern.)
+  out_dir = None if runs_dir is None else os.path.join(
+      runs_dir, f'{dataset}_{name}'.replace('[', '_').replace(']', ''))
   trainer = training.Trainer(config, out_dir)
   untrained = trainer.evaluate()
   history = trainer.fit(progress=False)

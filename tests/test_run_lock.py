@@ -124,3 +124,27 @@ def test_a_refused_writer_never_removes_the_holders_lock(tmp_path):
   finally:
     holder.stdin.close()
     holder.wait(timeout=60)
+
+
+def test_a_path_with_brackets_is_refused_before_training(tmp_path):
+  """TensorFlow finds a checkpoint's files by glob pattern: under a
+  directory named with brackets it saves checkpoints it cannot restore.
+  Such an `out_dir` is refused by name before anything is written."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tfp_ffjord import training  # pylint: disable=g-import-not-at-top
+  # The failure the check prevents: saved, then unreadable.
+  ckpt = tf.train.Checkpoint(v=tf.Variable(1.))
+  saved = ckpt.save(str(tmp_path / 'tuning[lr=3]' / 'ckpt'))
+  with pytest.raises((tf.errors.NotFoundError, ValueError)):
+    ckpt.restore(saved).assert_consumed()
+  ckpt.restore(ckpt.save(str(tmp_path / 'tuning_lr=3' / 'ckpt')))
+
+  out = str(tmp_path / 'run[1]')
+  config = training.TrainConfig(dataset='moons', num_train=64, num_test=64)
+  with pytest.raises(ValueError, match=r'`out_dir` must not contain'):
+    training.Trainer(config, out_dir=out)
+  res = _cli('train', *TINY, '--epochs', '1', '--out', out)
+  _, err = res.communicate(timeout=120)
+  assert res.returncode == 2, err
+  assert len(err.strip().splitlines()) == 1 and '--out' in err, err
+  assert not os.path.exists(out)

@@ -376,11 +376,12 @@ def _load_run(run):
 
 def _locked(out, command, args):
   """Runs `command(args)` holding `out`'s lock (one writer per directory)."""
-  lock = run_dir_lib.RunDir(out).lock()
   try:
-    lock.acquire()
+    lock = run_dir_lib.RunDir.for_writing(out, '--out').lock().acquire()
   except run_dir_lib.RunDirBusy as e:
     raise UsageError(f'--out: {e}') from None
+  except ValueError as e:   # a path checkpoints cannot be restored from
+    raise UsageError(str(e)) from None
   try:
     return command(args)
   finally:

@@ -203,6 +203,20 @@ class RunDir:
   def __init__(self, path: str):
     self.path = path
 
+  @classmethod
+  def for_writing(cls, path: str, name: str = 'out_dir') -> 'RunDir':
+    """A run directory that checkpoints will be written to and restored
+    from. TensorFlow finds a checkpoint's files by glob pattern, so in a path
+    with `[` or `]` it writes checkpoints it can never restore: such a path
+    is refused here, before any training, naming the argument `name`."""
+    bad = sorted(set('[]') & set(os.fspath(path)))
+    if bad:
+      raise ValueError(
+          f'`{name}` must not contain {" or ".join(map(repr, bad))}: '
+          'TensorFlow reads checkpoints by glob pattern and could not '
+          f'restore the ones written to {path!r}.')
+    return cls(path)
+
   def __repr__(self):
     return f'RunDir({self.path!r})'
 

@@ -71,7 +71,8 @@ class Trainer:
                strategy: Optional[tf.distribute.Strategy] = None):
     config.validate()
     self.config, self.out_dir = config, out_dir
-    self.run_dir = None if out_dir is None else run_dir_lib.RunDir(out_dir)
+    self.run_dir = (None if out_dir is None
+                    else run_dir_lib.RunDir.for_writing(out_dir))
     self.strategy = strategy or tf.distribute.get_strategy()
     self.distributed = strategy is not None
     self.num_replicas = self.strategy.num_replicas_in_sync

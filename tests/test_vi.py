@@ -41,6 +41,10 @@ STL_GRAD_MAX = 1e-6
 # Gaussian with 1.25x the true scale: ~0.014 (mean) and ~0.01 (std); five
 # of those.
 MOMENT_ERROR_ATOL = 0.06
+# 4,096 exact draws: the banana's errors stay below this; the funnel's std
+# error lies in this range (median of 8 sets; single sets spread 0.19-0.67).
+FLOOR_SMALL = 0.08
+FUNNEL_STD_FLOOR = (0.15, 0.55)
 REPARAM_GRAD_MIN = 1e-2
 
 
@@ -173,6 +177,28 @@ def test_evaluate_measures_known_moment_errors():
   measured = vi.evaluate(q, target, num_samples=8192)
   assert measured['mean_error'] == pytest.approx(0.5, abs=MOMENT_ERROR_ATOL)
   assert measured['std_error'] == pytest.approx(0.25, abs=MOMENT_ERROR_ATOL)
+
+
+def test_exact_draws_give_the_monte_carlo_floor_of_the_errors():
+  """Where the target can sample, `evaluate` also reports the errors of as
+  many exact draws. The funnel's std (9.5 for 9 coordinates, set by rare
+  draws with a large first coordinate) is so noisy that 4,096 exact draws
+  miss it by ~0.3 standard deviations (a NumPy simulation of the funnel
+  gives a median of 0.26-0.29); the banana's by ~0.02. A floor of zero, or
+  one computed from the surrogate's draws (error ~1 here), fails."""
+  floors = {}
+  for name in ('banana', 'funnel'):
+    target = vi.load_target(name)
+    q = vi.build_surrogate('mean-field', target, seed=0)  # untrained: N(0, I)
+    measured = vi.evaluate(q, target, num_samples=4096)
+    assert measured['std_error'] > 0.9
+    floors[name] = measured['std_error_floor'], measured['mean_error_floor']
+  assert floors['banana'][0] < FLOOR_SMALL and floors['banana'][1] < FLOOR_SMALL
+  assert FUNNEL_STD_FLOOR[0] < floors['funnel'][0] < FUNNEL_STD_FLOOR[1]
+  schools = vi.load_target('eight-schools')   # no exact sampler
+  measured = vi.evaluate(vi.build_surrogate('mean-field', schools, seed=0),
+                         schools, num_samples=256)
+  assert 'std_error_floor' not in measured
 
 
 def test_importance_sampling_gives_log_z_and_the_closed_form_ess():

@@ -298,7 +298,11 @@ def evaluate(surrogate, target, num_samples: int = 4096, seed: int = 1,
     estimate `log mean(w)` of the target's log normaliser, weights `w = p~ /
     q`, and its delta-method standard error; 0 is the truth for a
     normalised target); `ess` (the weights' effective sample size
-    `(sum w)^2 / sum w^2`, out of `num_samples`).
+    `(sum w)^2 / sum w^2`, out of `num_samples`). For a target that can
+    draw exact samples, also `mean_error_floor` and `std_error_floor`: the
+    same errors of `num_samples` exact draws (median of
+    `EXACT_DRAW_REPEATS` sets), the level below which differences are
+    Monte Carlo noise.
   """
   _checks.positive_int('num_samples', num_samples)
   transform = getattr(target, 'sample_transformations', {}).get('identity')
@@ -328,8 +332,32 @@ def evaluate(surrogate, target, num_samples: int = 4096, seed: int = 1,
       transform.ground_truth_standard_deviation is not None):
     truth_mean = _flat_truth(transform.ground_truth_mean)
     truth_std = _flat_truth(transform.ground_truth_standard_deviation)
-    result['mean_error'] = float(np.max(
-        np.abs(values.mean(0) - truth_mean) / truth_std))
-    result['std_error'] = float(np.max(
-        np.abs(values.std(0) - truth_std) / truth_std))
+    result['mean_error'], result['std_error'] = _errors(
+        values, truth_mean, truth_std)
+    if hasattr(target, 'sample'):
+      result.update(_exact_draws_errors(target, transform, truth_mean,
+                                        truth_std, num_samples, seed))
   return result
+
+
+def _errors(values, truth_mean, truth_std):
+  """The largest standardised errors of the mean and std of `values`."""
+  return (float(np.max(np.abs(values.mean(0) - truth_mean) / truth_std)),
+          float(np.max(np.abs(values.std(0) - truth_std) / truth_std)))
+
+
+EXACT_DRAW_REPEATS = 8
+
+
+def _exact_draws_errors(target, transform, truth_mean, truth_std, num_samples,
+                        seed):
+  """The same errors for `num_samples` exact draws of `target`, the median
+  over `EXACT_DRAW_REPEATS` sets: the Monte Carlo floor below which a
+  surrogate's errors are noise (on the funnel, whose std is dominated by
+  rare draws, it is far from 0)."""
+  draws = target.sample(EXACT_DRAW_REPEATS * num_samples, seed=(seed, 7))
+  draws = _flat_draws(transform(draws)).astype(np.float64)
+  errors = [_errors(chunk, truth_mean, truth_std)
+            for chunk in np.split(draws, EXACT_DRAW_REPEATS)]
+  return {'mean_error_floor': float(np.median([e[0] for e in errors])),
+          'std_error_floor': float(np.median([e[1] for e in errors]))}

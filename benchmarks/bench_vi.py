@@ -106,6 +106,9 @@ def main(argv=None):
   parser.add_argument('--json', default=None, help='also write raw results')
   parser.add_argument('--eval-samples', type=int, default=4096,
                       help='draws of the final evaluation')
+  parser.add_argument('--fine-tune-learning-rate', type=float, default=None,
+                      help='every surrogate in two phases: a quarter of the '
+                      'time at 1e-2, the rest at this rate')
   parser.add_argument('--seeds', type=int, nargs='+', default=[0],
                       help='one run per seed; the table shows the mean ELBO '
                       'and the median [min, max] of the errors')
@@ -141,7 +144,8 @@ def main(argv=None):
           continue
         m = vi.run(target=target, surrogate=surrogate, num_steps=10**7,
                    seed=seed, max_seconds=args.seconds, verbose=True,
-                   num_eval_samples=args.eval_samples)
+                   num_eval_samples=args.eval_samples,
+                   fine_tune_learning_rate=args.fine_tune_learning_rate)
         print(json.dumps({k: v for k, v in m.items() if k != 'config'}),
               flush=True)
         rows.append(m)
@@ -158,6 +162,9 @@ def main(argv=None):
     by_seeds.setdefault(seeds, []).append(t)
   draws = rows[0]['num_samples'] if rows else args.eval_samples
   extra = '' if draws == 4096 else f' --eval-samples {draws}'
+  fine = rows[0]['config'].get('fine_tune_learning_rate') if rows else None
+  if fine is not None:
+    extra += f' --fine-tune-learning-rate {fine:g}'
   commands = ' and '.join(
       f'`python benchmarks/bench_vi.py --seconds {seconds:g} --targets '
       f'{" ".join(ts)} --seeds {" ".join(map(str, ss))}{extra}`'
@@ -167,7 +174,10 @@ def main(argv=None):
       '',
       f'{commands} (2-core '
       'CPU; each surrogate trained by `tfp_ffjord.vi.fit` for the same wall '
-      'time, compilation included; Adam 1e-2, 64 samples per step; seeds '
+      'time, compilation included; Adam 1e-2'
+      + ('' if fine is None else f' for a quarter of the time, then {fine:g} '
+         '(a staged surrogate: its base, then the whole)')
+      + ', 64 samples per step; seeds '
       'set the initial weights, the training draws and the evaluation draws).'
       f' ELBO over {draws:,} draws, mean '
       'over seeds; errors are the largest '

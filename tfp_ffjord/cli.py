@@ -15,6 +15,7 @@ line on stderr (`tfp-ffjord: error: ...`) with a non-zero exit status:
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -257,6 +258,10 @@ def _add_vi_parser(sub):
   a('--estimator', choices=tuple(registry.VI_ESTIMATORS),
     default='reparameterization',
     help='; '.join(f'{k}: {v}' for k, v in registry.VI_ESTIMATORS.items()))
+  a('--fine-tune-learning-rate', type=_positive_float, default=None,
+    help='train in two phases: a quarter of the budget at --learning-rate '
+    "(a staged surrogate's base alone), the rest at this rate; default: "
+    'one phase (staged surrogates: a tenth of --learning-rate)')
   a('--eval-samples', type=_positive_int, default=4096,
     help='draws for the final ELBO and moments; default: 4096')
   a('--out', default=None, help='output directory; default: runs/vi-TARGET')
@@ -540,14 +545,10 @@ def _vi(args):
     raise UsageError(f'--out: {out} already holds a run; pass --overwrite to '
                      'replace it')
   from tfp_ffjord import vi  # pylint: disable=g-import-not-at-top
-  m = vi.run(vi.VIConfig(
-      target=args.target, surrogate=args.surrogate, num_steps=args.steps,
-      max_seconds=args.max_seconds, learning_rate=args.learning_rate,
-      sample_size=args.sample_size, seed=args.seed, blocks=args.blocks,
-      hidden=args.hidden, solver=args.solver, rtol=args.rtol, atol=args.atol,
-      num_solver_steps=args.num_solver_steps, trace=args.trace,
-      estimator=args.estimator, num_eval_samples=args.eval_samples),
-      out, verbose=True)
+  renamed = {'num_steps': 'steps', 'num_eval_samples': 'eval_samples'}
+  m = vi.run(vi.VIConfig(**{
+      f.name: getattr(args, renamed.get(f.name, f.name))
+      for f in dataclasses.fields(vi.VIConfig)}), out, verbose=True)
   errors = ''
   if m['mean_error'] is not None:
     errors = (f'; standardised error of the mean {m["mean_error"]:.3f}, of '

@@ -65,8 +65,12 @@ def elbo_loss(surrogate, target_log_prob_fn: Callable, sample_size: int,
   return tf.reduce_mean(log_q - target_log_prob_fn(x))
 
 
+# `fit`'s Adam learning rate unless told.
+DEFAULT_LEARNING_RATE = 1e-2
+
+
 def fit(surrogate, target_log_prob_fn: Callable, num_steps: int = 1000, *,
-        learning_rate: float = 1e-2, sample_size: int = 64, seed: int = 0,
+        learning_rate: float = DEFAULT_LEARNING_RATE, sample_size: int = 64, seed: int = 0,
         estimator: str = 'reparameterization', stopped_surrogate=None,
         max_seconds: Optional[float] = None, jit_compile: bool = True,
         clip_norm: Optional[float] = None,

@@ -106,7 +106,7 @@ def build_staged_ffjord_surrogate_posterior(
   else:
     base_flow = surrogates._trainable_affine(dim, flat_dtype, name)  # pylint: disable=protected-access
     if base == 'iaf':
-      base_flow += surrogates._iaf_flow(dim, flat_dtype, hidden, name)  # pylint: disable=protected-access
+      base_flow += surrogates._iaf_flow(dim, flat_dtype, hidden, name, seed)  # pylint: disable=protected-access
   ffjord = surrogates._ffjord_flow(dim, flat_dtype, name, dict(  # pylint: disable=protected-access
       blocks=blocks, hidden=hidden, activation=activation,
       ode_solve_fn=ode_solve_fn, trace=trace, seed=seed))
@@ -125,7 +125,8 @@ def fit_staged(staged: StagedSurrogate, target_log_prob_fn,
                num_steps: int = 1000, *, base_fraction: float = 0.25,
                max_seconds: Optional[float] = None,
                stopped_surrogate: Optional[StagedSurrogate] = None,
-               seed: int = 0, **fit_kwargs) -> fitting.FitResult:
+               seed: int = 0, fine_tune_learning_rate: Optional[float] = None,
+               **fit_kwargs) -> fitting.FitResult:
   """Fits `staged.base`, then `staged.full`, within one budget.
 
   Stage 1 runs `fit` on the base alone for `base_fraction` of the budget
@@ -143,6 +144,10 @@ def fit_staged(staged: StagedSurrogate, target_log_prob_fn,
     stopped_surrogate: for `estimator='stl'`, a second `StagedSurrogate`
       built alike.
     seed: int seed; stage 2 draws from `seed + 1`.
+    fine_tune_learning_rate: stage 2's Adam learning rate; default: a tenth
+      of `learning_rate` (stage 2 starts a fresh Adam, whose first steps
+      move every variable, the fitted base's too, by about this much: at
+      the full rate they undo much of stage 1).
     **fit_kwargs: more arguments of `fit` (learning rate, sample size,
       estimator, ...).
 
@@ -169,6 +174,10 @@ def fit_staged(staged: StagedSurrogate, target_log_prob_fn,
       stopped_surrogate=stopped.base, **fit_kwargs)
   spent = float(first.seconds[-1])
   remaining = None if max_seconds is None else max(max_seconds - spent, 1e-3)
+  if fine_tune_learning_rate is None:
+    fine_tune_learning_rate = fit_kwargs.get(
+        'learning_rate', fitting.DEFAULT_LEARNING_RATE) / 10
+  fit_kwargs = dict(fit_kwargs, learning_rate=fine_tune_learning_rate)
   second = fitting.fit(
       staged.full, target_log_prob_fn, max(num_steps - first.steps, 1),
       seed=seed + 1, max_seconds=remaining, stopped_surrogate=stopped.full,

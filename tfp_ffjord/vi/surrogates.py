@@ -255,16 +255,19 @@ def _over_standard_normal(event_shape, constrain, dtype, dim, flat_dtype,
                                      name=name)
 
 
-def _iaf_flow(dim, flat_dtype, hidden, name):
+def _iaf_flow(dim, flat_dtype, hidden, name, seed=None):
   """Two inverted `tfb.MaskedAutoregressiveFlow` blocks on `R^dim` (the
   second's network zero-initialised, a reversal between them), in
-  `tfb.Chain` order."""
+  `tfb.Chain` order; the first's weights drawn with the int `seed`."""
   flow = []
+  import tf_keras  # pylint: disable=g-import-not-at-top  (TFP's Keras)
+  glorot = tf_keras.initializers.GlorotUniform(
+      seed=seed if isinstance(seed, int) else None)
   for i in range(2):
     made = tfb.AutoregressiveNetwork(params=2, hidden_units=list(hidden),
                                      activation='tanh',
                                      kernel_initializer='zeros' if i else
-                                     'glorot_uniform', dtype=flat_dtype,
+                                     glorot, dtype=flat_dtype,
                                      name=f'{name}_made_{i}')
     if i:
       flow.append(tfb.Permute(list(range(dim))[::-1]))
@@ -272,13 +275,13 @@ def _iaf_flow(dim, flat_dtype, hidden, name):
   return flow
 
 
-def _build_iaf(event_shape, bijector, dtype, hidden, name):
+def _build_iaf(event_shape, bijector, dtype, hidden, name, seed):
   constrain = _constraining(bijector)
   flat_dtype = tf.as_dtype(tf.nest.flatten(dtype)[0])
   dim = unconstrained_size(event_shape, constrain, dtype)
   q = _over_standard_normal(event_shape, constrain, dtype, dim, flat_dtype,
-                            _iaf_flow(dim, flat_dtype, hidden, name), True,
-                            name)
+                            _iaf_flow(dim, flat_dtype, hidden, name, seed),
+                            True, name)
   q.sample(1, seed=(0, 0))   # builds the Keras layers' variables
   return q
 
@@ -326,7 +329,10 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
     raise ValueError(f'{sorted(ffjord_kwargs)} apply only to the ffjord '
                      'surrogate.')
   if kind == 'iaf':
-    return _build_iaf(event_shape, constrain, dtype, hidden, name)
+    return _build_iaf(event_shape, constrain, dtype, hidden, name, seed)
+  # TFP's builders take a Python int as a stateful op seed (a different
+  # start at every call): a stateless seed makes `seed` mean one start.
+  seed = trace_lib.stateless_seed(seed, salt='tfp_ffjord.vi.' + kind)
   if kind == 'asvi':
     prior = getattr(target, 'prior_distribution', None)
     if prior is None:

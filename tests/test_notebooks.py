@@ -162,3 +162,9 @@ def test_ffjord_vi(tmp_path):
   assert r['eight_schools_last_loss'] < r['eight_schools_first_loss']
   assert (tmp_path / 'banana_surrogates.png').stat().st_size > 5000
   assert (tmp_path / 'elbo.png').stat().st_size > 5000
+  # The staged surrogate on the funnel: both phases moved it from N(0, I),
+  # and neither it nor the IAF exceeds log Z = 0.
+  staged = r['funnel_elbo']['staged FFJORD on IAF']
+  assert staged > r['funnel_untrained_elbo'] + SMOKE_VI_GAIN, r
+  assert max(r['funnel_elbo'].values()) < 0.05, r
+  assert (tmp_path / 'funnel_pairs.png').stat().st_size > 5000

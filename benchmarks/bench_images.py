@@ -207,8 +207,9 @@ def rnode_table(results):
           f'Level: {level:.3f} bits/dim (the worse run\'s best); each run at '
           f'its first evaluation at or below {level + EQUAL_BITS:.3f}.', '',
           '| run | bits/dim there | training time to it (s) | steps | NFE '
-          'per step there | mean NFE per step until then |',
-          '|---|---:|---:|---:|---:|---:|']
+          'per step there | mean NFE per step until then | NFE per step: '
+          'first epoch, last epoch (its bits/dim) |',
+          '|---|---:|---:|---:|---:|---:|---|']
   reached = {}
   for name in RNODE_PAIR:
     r = found[name]
@@ -217,8 +218,11 @@ def rnode_table(results):
       if b <= level + EQUAL_BITS:
         mean = sum(r['nfe_curve'][:i + 1]) / (i + 1)
         reached[name] = (t, nfe, mean)
+        growth = (f'{r["nfe_curve"][0]:.1f}, {r["nfe_curve"][-1]:.1f} '
+                  f'({r["curve"][-1][1]:.3f} after '
+                  f'{r["curve"][-1][0]:.0f} s)')
         rows.append(f'| {name} | {b:.3f} | {t:.0f} | {(i + 1) * per_epoch} | '
-                    f'{nfe:.1f} | {mean:.1f} |')
+                    f'{nfe:.1f} | {mean:.1f} | {growth} |')
         break
   (t0, n0, m0), (t1, n1, m1) = (reached[n] for n in RNODE_PAIR)
   rows += ['', f'RNODE: {n0 / n1:.2f}x fewer NFE per step at that point '
@@ -228,8 +232,14 @@ def rnode_table(results):
 
 
 def plot(results, path, dataset):
+  """Held-out bits/dim against training time; beside it, for the ODE
+  models, the NFE per training step (how the dynamics stiffen)."""
   from tfp_ffjord import plotting  # pylint: disable=g-import-not-at-top
-  fig, ax = plotting._subplots(figsize=(6, 4))  # pylint: disable=protected-access
+  ode_runs = [r for r in results if any(r.get('nfe_curve') or ())]
+  fig, axes = plotting._subplots(  # pylint: disable=protected-access
+      1, 2 if ode_runs else 1, figsize=(12 if ode_runs else 6, 4),
+      squeeze=False)
+  ax = axes[0, 0]
   for r in results:
     t, b = zip(*r['curve'])
     ax.plot(t, b, marker='.', label=r['name'])
@@ -240,6 +250,15 @@ def plot(results, path, dataset):
   ax.set_ylabel('held-out bits/dim')
   ax.set_title(f'{dataset}: bits/dim against training time')
   ax.legend()
+  if ode_runs:
+    ax = axes[0, 1]
+    for r in ode_runs:
+      t = [c[0] for c in r['curve']]
+      ax.plot(t, r['nfe_curve'], marker='.', label=r['name'])
+    ax.set_xlabel('training time (s)')
+    ax.set_ylabel('NFE per training step (epoch mean)')
+    ax.set_title('function evaluations per step')
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 

@@ -130,32 +130,63 @@ def peers_figure(rows, path):
   plt.close(fig)
 
 
+def _target_and_floor(cell):
+  """'funnel (floor 0.026 / 0.313)' -> ('funnel', (0.026, 0.313)); a
+  target without a floor -> (name, None)."""
+  name, _, floor = cell.partition(' (floor ')
+  if not floor:
+    return name, None
+  mean, std = floor.rstrip(')').split(' / ')
+  return name, (spread(mean)[0], spread(std)[0])
+
+
+VI_PANELS = (('mean error', 'mean error (largest over coordinates)', 'lower'),
+             ('std error', 'std error (largest over coordinates)', 'lower'),
+             ('ESS / N', 'importance weights: ESS / N', 'higher'))
+
+
 def vi_figure(rows, path):
+  floors = {}
+  for r in rows:
+    r['target'], floor = _target_and_floor(r['target'])
+    if floor is not None:
+      floors[r['target']] = floor
   targets = list(dict.fromkeys(r['target'] for r in rows))
   surrogates = list(dict.fromkeys(r['surrogate'] for r in rows))
-  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+  panels = [p for p in VI_PANELS if p[0] in rows[0]]
+  fig, axes = plt.subplots(len(panels), 1,
+                           figsize=(max(10, 1.6 * len(targets)),
+                                    3.2 * len(panels)), squeeze=False)
   width = 0.8 / len(surrogates)
-  for ax, column in zip(axes, ('mean error', 'std error')):
+  for k, (ax, (column, title, better)) in enumerate(zip(axes[:, 0], panels)):
+    # Exact draws' errors: below them, differences are Monte Carlo noise.
+    for i, target in enumerate(targets):
+      if target in floors and k < 2:
+        ax.hlines(floors[target][k], i - 0.45, i + 0.45, colors='black',
+                  linestyles='dashed', linewidth=1,
+                  label='exact draws' if i == min(
+                      targets.index(t) for t in floors) else None)
     for j, surrogate in enumerate(surrogates):
       xs, mids, lows, highs = [], [], [], []
       for i, target in enumerate(targets):
         row = next((r for r in rows if r['target'] == target
                     and r['surrogate'] == surrogate), None)
-        if row is None:
+        if row is None or not re.search(r'\d', row[column]):
           continue
         mid, lo, hi = spread(row[column])
         xs.append(i + (j - (len(surrogates) - 1) / 2) * width)
         mids.append(mid)
         lows.append(mid - lo)
         highs.append(hi - mid)
-      ax.bar(xs, mids, width, yerr=[lows, highs], capsize=2, label=surrogate)
+      ax.bar(xs, mids, width, yerr=[lows, highs], capsize=2, label=surrogate,
+             color=f'C{j}')
     ax.set_xticks(range(len(targets)))
     ax.set_xticklabels(targets, fontsize=8)
-    ax.set_title(f'{column} (largest over coordinates; lower is better)')
-  axes[0].set_ylabel('|estimate - truth| / truth std')
-  axes[0].legend(fontsize=8)
-  fig.suptitle('Variational inference at equal wall time (60 s): median '
-               'and range over seeds')
+    ax.set_title(f'{title}; {better} is better', fontsize=10)
+  axes[0, 0].set_ylabel('|estimate - truth| / truth std')
+  axes[0, 0].legend(fontsize=8, ncol=4)
+  fig.suptitle('Variational inference at equal wall time: median and range '
+               'over seeds (dashed: the same errors of exact draws)')
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)

@@ -33,6 +33,8 @@ from tfp_ffjord.vi.fitting import fit
 from tfp_ffjord.vi.fitting import FitResult
 from tfp_ffjord.vi.fitting import importance_weights_summary
 from tfp_ffjord.vi.job import run
+from tfp_ffjord.vi.laplace import laplace_initialize
+from tfp_ffjord.vi.laplace import LaplaceResult
 from tfp_ffjord.vi.staged import build_staged_ffjord_surrogate_posterior
 from tfp_ffjord.vi.staged import fit_staged
 from tfp_ffjord.vi.staged import STAGED_BASES
@@ -52,6 +54,7 @@ __all__ = ['EXACT_TRACE_MAX_DIM', 'FFJORD_NAME', 'FitResult', 'STAGED_BASES',
            'StagedSurrogate', 'build_ffjord_surrogate_posterior',
            'build_staged_ffjord_surrogate_posterior', 'fit_staged',
            'build_surrogate', 'elbo_loss', 'evaluate', 'fit',
-           'importance_weights_summary', 'load_target',
+           'importance_weights_summary', 'laplace_initialize',
+           'LaplaceResult', 'load_target',
            'restructuring_bijector', 'run', 'surrogate_for', 'target_log_prob_fn',
            'unconstrained_size', 'VIConfig']

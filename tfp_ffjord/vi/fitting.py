@@ -20,7 +20,8 @@ from tfp_ffjord.vi.surrogates import _ffjord_kwargs  # pylint: disable=protected
 from tfp_ffjord.vi.surrogates import target_log_prob_fn
 
 FitResult = collections.namedtuple(
-    'FitResult', ['losses', 'seconds', 'steps', 'first_step_seconds'])
+    'FitResult', ['losses', 'seconds', 'steps', 'first_step_seconds',
+                  'laplace'], defaults=[None])
 FitResult.__doc__ = """What `fit` did.
 
 Attributes:
@@ -30,6 +31,8 @@ Attributes:
     that ran each step.
   steps: the number of optimizer steps taken.
   first_step_seconds: wall time of the first step (tracing and compiling).
+  laplace: `fit_staged`'s `laplace.LaplaceResult` for a Gaussian base
+    (None otherwise).
 """
 
 

@@ -111,3 +111,20 @@ def test_fit_staged_starts_a_gaussian_base_at_the_laplace_approximation():
   iaf = vi.build_staged_ffjord_surrogate_posterior(
       [3], base='iaf', blocks=1, hidden=(4,))
   assert not vi.laplace.is_gaussian(iaf.base)   # fit_staged skips it
+
+
+def test_the_laplace_baseline_is_exact_on_the_gaussian_target():
+  """`--surrogate laplace`: the full-covariance Gaussian from the Laplace
+  start. On the 100-D ill-conditioned Gaussian the start is exact (ELBO =
+  log Z = 0); 4 Adam steps then move its 5,150 parameters by about the
+  learning rate each (ELBO -0.14 measured), still far closer than TFP's
+  full-covariance builder after 4 steps (-81 from N(0, I))."""
+  laplace = vi.run(target='ill-conditioned-gaussian', surrogate='laplace',
+                   num_steps=4, num_eval_samples=512)
+  assert laplace['laplace']['accepted']
+  assert abs(laplace['laplace']['elbo_after']) < 0.01
+  assert abs(laplace['elbo']) < 0.5 and laplace['std_error'] < 0.2
+  tfp_full = vi.run(target='ill-conditioned-gaussian',
+                    surrogate='full-covariance', num_steps=4,
+                    num_eval_samples=512)
+  assert tfp_full['elbo'] < -10 and tfp_full['laplace'] is None

@@ -199,10 +199,14 @@ VI_SURROGATES = {
                   'build_affine_surrogate_posterior, operators="diag")',
     'full-covariance': 'a multivariate normal (tfp.experimental.vi.'
                        'build_affine_surrogate_posterior, operators="tril")',
+    'laplace': "a full-covariance Gaussian started at the target's Laplace "
+               'approximation (tfp_ffjord.vi.laplace_initialize), then '
+               'fitted like the others',
     'iaf': 'inverse autoregressive flow: two tfb.MaskedAutoregressiveFlow '
            'blocks, inverted, then a diagonal affine map',
-    'staged-ffjord': 'a full-covariance Gaussian fitted first (a quarter '
-                     'of the budget), then FFJORD blocks on its noise '
+    'staged-ffjord': 'a full-covariance Gaussian fitted first (the Laplace '
+                     'start, then a quarter of the budget), then FFJORD '
+                     'blocks on its noise '
                      '(tfp_ffjord.vi.build_staged_ffjord_surrogate_posterior)',
     'staged-ffjord-iaf': 'the same on an IAF base',
     'asvi': "automatic structured VI from the target's prior (tfp."

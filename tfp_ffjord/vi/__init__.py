@@ -35,6 +35,7 @@ from tfp_ffjord.vi.fitting import importance_weights_summary
 from tfp_ffjord.vi.job import run
 from tfp_ffjord.vi.laplace import laplace_initialize
 from tfp_ffjord.vi.laplace import LaplaceResult
+from tfp_ffjord.vi.staged import build_laplace_surrogate_posterior
 from tfp_ffjord.vi.staged import build_staged_ffjord_surrogate_posterior
 from tfp_ffjord.vi.staged import fit_staged
 from tfp_ffjord.vi.staged import STAGED_BASES
@@ -52,6 +53,7 @@ from tfp_ffjord.vi.surrogates import unconstrained_size
 
 __all__ = ['EXACT_TRACE_MAX_DIM', 'FFJORD_NAME', 'FitResult', 'STAGED_BASES',
            'StagedSurrogate', 'build_ffjord_surrogate_posterior',
+           'build_laplace_surrogate_posterior',
            'build_staged_ffjord_surrogate_posterior', 'fit_staged',
            'build_surrogate', 'elbo_loss', 'evaluate', 'fit',
            'importance_weights_summary', 'laplace_initialize',

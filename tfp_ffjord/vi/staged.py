@@ -29,6 +29,7 @@ tfb = tfp.bijectors
 tfd = tfp.distributions
 
 __all__ = ['StagedSurrogate', 'STAGED_BASES',
+           'build_laplace_surrogate_posterior',
            'build_staged_ffjord_surrogate_posterior', 'fit_staged']
 
 # The cheap families a staged surrogate can start from.
@@ -122,6 +123,23 @@ def build_staged_ffjord_surrogate_posterior(
   return staged
 
 
+def build_laplace_surrogate_posterior(event_shape, bijector=None,
+                                      dtype=tf.float32, *,
+                                      name: str = 'laplace_surrogate'
+                                      ) -> StagedSurrogate:
+  """A full-covariance Gaussian that `fit_staged` starts at the target's
+  Laplace approximation, then fits by Adam: `StagedSurrogate(q, q)` (the
+  same surrogate in both phases; no FFJORD). The baseline that shows what
+  the FFJORD blocks of a 'full-covariance' staged surrogate add."""
+  constrain = surrogates._constraining(bijector)  # pylint: disable=protected-access
+  flat_dtype = surrogates._flat_dtype(dtype)  # pylint: disable=protected-access
+  dim = surrogates.unconstrained_size(event_shape, constrain, dtype)
+  q = surrogates._over_standard_normal(  # pylint: disable=protected-access
+      event_shape, constrain, dtype, dim, flat_dtype,
+      _tril_affine(dim, flat_dtype, name), False, name)
+  return StagedSurrogate(q, q)
+
+
 def fit_staged(staged: StagedSurrogate, target_log_prob_fn,
                num_steps: int = 1000, *, base_fraction: float = 0.25,
                max_seconds: Optional[float] = None,
@@ -174,7 +192,7 @@ def fit_staged(staged: StagedSurrogate, target_log_prob_fn,
   base_steps = max(1, min(num_steps - 1, math.ceil(base_fraction * num_steps)))
   stopped = stopped_surrogate or StagedSurrogate(None, None)
   laplace = None
-  if staged.base is not staged.full and laplace_lib.is_gaussian(staged.base):
+  if laplace_lib.is_gaussian(staged.base):
     laplace = laplace_lib.laplace_initialize(staged.base, target_log_prob_fn,
                                              seed=seed)
   before = 0. if laplace is None else laplace.seconds

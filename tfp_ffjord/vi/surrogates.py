@@ -292,7 +292,7 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
 
   Args:
     kind: 'ffjord', 'staged-ffjord', 'staged-ffjord-iaf', 'mean-field',
-      'full-covariance', 'iaf' or 'asvi'.
+      'full-covariance', 'laplace', 'iaf' or 'asvi'.
     target: an `inference_gym` model, or a `tfd.Distribution` (whose
       `experimental_default_event_space_bijector()` constrains); 'asvi'
       needs a Bayesian model (its `prior_distribution()`).
@@ -302,7 +302,7 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
       (or of `build_staged_ffjord_surrogate_posterior`).
 
   Returns:
-    The surrogate posterior; for the staged kinds a
+    The surrogate posterior; for the staged kinds and 'laplace' a
     `staged.StagedSurrogate` (fit it with `staged.fit_staged`, use its
     `full`).
 
@@ -328,6 +328,10 @@ def build_surrogate(kind: str, target, *, hidden: Sequence[int] = (32, 32),
   if ffjord_kwargs:
     raise ValueError(f'{sorted(ffjord_kwargs)} apply only to the ffjord '
                      'surrogate.')
+  if kind == 'laplace':
+    from tfp_ffjord.vi import staged  # pylint: disable=g-import-not-at-top
+    return staged.build_laplace_surrogate_posterior(
+        event_shape, constrain, dtype, name=name)
   if kind == 'iaf':
     return _build_iaf(event_shape, constrain, dtype, hidden, name, seed)
   # TFP's builders take a Python int as a stateful op seed (a different

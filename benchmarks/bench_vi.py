@@ -185,7 +185,9 @@ def main(argv=None):
       "std`, against inference_gym's ground truth, median [min, max] over "
       'seeds; "floor" after a target that can sample: the same errors of as '
       'many exact draws (mean / std), below which differences are Monte '
-      'Carlo noise. FFJORD: 2 blocks, MLP 32-32 tanh, dopri5 (rtol 1e-3, atol '
+      'Carlo noise. "Laplace start": the runs whose Gaussian base kept the '
+      "target's Laplace approximation (`vi.laplace_initialize`, inside the "
+      'budget). FFJORD: 2 blocks, MLP 32-32 tanh, dopri5 (rtol 1e-3, atol '
       '1e-6, backprop), exact trace up to 16 dimensions, Hutchinson above.',
       '',
       '| target | surrogate | seeds | steps (mean) | first step (s) | ELBO '
@@ -210,8 +212,11 @@ def main(argv=None):
     if ms[0].get('std_error_floor') is not None:
       floor = (f' (floor {spread(ms, "mean_error_floor")} / '
                f'{spread(ms, "std_error_floor")})')
+    started = sum(bool((m.get('laplace') or {}).get('accepted')) for m in ms)
+    mark = f' (Laplace start: {started}/{len(ms)})' if any(
+        m.get('laplace') for m in ms) else ''
     lines.append(
-        f'| {target}{floor} | {surrogate} | {len(ms)} | '
+        f'| {target}{floor} | {surrogate}{mark} | {len(ms)} | '
         f'{statistics.mean(m["steps"] for m in ms):.0f} | '
         f'{statistics.mean(m["first_step_seconds"] for m in ms):.1f} | '
         f'{statistics.mean(m["elbo"] for m in ms):.3f} | '

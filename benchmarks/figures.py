@@ -148,6 +148,7 @@ VI_PANELS = (('mean error', 'mean error (largest over coordinates)', 'lower'),
 def vi_figure(rows, path):
   floors = {}
   for r in rows:
+    r['surrogate'] = r['surrogate'].split(' (')[0]   # '... (Laplace start)'
     r['target'], floor = _target_and_floor(r['target'])
     if floor is not None:
       floors[r['target']] = floor

@@ -130,7 +130,18 @@ def build_laplace_surrogate_posterior(event_shape, bijector=None,
   """A full-covariance Gaussian that `fit_staged` starts at the target's
   Laplace approximation, then fits by Adam: `StagedSurrogate(q, q)` (the
   same surrogate in both phases; no FFJORD). The baseline that shows what
-  the FFJORD blocks of a 'full-covariance' staged surrogate add."""
+  the FFJORD blocks of a 'full-covariance' staged surrogate add.
+
+  Args:
+    event_shape: a shape, or a structure of shapes.
+    bijector: the target's constraining bijector (or a structure of them,
+      or None).
+    dtype: a dtype, or a structure of them.
+    name: the surrogate's name.
+
+  Returns:
+    A `StagedSurrogate` whose `base` and `full` are the same Gaussian.
+  """
   constrain = surrogates._constraining(bijector)  # pylint: disable=protected-access
   flat_dtype = surrogates._flat_dtype(dtype)  # pylint: disable=protected-access
   dim = surrogates.unconstrained_size(event_shape, constrain, dtype)

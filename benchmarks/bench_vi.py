@@ -106,6 +106,11 @@ def main(argv=None):
   parser.add_argument('--json', default=None, help='also write raw results')
   parser.add_argument('--eval-samples', type=int, default=4096,
                       help='draws of the final evaluation')
+  parser.add_argument('--threads', type=int, default=0,
+                      help='pin to this many CPUs and TensorFlow threads '
+                      '(0: all)')
+  parser.add_argument('--first-cpu', type=int, default=0,
+                      help='the first of the pinned CPUs')
   parser.add_argument('--fine-tune-learning-rate', type=float, default=None,
                       help='every surrogate in two phases: a quarter of the '
                       'time at 1e-2, the rest at this rate')
@@ -136,6 +141,9 @@ def main(argv=None):
     with open(args.json) as f:   # a rerun continues where this one stopped
       rows = json.load(f)
   done = {(m['target'], m['surrogate'], m['config']['seed']) for m in rows}
+  if args.targets:
+    from bench_images import pin  # noqa: E402  pylint: disable=g-import-not-at-top
+    pin(args.threads, args.first_cpu)
   for target in args.targets:
     for surrogate in args.surrogates:
       for seed in args.seeds:
@@ -146,6 +154,7 @@ def main(argv=None):
                    seed=seed, max_seconds=args.seconds, verbose=True,
                    num_eval_samples=args.eval_samples,
                    fine_tune_learning_rate=args.fine_tune_learning_rate)
+        m['threads'] = args.threads
         print(json.dumps({k: v for k, v in m.items() if k != 'config'}),
               flush=True)
         rows.append(m)
@@ -161,19 +170,22 @@ def main(argv=None):
                           if m['target'] == t}))
     by_seeds.setdefault(seeds, []).append(t)
   draws = rows[0]['num_samples'] if rows else args.eval_samples
+  pinned = ' --threads 1' if rows and rows[0].get('threads') == 1 else ''
   extra = '' if draws == 4096 else f' --eval-samples {draws}'
   fine = rows[0]['config'].get('fine_tune_learning_rate') if rows else None
   if fine is not None:
     extra += f' --fine-tune-learning-rate {fine:g}'
   commands = ' and '.join(
-      f'`python benchmarks/bench_vi.py --seconds {seconds:g} --targets '
+      f'`python benchmarks/bench_vi.py --seconds {seconds:g}{pinned} --targets '
       f'{" ".join(ts)} --seeds {" ".join(map(str, ss))}{extra}`'
       for ss, ts in by_seeds.items())
   lines = [
       '## Variational inference: surrogates at equal wall time',
       '',
-      f'{commands} (2-core '
-      'CPU; each surrogate trained by `tfp_ffjord.vi.fit` for the same wall '
+      f'{commands} ('
+      + ('one core per process, two processes side by side'
+         if rows and rows[0].get('threads') == 1 else '2-core CPU')
+      + '; each surrogate trained by `tfp_ffjord.vi.fit` for the same wall '
       'time, compilation included; Adam 1e-2'
       + ('' if fine is None else f' for a quarter of the time, then {fine:g} '
          '(a staged surrogate: its base, then the whole)')

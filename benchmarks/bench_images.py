@@ -333,7 +333,7 @@ def main(argv=None):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from bench_training_step import publish  # pylint: disable=g-import-not-at-top
   publish(args.out, table(results, args.dataset, args.seconds, command,
-                          real_scores) + rnode_table(results))
+                          real_scores) + '\n' + rnode_table(results))
 
 
 if __name__ == '__main__':

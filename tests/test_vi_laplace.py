@@ -128,3 +128,20 @@ def test_the_laplace_baseline_is_exact_on_the_gaussian_target():
                     surrogate='full-covariance', num_steps=4,
                     num_eval_samples=512)
   assert tfp_full['elbo'] < -10 and tfp_full['laplace'] is None
+
+
+def test_a_second_stage_that_ends_worse_is_undone():
+  """`fit_staged` keeps the better end: a wild second phase (Adam at 0.5
+  on the exact Laplace start) ends worse and is undone, leaving exactly the
+  first stage's variables (the same check draws give the same estimate);
+  a gentle one is kept."""
+  from tfp_ffjord.vi import staged as staged_lib  # pylint: disable=g-import-not-at-top
+  target = _gaussian(tf.float32)
+  for rate, undone in ((0.5, True), (1e-5, False)):
+    pair = vi.build_laplace_surrogate_posterior([3])
+    result = vi.fit_staged(pair, target.log_prob, num_steps=40,
+                           fine_tune_learning_rate=rate, sample_size=16)
+    one, two = result.stage_elbos
+    now = staged_lib._elbo_estimate(pair.full, target.log_prob, 0)  # pylint: disable=protected-access
+    assert (two < one) == undone, (rate, one, two)
+    assert now == pytest.approx(one if undone else two, abs=1e-6)

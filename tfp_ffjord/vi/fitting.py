@@ -21,7 +21,7 @@ from tfp_ffjord.vi.surrogates import target_log_prob_fn
 
 FitResult = collections.namedtuple(
     'FitResult', ['losses', 'seconds', 'steps', 'first_step_seconds',
-                  'laplace'], defaults=[None])
+                  'laplace', 'stage_elbos'], defaults=[None, None])
 FitResult.__doc__ = """What `fit` did.
 
 Attributes:
@@ -33,6 +33,8 @@ Attributes:
   first_step_seconds: wall time of the first step (tracing and compiling).
   laplace: `fit_staged`'s `laplace.LaplaceResult` for a Gaussian base
     (None otherwise).
+  stage_elbos: `fit_staged`'s ELBO estimates at the end of each stage,
+    `(stage 1, stage 2)`; the variables are those of the better one.
 """
 
 

@@ -139,6 +139,7 @@ def run(config: Optional[VIConfig] = None, out_dir: Optional[str] = None, *,
       final_train_elbo=float(-np.mean(tail)),
       num_parameters=int(sum(np.prod(v.shape) for v in q.trainable_variables)),
       laplace=None if result.laplace is None else result.laplace._asdict(),
+      stage_elbos=result.stage_elbos,
       config=config_record, **measured)
   if out_dir is not None:
     _write_outputs(out_dir, metrics, result, q, model)

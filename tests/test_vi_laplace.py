@@ -91,6 +91,8 @@ def test_a_target_without_a_mode_is_refused_and_nothing_moves():
   assert not result.accepted
   for a, b in zip(start, staged.base.trainable_variables):
     np.testing.assert_array_equal(a, b.numpy())
+  schools = vi.load_target('eight-schools')   # ASVI: no `bijector`
+  assert not vi.laplace.is_gaussian(vi.build_surrogate('asvi', schools))
   with pytest.raises(ValueError, match='Gaussian base'):
     vi.laplace_initialize(vi.build_surrogate('iaf', funnel, seed=0),
                           vi.target_log_prob_fn(funnel))

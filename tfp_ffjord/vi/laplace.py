@@ -46,7 +46,8 @@ def _gaussian_parts(surrogate):
   `Shift(loc)` and `ScaleMatvecTriL` / `ScaleMatvecDiag` on its noise (a
   staged surrogate's Gaussian base): the bijectors after the affine map, its
   two trainable variables, and whether the scale is lower triangular."""
-  bijectors = getattr(surrogate.bijector, 'bijectors', ())
+  # (An ASVI surrogate, a joint distribution, has no `bijector` at all.)
+  bijectors = getattr(getattr(surrogate, 'bijector', None), 'bijectors', ())
   if (len(bijectors) < 2 or not isinstance(bijectors[-2], tfb.Shift)
       or not isinstance(bijectors[-1], (tfb.ScaleMatvecTriL,
                                         tfb.ScaleMatvecDiag))):

@@ -70,6 +70,14 @@ def elbo_loss(surrogate, target_log_prob_fn: Callable, sample_size: int,
   return tf.reduce_mean(log_q - target_log_prob_fn(x))
 
 
+def elbo_estimate(surrogate, target_log_prob_fn: Callable, num_samples: int,
+                  seed) -> float:
+  """`-elbo_loss(...)` as a float, `-inf` where it is not finite: the
+  estimate that decides whether a start or a stage is kept."""
+  value = -float(elbo_loss(surrogate, target_log_prob_fn, num_samples, seed))
+  return value if math.isfinite(value) else float('-inf')
+
+
 # `fit`'s Adam learning rate unless told.
 DEFAULT_LEARNING_RATE = 1e-2
 

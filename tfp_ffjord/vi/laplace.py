@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_ffjord import _checks
+from tfp_ffjord.vi import fitting
 
 tfb = tfp.bijectors
 
@@ -70,13 +71,6 @@ def is_gaussian(surrogate) -> bool:
   return True
 
 
-def _elbo(surrogate, target_log_prob_fn, num_samples, seed):
-  x, log_q = surrogate.experimental_sample_and_log_prob(num_samples,
-                                                        seed=seed)
-  value = tf.reduce_mean(target_log_prob_fn(x) - log_q)
-  return float(value) if bool(tf.math.is_finite(value)) else float('-inf')
-
-
 def laplace_initialize(surrogate, target_log_prob_fn, *,
                        max_iterations: int = 200, num_check_samples: int = 512,
                        seed: int = 0) -> LaplaceResult:
@@ -116,7 +110,8 @@ def laplace_initialize(surrogate, target_log_prob_fn, *,
   post, loc, scale, tril = _gaussian_parts(surrogate)
   dim = int(loc.shape[0])
   check_seed = tf.constant([seed, 0], tf.int32)
-  before = _elbo(surrogate, target_log_prob_fn, num_check_samples, check_seed)
+  before = fitting.elbo_estimate(surrogate, target_log_prob_fn,
+                                 num_check_samples, check_seed)
 
   def neg_log_p(u):
     u = u[tf.newaxis]   # a batch of one (an identity `post`: a scalar 0)
@@ -160,8 +155,8 @@ def laplace_initialize(surrogate, target_log_prob_fn, *,
          for t in (mode, chol, new_scale)):
     loc.assign(mode)
     scale.assign(new_scale)
-    after = _elbo(surrogate, target_log_prob_fn, num_check_samples,
-                  check_seed)
+    after = fitting.elbo_estimate(surrogate, target_log_prob_fn,
+                                  num_check_samples, check_seed)
   accepted = after > before
   if not accepted:
     loc.assign(old[0])

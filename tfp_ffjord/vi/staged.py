@@ -253,8 +253,7 @@ STAGE_CHECK_SAMPLES = 1024
 
 
 def _elbo_estimate(surrogate, target_log_prob_fn, seed):
-  """An ELBO estimate over `STAGE_CHECK_SAMPLES` draws of the stateless
-  seed `(seed, 2**20)`: the same draws at both stages' ends."""
-  loss = fitting.elbo_loss(surrogate, target_log_prob_fn,
-                           STAGE_CHECK_SAMPLES, (seed, 2 ** 20))
-  return -float(loss)
+  """`fitting.elbo_estimate` over `STAGE_CHECK_SAMPLES` draws of the
+  stateless seed `(seed, 2**20)`: the same draws at both stages' ends."""
+  return fitting.elbo_estimate(surrogate, target_log_prob_fn,
+                               STAGE_CHECK_SAMPLES, (seed, 2 ** 20))
